@@ -52,66 +52,113 @@ inline __m512 exp2_neg(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// Scores s[g][t] = q_g . k_t * sm_scale * log2(e) for one tile of n tokens. qf holds q in fp32,
-// already scaled; qh holds q's own bf16 bits for vdpbf16ps (scaled after the dot product, so q
-// is not rounded twice).
-template <DType DT>
-inline void tile_scores(const float* qf, const uint16_t* qh, float scale, const char* const* krow,
-                        int n, int G, int D, float (*s)[kTile]) {
-  float dot_scale = 1.f;
+// Scores s[g][t] = q_g . k_t * sm_scale * log2(e) of GB heads (a compile-time count, so the
+// accumulators stay in registers) over one tile of n tokens. qf holds the heads' q in fp32,
+// already scaled; qh holds q's own bf16 bits for vdpbf16ps, scaled after the dot product so q is
+// not rounded twice.
+template <DType DT, int GB>
+inline void scores_block(const float* qf, const uint16_t* qh, float scale, const char* const* krow, int n,
+                         int D, float (*s)[kTile]) {
   for (int t = 0; t < n; ++t) {
     const char* kt = krow[t];
-    for (int g0 = 0; g0 < G; g0 += kHeadBlock) {
-      const int gb = G - g0 < kHeadBlock ? G - g0 : kHeadBlock;
-      __m512 acc[kHeadBlock];
-      for (int g = 0; g < kHeadBlock; ++g) acc[g] = _mm512_setzero_ps();
+    __m512 acc[GB];
+    for (int g = 0; g < GB; ++g) acc[g] = _mm512_setzero_ps();
+    float dot_scale = 1.f;
 #if OMNI_BF16_DOT
-      if constexpr (DT == DType::kBFloat16) {
-        dot_scale = scale;
-        int d = 0;
-        for (; d + 32 <= D; d += 32) {
-          const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + 2 * d);
-          for (int g = 0; g < gb; ++g)
-            acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(qh + (g0 + g) * D + d), kv);
-        }
-        if (d < D) {  // a 16-wide tail (D is a multiple of 16)
-          const __m256bh kv = (__m256bh)_mm256_loadu_si256((const __m256i*)(kt + 2 * d));
-          for (int g = 0; g < gb; ++g) {
-            const __m256bh qv = (__m256bh)_mm256_loadu_si256((const __m256i*)(qh + (g0 + g) * D + d));
-            acc[g] = _mm512_add_ps(acc[g], _mm512_zextps256_ps512(_mm256_dpbf16_ps(_mm256_setzero_ps(), qv, kv)));
-          }
-        }
-      } else
-#endif
-      {
-        (void)qh;
-        (void)scale;
-        for (int d = 0; d < D; d += 16) {
-          const __m512 kv = load16<DT>(kt + elem_bytes<DT>() * d);
-          for (int g = 0; g < gb; ++g)
-            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + (g0 + g) * D + d), kv, acc[g]);
+    if constexpr (DT == DType::kBFloat16) {
+      dot_scale = scale;
+      int d = 0;
+      for (; d + 32 <= D; d += 32) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + 2 * d);
+        for (int g = 0; g < GB; ++g)
+          acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(qh + g * D + d), kv);
+      }
+      if (d < D) {  // a 16-wide tail (D is a multiple of 16)
+        const __m256bh kv = (__m256bh)_mm256_loadu_si256((const __m256i*)(kt + 2 * d));
+        for (int g = 0; g < GB; ++g) {
+          const __m256bh qv = (__m256bh)_mm256_loadu_si256((const __m256i*)(qh + g * D + d));
+          acc[g] = _mm512_add_ps(acc[g], _mm512_zextps256_ps512(_mm256_dpbf16_ps(_mm256_setzero_ps(), qv, kv)));
         }
       }
-      for (int g = 0; g < gb; ++g) s[g0 + g][t] = _mm512_reduce_add_ps(acc[g]) * dot_scale;
+    } else
+#endif
+    {
+      (void)qh;
+      (void)scale;
+      for (int d = 0; d < D; d += 16) {
+        const __m512 kv = load16<DT>(kt + elem_bytes<DT>() * d);
+        for (int g = 0; g < GB; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + d), kv, acc[g]);
+      }
     }
+    for (int g = 0; g < GB; ++g) s[g][t] = _mm512_reduce_add_ps(acc[g]) * dot_scale;
   }
 }
 
-// o[g] = o[g] * alpha[g] + sum_t p[g][t] * v_t, for heads [g0, g0 + gb), gb <= kHeadBlock.
-template <DType DT>
-inline void tile_pv(const char* const* vrow, int n, int g0, int gb, int D, const float* alpha,
-                    const float (*p)[kTile], float* o) {
-  for (int d = 0; d < D; d += 16) {
-    __m512 acc[kHeadBlock];
-    for (int g = 0; g < gb; ++g)
-      acc[g] = _mm512_mul_ps(_mm512_loadu_ps(o + (g0 + g) * D + d), _mm512_set1_ps(alpha[g0 + g]));
-    for (int t = 0; t < n; ++t) {
-      const __m512 vv = load16<DT>(vrow[t] + elem_bytes<DT>() * d);
-      for (int g = 0; g < gb; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g0 + g][t]), vv, acc[g]);
+// o[g][d0 : d0 + 16 * DB] = o[g] * alpha[g] + sum_t p[g][t] * v_t for GB heads: GB * DB independent
+// accumulator chains, enough to hide the FMA latency.
+template <DType DT, int GB, int DB>
+inline void pv_pass(const char* const* vrow, int n, int D, int d0, const float* alpha, const float (*p)[kTile],
+                    float* o) {
+  __m512 acc[GB][DB];
+  for (int g = 0; g < GB; ++g)
+    for (int j = 0; j < DB; ++j)
+      acc[g][j] = _mm512_mul_ps(_mm512_loadu_ps(o + g * D + d0 + 16 * j), _mm512_set1_ps(alpha[g]));
+  for (int t = 0; t < n; ++t) {
+    __m512 vv[DB];
+    for (int j = 0; j < DB; ++j) vv[j] = load16<DT>(vrow[t] + elem_bytes<DT>() * (d0 + 16 * j));
+    for (int g = 0; g < GB; ++g) {
+      const __m512 pg = _mm512_set1_ps(p[g][t]);
+      for (int j = 0; j < DB; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
     }
-    for (int g = 0; g < gb; ++g) _mm512_storeu_ps(o + (g0 + g) * D + d, acc[g]);
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int j = 0; j < DB; ++j) _mm512_storeu_ps(o + g * D + d0 + 16 * j, acc[g][j]);
+}
+
+template <DType DT, int GB>
+inline void pv_block(const char* const* vrow, int n, int D, const float* alpha, const float (*p)[kTile],
+                     float* o) {
+  // Up to 4 column blocks per pass, at most 16 accumulators.
+  constexpr int DB = GB >= 8 ? 2 : (GB >= 4 ? 4 : 4);
+  int d = 0;
+  for (; d + 16 * DB <= D; d += 16 * DB) pv_pass<DT, GB, DB>(vrow, n, D, d, alpha, p, o);
+  if constexpr (DB > 2)
+    for (; d + 32 <= D; d += 32) pv_pass<DT, GB, 2>(vrow, n, D, d, alpha, p, o);
+  for (; d < D; d += 16) pv_pass<DT, GB, 1>(vrow, n, D, d, alpha, p, o);
+}
+
+#define OMNI_HEAD_BLOCK_SWITCH(gb, CALL) \
+  switch (gb) {                          \
+    case 1: CALL(1); break;              \
+    case 2: CALL(2); break;              \
+    case 3: CALL(3); break;              \
+    case 4: CALL(4); break;              \
+    case 5: CALL(5); break;              \
+    case 6: CALL(6); break;              \
+    case 7: CALL(7); break;              \
+    default: CALL(8); break;             \
+  }
+
+template <DType DT>
+inline void tile_scores(const float* qf, const uint16_t* qh, float scale, const char* const* krow, int n, int G,
+                        int D, float (*s)[kTile]) {
+  for (int g0 = 0; g0 < G; g0 += kHeadBlock) {
+#define OMNI_CALL(GB) scores_block<DT, GB>(qf + g0 * D, qh + g0 * D, scale, krow, n, D, s + g0)
+    OMNI_HEAD_BLOCK_SWITCH(G - g0, OMNI_CALL)
+#undef OMNI_CALL
   }
 }
+
+template <DType DT>
+inline void tile_pv(const char* const* vrow, int n, int G, int D, const float* alpha, const float (*p)[kTile],
+                    float* o) {
+  for (int g0 = 0; g0 < G; g0 += kHeadBlock) {
+#define OMNI_CALL(GB) pv_block<DT, GB>(vrow, n, D, alpha + g0, p + g0, o + g0 * D)
+    OMNI_HEAD_BLOCK_SWITCH(G - g0, OMNI_CALL)
+#undef OMNI_CALL
+  }
+}
+#undef OMNI_HEAD_BLOCK_SWITCH
 
 template <DType DT>
 void decode_chunk(const DecodeParams& prm, const DecodeChunk& c, float* o, float* lse2) {
@@ -139,19 +186,36 @@ void decode_chunk(const DecodeParams& prm, const DecodeChunk& c, float* o, float
   }
   for (int i = 0; i < G * D; i += 16) _mm512_storeu_ps(o + i, _mm512_setzero_ps());
 
-  const char* krow[kTile];
-  const char* vrow[kTile];
+  // Row pointers of the current tile and the next one; the next tile's rows are prefetched while
+  // this one is computed (pages are scattered and NHD rows of one head are H_kv * D apart, which
+  // the hardware prefetcher does not follow).
+  const char* krow[2][kTile];
+  const char* vrow[2][kTile];
   const int ps = prm.kv.page_size;
-  for (int t0 = c.tok_begin; t0 < c.tok_end; t0 += kTile) {
+  const int row_bytes = D * eb;
+  auto gather = [&](int t0, const char** kr, const char** vr) {
     const int n = c.tok_end - t0 < kTile ? c.tok_end - t0 : kTile;
     for (int t = 0; t < n; ++t) {
       const int tok = t0 + t;
       const int64_t page = prm.kv.kv_indices[c.page_offset + tok / ps];
       const int64_t off = (page * prm.kv.page_stride + (tok % ps) * prm.kv.token_stride) * eb;
-      krow[t] = kbase + off;
-      vrow[t] = vbase + off;
+      kr[t] = kbase + off;
+      vr[t] = vbase + off;
     }
-    tile_scores<DT>(qf, qh, prm.sm_scale_log2, krow, n, G, D, s);
+    return n;
+  };
+  int cur = 0;
+  int n_next = c.tok_begin < c.tok_end ? gather(c.tok_begin, krow[0], vrow[0]) : 0;
+  for (int t0 = c.tok_begin; t0 < c.tok_end; t0 += kTile, cur ^= 1) {
+    const int n = n_next;
+    n_next = t0 + kTile < c.tok_end ? gather(t0 + kTile, krow[cur ^ 1], vrow[cur ^ 1]) : 0;
+    for (int t = 0; t < n_next; ++t) {
+      for (int b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch(krow[cur ^ 1][t] + b, _MM_HINT_T0);
+        _mm_prefetch(vrow[cur ^ 1][t] + b, _MM_HINT_T0);
+      }
+    }
+    tile_scores<DT>(qf, qh, prm.sm_scale_log2, krow[cur], n, G, D, s);
 
     const __mmask16 valid = (__mmask16)((1u << n) - 1);
     for (int g = 0; g < G; ++g) {
@@ -163,8 +227,7 @@ void decode_chunk(const DecodeParams& prm, const DecodeChunk& c, float* o, float
       l[g] = l[g] * alpha[g] + _mm512_reduce_add_ps(pv);
       m[g] = m_new;
     }
-    for (int g0 = 0; g0 < G; g0 += kHeadBlock)
-      tile_pv<DT>(vrow, n, g0, G - g0 < kHeadBlock ? G - g0 : kHeadBlock, D, alpha, s, o);
+    tile_pv<DT>(vrow[cur], n, G, D, alpha, s, o);
   }
 
   for (int g = 0; g < G; ++g) {
