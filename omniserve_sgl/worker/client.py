@@ -1,0 +1,277 @@
+"""Client side of the CPU attention worker: starts (or connects to) the worker process, shares the
+BE KV pool and a staging area with it, and submits decode-attention jobs asynchronously.
+
+    client = CPUAttentionClient.start(threads=2)
+    client.attach_pool(pool)                       # a BEKVPool this process owns
+    job = client.submit_decode(layer, q, indptr, indices, last, k_new=k, v_new=v)
+    ...                                            # overlap other work
+    out, lse = client.wait(job)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from omniserve_sgl.kv.pool import BEKVPool, dtype_name
+from omniserve_sgl.worker import protocol as P
+from omniserve_sgl.worker.staging import StagingArea, StagingSpec
+
+
+class WorkerError(RuntimeError):
+    """The worker refused a message or a job failed; the message says why."""
+
+
+class WorkerDiedError(WorkerError):
+    """The worker process exited; jobs in flight are lost (BE requests must be retried)."""
+
+
+@dataclass
+class Job:
+    """A submitted decode-attention job: its sequence number, staging slot and row count."""
+
+    seq: int
+    slot: int
+    num_rows: int
+
+
+class CPUAttentionClient:
+    """Talks to one CPU attention worker over a ZeroMQ DEALER socket.
+
+    Not thread-safe: use it from one thread (the SGLang scheduler's).
+    """
+
+    def __init__(self, endpoint: str, process: subprocess.Popen | None = None):
+        self.endpoint = endpoint
+        self.process = process
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self._seq = 0
+        self._replies: dict[int, P.Reply] = {}
+        self.pool: BEKVPool | None = None
+        self._pool_name: str | None = None
+        self.staging: StagingArea | None = None
+        self._staging_name: str | None = None
+        self._free_slots: list[int] = []
+        self.last_kernel_us = 0.0
+
+    # lifecycle ------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, threads: int | None = None, cores: str | None = None, endpoint: str | None = None,
+              startup_timeout: float = 60.0) -> CPUAttentionClient:
+        """Spawns ``python -m omniserve_sgl.worker`` as a child of this process and waits until it
+        answers a ping. The worker exits by itself if this process dies.
+
+        Args:
+            threads: kernel threads (default: one per core it may run on).
+            cores: CPU cores for the worker, e.g. ``"2-5"`` (default: inherited affinity).
+            endpoint: ZeroMQ address (default: a fresh ``ipc://`` socket in the temp directory).
+
+        Raises:
+            WorkerDiedError: the worker exited during start-up (its stderr is in the message).
+            TimeoutError: no answer within ``startup_timeout`` seconds.
+        """
+        endpoint = endpoint or f"ipc://{tempfile.gettempdir()}/omniserve-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+        cmd = [sys.executable, "-m", "omniserve_sgl.worker", "--endpoint", endpoint, "--parent-pid", str(os.getpid())]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if cores:
+            cmd += ["--cores", cores]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        client = cls(endpoint, proc)
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            try:
+                client.ping(timeout=0.5)
+                return client
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    client.close()
+                    raise TimeoutError(f"CPU attention worker did not answer within {startup_timeout} s") from None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Shuts the worker down (if this client started it) and releases shared memory."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self._request(P.Shutdown(self._next_seq()), timeout=timeout)
+            except (WorkerError, TimeoutError):
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
+        self.sock.close(0)
+        self.ctx.term()
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+    # control --------------------------------------------------------------------------------
+    def ping(self, timeout: float = 5.0) -> float:
+        """Round trip of an empty message, in seconds. Raises TimeoutError or WorkerDiedError."""
+        t0 = time.perf_counter()
+        self._request(P.Ping(self._next_seq()), timeout)
+        return time.perf_counter() - t0
+
+    def attach_pool(self, pool: BEKVPool, timeout: float = 30.0) -> None:
+        """Shares ``pool`` (created by this process) with the worker and sizes a staging area for it.
+
+        Args:
+            pool: the BE KV pool; jobs attend over it.
+        """
+        name = f"pool-{uuid.uuid4().hex[:8]}"
+        self._request(P.Attach(self._next_seq(), name, "kv_pool", pool.handle()), timeout)
+        self.pool, self._pool_name = pool, name
+
+    def create_staging(self, num_slots: int, max_rows: int, max_pages: int, num_qo_heads: int,
+                       timeout: float = 30.0) -> StagingArea:
+        """Allocates ``num_slots`` staging slots (jobs in flight at once) for up to ``max_rows`` rows
+        and ``max_pages`` KV pages each, matching the attached pool, and shares them with the worker."""
+        if self.pool is None:
+            raise RuntimeError("attach_pool() first: staging slots are sized from the pool")
+        ps = self.pool.spec
+        spec = StagingSpec(num_slots, max_rows, max_pages, num_qo_heads, ps.num_kv_heads, ps.head_dim, ps.dtype)
+        area = StagingArea.create(spec)
+        name = f"staging-{uuid.uuid4().hex[:8]}"
+        try:
+            self._request(P.Attach(self._next_seq(), name, "staging", area.handle()), timeout)
+        except BaseException:
+            area.close()
+            raise
+        if self.staging is not None:
+            self.staging.close()
+        self.staging, self._staging_name = area, name
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        return area
+
+    # jobs -----------------------------------------------------------------------------------
+    def submit_decode(self, layer: int, q: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                      kv_last_page_len: torch.Tensor, k_new: torch.Tensor | None = None,
+                      v_new: torch.Tensor | None = None, sm_scale: float | None = None) -> Job:
+        """Queues decode attention of ``B`` rows at ``layer`` and returns at once.
+
+        Args:
+            layer: model layer, indexing the pool's caches.
+            q: ``[B, H_q, D]`` in the pool's dtype (any device; copied into the staging slot).
+            kv_indptr, kv_indices, kv_last_page_len: int32 paged-KV metadata of the rows' sequences
+                in the pool (as :meth:`PageAllocator.kv_metadata` gives, counting the new token).
+            k_new, v_new: ``[B, H_kv, D]``, the rows' new K/V, appended to the pool before attending.
+            sm_scale: softmax scale, default ``1 / sqrt(D)``.
+
+        Raises:
+            RuntimeError: no free staging slot (wait for a job first) or no pool/staging attached.
+            ValueError: sizes beyond the staging slot or mismatched with the pool.
+        """
+        if self.staging is None:
+            raise RuntimeError("create_staging() first")
+        if not self._free_slots:
+            raise RuntimeError(f"all {self.staging.spec.num_slots} staging slots are in flight; wait() for a job first")
+        spec = self.staging.spec
+        n, nnz = q.shape[0], kv_indices.shape[0]
+        if n > spec.max_rows or nnz > spec.max_pages:
+            raise ValueError(f"{n} rows / {nnz} pages exceed a staging slot ({spec.max_rows} rows, "
+                             f"{spec.max_pages} pages)")
+        if tuple(q.shape[1:]) != (spec.num_qo_heads, spec.head_dim) or dtype_name(q.dtype) != spec.dtype:
+            raise ValueError(f"q must be [B, {spec.num_qo_heads}, {spec.head_dim}] {spec.dtype}, got "
+                             f"{tuple(q.shape)} {q.dtype}")
+        if (k_new is None) != (v_new is None):
+            raise ValueError("give both k_new and v_new, or neither")
+        slot = self._free_slots.pop()
+        s = self.staging.slots[slot]
+        try:
+            s["q"][:n].copy_(q)
+            if k_new is not None:
+                s["k"][:n].copy_(k_new)
+                s["v"][:n].copy_(v_new)
+            s["kv_indptr"][: n + 1].copy_(kv_indptr)
+            s["kv_indices"][:nnz].copy_(kv_indices)
+            s["kv_last_page_len"][:n].copy_(kv_last_page_len)
+            scale = 1.0 / math.sqrt(spec.head_dim) if sm_scale is None else float(sm_scale)
+            msg = P.Attend(self._next_seq(), self._pool_name, self._staging_name, slot, layer, n, nnz,
+                           k_new is not None, scale)
+            self.sock.send(P.encode(msg))
+        except BaseException:
+            self._free_slots.append(slot)
+            raise
+        return Job(msg.seq, slot, n)
+
+    def poll(self, job: Job) -> bool:
+        """Whether ``job``'s result has arrived (never blocks)."""
+        self._drain(0)
+        return job.seq in self._replies
+
+    def wait(self, job: Job, timeout: float | None = None, out: torch.Tensor | None = None,
+             lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks until ``job`` is done and returns ``(out [B, H_q, D], lse [B, H_q] float32)``,
+        copied into ``out``/``lse`` when given (any device) and freeing the staging slot.
+
+        Raises:
+            WorkerError: the job failed (bad metadata, ...); the slot is freed.
+            WorkerDiedError: the worker exited.
+            TimeoutError: no result within ``timeout`` seconds (the job stays in flight).
+        """
+        reply = self._await(job.seq, timeout)
+        s = self.staging.slots[job.slot]
+        try:
+            if not reply.ok:
+                raise WorkerError(reply.error)
+            self.last_kernel_us = reply.kernel_us
+            n = job.num_rows
+            out = s["out"][:n].clone() if out is None else out.copy_(s["out"][:n])
+            lse = s["lse"][:n].clone() if lse is None else lse.copy_(s["lse"][:n])
+            return out, lse
+        finally:
+            self._free_slots.append(job.slot)
+
+    # transport ------------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _request(self, msg, timeout: float) -> P.Reply:
+        self.sock.send(P.encode(msg))
+        reply = self._await(msg.seq, timeout)
+        if not reply.ok:
+            raise WorkerError(reply.error)
+        return reply
+
+    def _drain(self, timeout_ms: int) -> None:
+        if self.sock.poll(timeout_ms, zmq.POLLIN):
+            while True:
+                try:
+                    data = self.sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                reply = P.decode(data)
+                self._replies[reply.seq] = reply
+
+    def _await(self, seq: int, timeout: float | None) -> P.Reply:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while seq not in self._replies:
+            if not self.alive():
+                raise WorkerDiedError(f"CPU attention worker exited with code {self.process.returncode}")
+            wait_ms = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
+            self._drain(wait_ms)
+            if seq not in self._replies and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no reply from the CPU attention worker for message {seq} within {timeout} s")
+        return self._replies.pop(seq)

@@ -1,0 +1,114 @@
+"""Messages between the CPU attention client and worker: small dataclasses encoded with orjson.
+
+Only descriptors cross ZeroMQ (segment paths, slot numbers, row and page counts); tensors stay in
+shared memory (the BE KV pool and the staging slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import orjson
+
+
+class ProtocolError(ValueError):
+    """A message that is not valid JSON, names an unknown op, or lacks or mistypes a field."""
+
+
+@dataclass
+class Attach:
+    """Map a shared segment under ``name``: ``kind`` is ``"kv_pool"`` or ``"staging"``; ``handle``
+    is the owner's ``handle()`` dict."""
+
+    seq: int
+    name: str
+    kind: str
+    handle: dict
+    op: str = "attach"
+
+
+@dataclass
+class Detach:
+    """Unmap the segment ``name``."""
+
+    seq: int
+    name: str
+    op: str = "detach"
+
+
+@dataclass
+class Attend:
+    """Decode attention of ``num_rows`` BE rows at ``layer`` of pool ``pool``; inputs and outputs in
+    staging segment ``staging``, slot ``slot``. With ``append_kv`` the rows' new K/V (staged) is
+    written into the pool first."""
+
+    seq: int
+    pool: str
+    staging: str
+    slot: int
+    layer: int
+    num_rows: int
+    num_pages: int
+    append_kv: bool
+    sm_scale: float
+    op: str = "attend"
+
+
+@dataclass
+class Ping:
+    seq: int
+    op: str = "ping"
+
+
+@dataclass
+class Shutdown:
+    seq: int
+    op: str = "shutdown"
+
+
+@dataclass
+class Reply:
+    """The worker's answer to message ``seq`` (-1 when the request could not be parsed)."""
+
+    seq: int
+    ok: bool
+    error: str | None = None
+    kernel_us: float = 0.0
+    op: str = "reply"
+
+
+_TYPES = {cls.__dataclass_fields__["op"].default: cls for cls in (Attach, Detach, Attend, Ping, Shutdown, Reply)}
+
+
+def encode(msg) -> bytes:
+    return orjson.dumps(msg)
+
+
+def decode(data: bytes):
+    """Parses a message into its dataclass.
+
+    Raises:
+        ProtocolError: malformed JSON, unknown op, missing, extra or mistyped fields.
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"message is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"message must be a JSON object, got {type(obj).__name__}")
+    cls = _TYPES.get(obj.get("op"))
+    if cls is None:
+        raise ProtocolError(f"unknown op {obj.get('op')!r}; expected one of {sorted(_TYPES)}")
+    names = {f.name for f in fields(cls)}
+    if set(obj) - names:
+        raise ProtocolError(f"{cls.__name__} has no fields {sorted(set(obj) - names)}")
+    try:
+        msg = cls(**obj)
+    except TypeError as e:
+        raise ProtocolError(f"bad {cls.__name__}: {e}") from None
+    for f in fields(cls):
+        want = {"int": int, "str": str, "bool": bool, "float": (int, float), "dict": dict}.get(str(f.type))
+        val = getattr(msg, f.name)
+        if want is not None and (not isinstance(val, want) or (want is int and isinstance(val, bool))):
+            raise ProtocolError(f"{cls.__name__}.{f.name} must be {f.type}, got {val!r}")
+    return msg

@@ -1,0 +1,97 @@
+"""Staging slots: shared-memory buffers through which one decode-attention job's inputs and
+outputs pass between the client and the worker (no tensor is ever pickled or sent over ZeroMQ)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from omniserve_sgl.kv.pool import _DTYPES
+from omniserve_sgl.shm import SegmentHandle, SharedSegment, align, pin_for_cuda
+
+
+@dataclass(frozen=True)
+class StagingSpec:
+    """``num_slots`` slots, each for up to ``max_rows`` rows and ``max_pages`` KV pages."""
+
+    num_slots: int
+    max_rows: int
+    max_pages: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if min(self.num_slots, self.max_rows, self.max_pages, self.num_qo_heads, self.num_kv_heads,
+               self.head_dim) <= 0:
+            raise ValueError(f"every size of a staging area must be positive: {self}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+
+    def fields(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """Name, dtype and shape of each tensor of a slot, in memory order."""
+        r, hq, hkv, d, dt = self.max_rows, self.num_qo_heads, self.num_kv_heads, self.head_dim, _DTYPES[self.dtype]
+        return [
+            ("q", dt, (r, hq, d)),
+            ("k", dt, (r, hkv, d)),
+            ("v", dt, (r, hkv, d)),
+            ("out", dt, (r, hq, d)),
+            ("lse", torch.float32, (r, hq)),
+            ("kv_indptr", torch.int32, (r + 1,)),
+            ("kv_indices", torch.int32, (self.max_pages,)),
+            ("kv_last_page_len", torch.int32, (r,)),
+        ]
+
+    def _layout(self) -> tuple[list[int], int]:
+        offsets, off = [], 0
+        for _, dt, shape in self.fields():
+            offsets.append(off)
+            n = torch.empty((), dtype=dt).element_size()
+            for s in shape:
+                n *= s
+            off += align(n)
+        return offsets, off
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._layout()[1]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.slot_bytes * self.num_slots
+
+
+class StagingArea:
+    """The slots of a :class:`StagingSpec` in one shared segment; ``slots[i]`` maps field names to
+    tensors (``q [max_rows, H_q, D]``, ``k``/``v [max_rows, H_kv, D]``, ``out``, ``lse [max_rows, H_q]``
+    float32, and int32 ``kv_indptr``, ``kv_indices``, ``kv_last_page_len``)."""
+
+    def __init__(self, spec: StagingSpec, segment: SharedSegment):
+        self.spec = spec
+        self.segment = segment
+        offsets, slot_bytes = spec._layout()
+        self.slots = [
+            {name: segment.tensor(i * slot_bytes + off, dt, shape)
+             for (name, dt, shape), off in zip(spec.fields(), offsets)}
+            for i in range(spec.num_slots)
+        ]
+
+    @classmethod
+    def create(cls, spec: StagingSpec, pin: bool = True) -> StagingArea:
+        area = cls(spec, SharedSegment.create(spec.total_bytes, "omniserve-staging"))
+        if pin:
+            pin_for_cuda(area.segment.tensor(0, torch.uint8, (spec.total_bytes,)))
+        return area
+
+    @classmethod
+    def attach(cls, handle: dict) -> StagingArea:
+        return cls(StagingSpec(**handle["spec"]), SharedSegment.attach(SegmentHandle(**handle["segment"])))
+
+    def handle(self) -> dict:
+        return {"spec": asdict(self.spec), "segment": asdict(self.segment.handle)}
+
+    def close(self) -> None:
+        self.slots = []
+        self.segment.close()
