@@ -117,7 +117,7 @@ class CPUAttentionClient:
             self.staging = None
         self.sock.close(0)
         self.ctx.term()
-        if self.endpoint.startswith("ipc://"):
+        if self.process is not None and self.endpoint.startswith("ipc://"):  # in case the worker was killed
             try:
                 os.unlink(self.endpoint[len("ipc://"):])
             except OSError:

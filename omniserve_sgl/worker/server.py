@@ -124,6 +124,11 @@ class Worker:
             seg.close()
         self.sock.close(0)
         self.ctx.term()
+        if self.endpoint.startswith("ipc://"):  # the binder owns the socket file
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
 
 
 def run_worker(endpoint: str, parent_pid: int | None = None, threads: int | None = None) -> None:

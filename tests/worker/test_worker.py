@@ -1,0 +1,180 @@
+"""The CPU attention worker as a real process, over real ZeroMQ and shared memory."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import orjson
+import pytest
+import torch
+import zmq
+
+from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
+from omniserve_sgl.worker import CPUAttentionClient, WorkerError
+
+DRIVER = textwrap.dedent("""
+    # Drives a worker from this (second) process: several layers, several jobs in flight.
+    import torch
+    from omniserve_sgl import ops
+    from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
+    from omniserve_sgl.worker import CPUAttentionClient
+
+    torch.manual_seed(0)
+    spec = BEKVPoolSpec(num_layers=3, num_kv_heads=2, head_dim=64, num_pages=256, page_size=16)
+    pool = BEKVPool.create(spec)
+    client = CPUAttentionClient.start(threads=2)
+    client.attach_pool(pool)
+    client.create_staging(num_slots=3, max_rows=8, max_pages=256, num_qo_heads=6)
+    lens = [1, 15, 16, 200, 900]
+    for i, n in enumerate(lens):
+        pool.allocator.allocate(i, n)
+    for layer in range(3):
+        pool.k_cache(layer).normal_()
+        pool.v_cache(layer).normal_()
+    for step in range(3):  # decode steps: grow, append the new token's K/V and attend, per layer
+        for i in range(len(lens)):
+            pool.allocator.extend(i)
+        meta = pool.allocator.kv_metadata(list(range(len(lens))))
+        q = [torch.randn(5, 6, 64).bfloat16() for _ in range(3)]
+        k = [torch.randn(5, 2, 64).bfloat16() for _ in range(3)]
+        v = [torch.randn(5, 2, 64).bfloat16() for _ in range(3)]
+        jobs = [client.submit_decode(l, q[l], *meta, k_new=k[l], v_new=v[l]) for l in range(3)]
+        results = [client.wait(j, timeout=30) for j in jobs]
+        for l, (out, lse) in enumerate(results):
+            ref_out, ref_lse = ops.paged_decode_attention(q[l], pool.k_cache(l), pool.v_cache(l), *meta)
+            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse), (step, l)
+            last = meta[1][meta[0][1:].long() - 1].long(), meta[2].long() - 1
+            assert torch.equal(pool.k_cache(l)[last[0], last[1]], k[l])  # the worker appended
+    print("round trips ok", client.ping() * 1e6, "us")
+    client.close()
+""")
+
+
+def test_round_trip_driven_from_a_second_process():
+    res = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "round trips ok" in res.stdout
+
+
+@pytest.fixture
+def worker():
+    pool = BEKVPool.create(BEKVPoolSpec(num_layers=2, num_kv_heads=1, head_dim=16, num_pages=8, page_size=4))
+    client = CPUAttentionClient.start(threads=1)
+    client.attach_pool(pool)
+    client.create_staging(num_slots=2, max_rows=4, max_pages=8, num_qo_heads=2)
+    yield client, pool
+    client.close()
+    pool.close()
+
+
+def test_malformed_messages_get_error_replies(worker):
+    client, _ = worker
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(client.endpoint)
+    bad = [
+        (b"\x00\xffnot json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (orjson.dumps({"op": "explode", "seq": 1}), "unknown op"),
+        (orjson.dumps({"op": "ping"}), "seq"),
+        (orjson.dumps({"op": "ping", "seq": "x"}), "must be int"),
+        (orjson.dumps({"op": "attend", "seq": 5, "pool": "nope", "staging": "nope", "slot": 0, "layer": 0,
+                       "num_rows": 1, "num_pages": 1, "append_kv": False, "sm_scale": 1.0}), "unknown pool"),
+        (orjson.dumps({"op": "attach", "seq": 6, "name": "x", "kind": "kv_pool",
+                       "handle": {"spec": {}, "segment": {}}}), "Error"),
+    ]
+    for payload, words in bad:
+        raw.send(payload)
+        assert raw.poll(10_000), f"no reply to {payload!r}"
+        reply = orjson.loads(raw.recv())
+        assert reply["ok"] is False and words in reply["error"], reply
+    raw.send_multipart([b"two", b"frames"])
+    assert raw.poll(10_000) and orjson.loads(raw.recv())["ok"] is False
+    raw.close()
+    assert client.ping() < 5  # still serving
+    assert client.alive()
+
+
+def test_a_failing_job_is_reported_and_the_worker_goes_on(worker):
+    client, pool = worker
+    pool.allocator.allocate("a", 3)
+    indptr, indices, last = pool.allocator.kv_metadata(["a"])
+    q = torch.randn(1, 2, 16).bfloat16()
+    job = client.submit_decode(0, q, indptr, torch.tensor([99], dtype=torch.int32), last)
+    with pytest.raises(WorkerError, match="outside the cache"):
+        client.wait(job, timeout=30)
+    with pytest.raises(ValueError, match="exceed a staging slot"):
+        client.submit_decode(0, torch.randn(9, 2, 16).bfloat16(), indptr, indices, last)
+    out, lse = client.wait(client.submit_decode(1, q, indptr, indices, last), timeout=30)
+    assert out.shape == (1, 2, 16) and torch.isfinite(lse).all()
+
+
+def test_jobs_in_flight_and_poll(worker):
+    client, pool = worker
+    pool.allocator.allocate("a", 10)
+    meta = pool.allocator.kv_metadata(["a"])
+    q = torch.randn(1, 2, 16).bfloat16()
+    jobs = [client.submit_decode(0, q, *meta), client.submit_decode(1, q, *meta)]
+    with pytest.raises(RuntimeError, match="staging slots are in flight"):
+        client.submit_decode(0, q, *meta)
+    deadline = time.monotonic() + 30
+    while not all(client.poll(j) for j in jobs):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    for j in reversed(jobs):  # results can be collected in any order
+        client.wait(j, timeout=1)
+
+
+PARENT = textwrap.dedent("""
+    import time
+    from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
+    from omniserve_sgl.worker import CPUAttentionClient
+    pool = BEKVPool.create(BEKVPoolSpec(num_layers=1, num_kv_heads=1, head_dim=16, num_pages=64))
+    client = CPUAttentionClient.start(threads=1)
+    client.attach_pool(pool)
+    client.create_staging(2, 4, 8, 1)
+    print(client.process.pid, client.endpoint, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_worker_exits_when_its_parent_is_killed_and_nothing_leaks():
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid, endpoint = parent.stdout.readline().split()
+        worker_pid = int(worker_pid)
+        os.kill(worker_pid, 0)  # the worker is running
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                break
+            if _is_zombie(worker_pid):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the worker outlived its parent by 15 s")
+    finally:
+        parent.kill()
+    shm_after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert shm_after == shm_before
+    assert not os.path.exists(endpoint[len("ipc://"):])
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"omniserve-{parent.pid}-*"))
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
