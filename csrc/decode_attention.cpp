@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -70,7 +71,8 @@ void merge_chunks(const std::vector<DecodeChunk>& items, const std::vector<int64
 std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
     const torch::Tensor& q_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
     const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices, const torch::Tensor& kv_last_page_len,
-    double sm_scale, const std::string& kv_layout, const std::string& backend) {
+    double sm_scale, const std::string& kv_layout, const std::string& backend,
+    const std::optional<torch::Tensor>& out_opt, const std::optional<torch::Tensor>& lse_opt) {
   const Layout layout = parse_layout(kv_layout);
   const CacheShape c = check_caches(k_cache, v_cache, layout);
   check_cpu(q_in, "q");
@@ -91,8 +93,18 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
   const DecodeChunkFn kernel = pick_kernel(dtype, backend);
   const torch::Tensor q = q_in.contiguous();
 
-  torch::Tensor out = torch::empty_like(q);
-  torch::Tensor lse = torch::empty({batch, hq}, q.options().dtype(torch::kFloat32));
+  // Caller-owned outputs (FlashInfer's run(out=, lse=)) save an allocation and a copy per layer.
+  torch::Tensor out = out_opt.has_value() ? *out_opt : torch::empty_like(q);
+  torch::Tensor lse = lse_opt.has_value() ? *lse_opt : torch::empty({batch, hq}, q.options().dtype(torch::kFloat32));
+  check_cpu(out, "out");
+  check_cpu(lse, "lse");
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.is_contiguous(), "out must be a contiguous tensor of q's shape ",
+                    q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), "out must have q's dtype ", q.scalar_type(), ", got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == batch && lse.size(1) == hq && lse.is_contiguous(),
+                    "lse must be a contiguous [B, H_q] = [", batch, ", ", hq, "] tensor, got ", lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == torch::kFloat32, "lse must be float32, got ", lse.scalar_type());
   if (batch == 0) return {out, lse};
 
   // Work plan: split each (sequence, KV head) into chunks of about total / (threads * k) tokens.

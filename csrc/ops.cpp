@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -13,7 +14,8 @@ namespace omniserve {
 std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
     const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
     const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices, const torch::Tensor& kv_last_page_len,
-    double sm_scale, const std::string& kv_layout, const std::string& backend);
+    double sm_scale, const std::string& kv_layout, const std::string& backend,
+    const std::optional<torch::Tensor>& out, const std::optional<torch::Tensor>& lse);
 
 void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_cache,
                      const torch::Tensor& v_cache, const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
@@ -37,7 +39,8 @@ std::string decode_backend() {
 TORCH_LIBRARY(omniserve, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_indptr, Tensor kv_indices, "
-      "Tensor kv_last_page_len, float sm_scale, str kv_layout, str backend) -> (Tensor, Tensor)");
+      "Tensor kv_last_page_len, float sm_scale, str kv_layout, str backend, Tensor(a!)? out, Tensor(b!)? lse) "
+      "-> (Tensor, Tensor)");
   m.def(
       "append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor kv_indptr, "
       "Tensor kv_indices, Tensor kv_last_page_len, str kv_layout) -> ()");

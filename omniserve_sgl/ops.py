@@ -36,6 +36,8 @@ def paged_decode_attention(
     kv_layout: str = "NHD",
     *,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one query token per sequence over a paged KV cache, on CPU threads.
 
@@ -56,6 +58,8 @@ def paged_decode_attention(
         kv_layout: ``"NHD"`` or ``"HND"``.
         backend: ``"auto"`` (the fastest this CPU runs), ``"avx512_bf16"``, ``"avx512"`` or
             ``"portable"``; naming an AVX-512 kernel the CPU lacks raises ``ValueError``.
+        out, lse: optional caller-owned outputs (contiguous, shapes and dtypes as returned), written
+            in place as with FlashInfer's ``run(..., out=, lse=)``.
 
     Returns:
         ``(out, lse)``: ``out [B, H_q, D]`` in q's dtype (zeros for an empty sequence) and
@@ -69,7 +73,7 @@ def paged_decode_attention(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     return _ops.paged_decode_attention(
-        q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, float(sm_scale), kv_layout, backend
+        q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, float(sm_scale), kv_layout, backend, out, lse
     )
 
 

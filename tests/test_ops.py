@@ -126,3 +126,17 @@ def test_merge_state_reference_and_empty_states(gen):
     mask[0, 0] = False
     torch.testing.assert_close(v[mask].double(), ref[mask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s[mask].double(), torch.log(wa + wb)[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_caller_owned_outputs_are_written_in_place(gen):
+    k, v, indptr, indices, last = random_paged_kv([40, 3], 16, 2, 64, torch.bfloat16, gen=gen)
+    q = torch.randn(2, 4, 64, generator=gen).bfloat16()
+    out, lse = torch.empty_like(q), torch.empty(2, 4)
+    got_out, got_lse = ops.paged_decode_attention(q, k, v, indptr, indices, last, out=out, lse=lse)
+    assert got_out.data_ptr() == out.data_ptr() and got_lse.data_ptr() == lse.data_ptr()
+    ref_out, ref_lse = ops.paged_decode_attention(q, k, v, indptr, indices, last)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    with pytest.raises(ValueError, match="out must be"):
+        ops.paged_decode_attention(q, k, v, indptr, indices, last, out=out[:1])
+    with pytest.raises(TypeError, match="lse must be float32"):
+        ops.paged_decode_attention(q, k, v, indptr, indices, last, lse=lse.double())

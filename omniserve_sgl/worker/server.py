@@ -113,10 +113,8 @@ class Worker:
         t0 = time.perf_counter()
         if msg.append_kv:
             ops.append_paged_kv(s["k"][:n], s["v"][:n], k_cache, v_cache, indptr, indices, last, pool.spec.kv_layout)
-        out, lse = ops.paged_decode_attention(s["q"][:n], k_cache, v_cache, indptr, indices, last,
-                                              msg.sm_scale, pool.spec.kv_layout)
-        s["out"][:n].copy_(out)
-        s["lse"][:n].copy_(lse)
+        ops.paged_decode_attention(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale,
+                                   pool.spec.kv_layout, out=s["out"][:n], lse=s["lse"][:n])
         return P.Reply(msg.seq, True, kernel_us=(time.perf_counter() - t0) * 1e6)
 
     def close(self) -> None:
