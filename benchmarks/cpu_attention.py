@@ -71,7 +71,7 @@ def bench_kernel(batch, ctx, shape, sdpa: bool) -> dict:
     t = timeit(lambda: ops.paged_decode_attention(q, k, v, indptr, indices, last))
     row = {"batch": batch, "ctx": ctx, "kernel_ms": t * 1e3, "kernel_gbps": kv_bytes(batch, ctx, shape) / t / 1e9}
     if sdpa:  # SDPA's best case: contiguous [B, H, L, D] K/V, no paging
-        hq, hkv, d = shape
+        _, hkv, d = shape
         kc = torch.randn(batch, hkv, ctx, d).bfloat16()
         vc = torch.randn_like(kc)
         qs = q.unsqueeze(2)
@@ -109,7 +109,7 @@ def bench_handoff(threads: int, rows: int = 32, ctx: int = 1024, steps: int = 40
         overhead, round_trip = [], []
         for i in range(steps):
             t = time.perf_counter()
-            out, lse = client.wait(client.submit_decode(i % 2, q, *meta, k_new=k_new, v_new=k_new))
+            client.wait(client.submit_decode(i % 2, q, *meta, k_new=k_new, v_new=k_new))
             rt = (time.perf_counter() - t) * 1e6
             if i >= 20:
                 round_trip.append(rt)
@@ -118,9 +118,13 @@ def bench_handoff(threads: int, rows: int = 32, ctx: int = 1024, steps: int = 40
     finally:
         client.close()
         pool.close()
-    q_ = lambda xs, p: sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
-    return {"rows": rows, "ctx": ctx, "overhead_us_p50": q_(overhead, 0.5), "overhead_us_p99": q_(overhead, 0.99),
-            "round_trip_us_p50": q_(round_trip, 0.5), "ping_us_p50": q_(ping, 0.5)}
+    return {"rows": rows, "ctx": ctx, "overhead_us_p50": quantile(overhead, 0.5),
+            "overhead_us_p99": quantile(overhead, 0.99), "round_trip_us_p50": quantile(round_trip, 0.5),
+            "ping_us_p50": quantile(ping, 0.5)}
+
+
+def quantile(xs: list[float], p: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(p * len(xs)))]
 
 
 def main() -> None:

@@ -118,5 +118,4 @@ class PageAllocator:
             indptr.append(len(indices))
             n = self._lens[sid]
             last.append(0 if n == 0 else n - (len(pages) - 1) * self.page_size)
-        as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
-        return as_i32(indptr), as_i32(indices), as_i32(last)
+        return tuple(torch.tensor(xs, dtype=torch.int32) for xs in (indptr, indices, last))
