@@ -10,6 +10,7 @@ can leave it behind there; the OS offers nothing better).
 from __future__ import annotations
 
 import atexit
+import math
 import mmap
 import os
 import tempfile
@@ -105,11 +106,8 @@ class SharedSegment:
         Raises:
             ValueError: the view would not fit in the segment, or ``offset`` is misaligned for ``dtype``.
         """
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = itemsize
-        for n in shape:
-            nbytes *= n
-        if offset < 0 or offset + nbytes > self.size or offset % itemsize:
+        nbytes = dtype.itemsize * math.prod(shape)
+        if offset < 0 or offset + nbytes > self.size or offset % dtype.itemsize:
             raise ValueError(f"a {dtype} view of shape {tuple(shape)} at offset {offset} does not fit "
                              f"segment of {self.size} bytes")
         return self._base[offset : offset + nbytes].view(dtype).view(shape)

@@ -13,15 +13,15 @@ import torch
 from omniserve_sgl.kv.allocator import BEPoolFullError, PageAllocator
 from omniserve_sgl.shm import SegmentHandle, SharedSegment, pin_for_cuda
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``; raises ValueError for dtypes the kernels do not take."""
-    for name, dt in _DTYPES.items():
+    for name, dt in KV_DTYPES.items():
         if dt == dtype:
             return name
-    raise ValueError(f"KV dtype must be one of {list(_DTYPES)}, got {dtype}")
+    raise ValueError(f"KV dtype must be one of {list(KV_DTYPES)}, got {dtype}")
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,14 @@ class BEKVPoolSpec:
     def __post_init__(self):
         if min(self.num_layers, self.num_kv_heads, self.head_dim, self.num_pages, self.page_size) <= 0:
             raise ValueError(f"every size of a BE KV pool must be positive: {self}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"dtype must be one of {list(KV_DTYPES)}, got {self.dtype!r}")
         if self.kv_layout not in ("NHD", "HND"):
             raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {self.kv_layout!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return KV_DTYPES[self.dtype]
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int]:
@@ -58,8 +58,7 @@ class BEKVPoolSpec:
     @property
     def bytes_per_page(self) -> int:
         """Bytes one page takes across all layers, K and V."""
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
+        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
 
     @property
     def layer_bytes(self) -> int:

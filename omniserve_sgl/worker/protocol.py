@@ -78,6 +78,12 @@ class Reply:
 
 
 _TYPES = {cls.__dataclass_fields__["op"].default: cls for cls in (Attach, Detach, Attend, Ping, Shutdown, Reply)}
+_PY_TYPES = {"int": int, "str": str, "bool": bool, "float": (int, float), "dict": dict}
+# Per message class: its field names, and (name, annotation, accepted types) of the checked fields.
+_SCHEMA = {
+    cls: ({f.name for f in fields(cls)}, [(f.name, f.type, _PY_TYPES[f.type]) for f in fields(cls) if f.type in _PY_TYPES])
+    for cls in _TYPES.values()
+}
 
 
 def encode(msg) -> bytes:
@@ -99,16 +105,15 @@ def decode(data: bytes):
     cls = _TYPES.get(obj.get("op"))
     if cls is None:
         raise ProtocolError(f"unknown op {obj.get('op')!r}; expected one of {sorted(_TYPES)}")
-    names = {f.name for f in fields(cls)}
+    names, checked = _SCHEMA[cls]
     if set(obj) - names:
         raise ProtocolError(f"{cls.__name__} has no fields {sorted(set(obj) - names)}")
     try:
         msg = cls(**obj)
     except TypeError as e:
         raise ProtocolError(f"bad {cls.__name__}: {e}") from None
-    for f in fields(cls):
-        want = {"int": int, "str": str, "bool": bool, "float": (int, float), "dict": dict}.get(str(f.type))
-        val = getattr(msg, f.name)
-        if want is not None and (not isinstance(val, want) or (want is int and isinstance(val, bool))):
-            raise ProtocolError(f"{cls.__name__}.{f.name} must be {f.type}, got {val!r}")
+    for name, annotation, want in checked:
+        val = getattr(msg, name)
+        if not isinstance(val, want) or (want is int and isinstance(val, bool)):
+            raise ProtocolError(f"{cls.__name__}.{name} must be {annotation}, got {val!r}")
     return msg

@@ -3,11 +3,12 @@ outputs pass between the client and the worker (no tensor is ever pickled or sen
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from omniserve_sgl.kv.pool import _DTYPES
+from omniserve_sgl.kv.pool import KV_DTYPES
 from omniserve_sgl.shm import SegmentHandle, SharedSegment, align, pin_for_cuda
 
 
@@ -27,12 +28,12 @@ class StagingSpec:
         if min(self.num_slots, self.max_rows, self.max_pages, self.num_qo_heads, self.num_kv_heads,
                self.head_dim) <= 0:
             raise ValueError(f"every size of a staging area must be positive: {self}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"dtype must be one of {list(KV_DTYPES)}, got {self.dtype!r}")
 
     def fields(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """Name, dtype and shape of each tensor of a slot, in memory order."""
-        r, hq, hkv, d, dt = self.max_rows, self.num_qo_heads, self.num_kv_heads, self.head_dim, _DTYPES[self.dtype]
+        r, hq, hkv, d, dt = self.max_rows, self.num_qo_heads, self.num_kv_heads, self.head_dim, KV_DTYPES[self.dtype]
         return [
             ("q", dt, (r, hq, d)),
             ("k", dt, (r, hkv, d)),
@@ -48,10 +49,7 @@ class StagingSpec:
         offsets, off = [], 0
         for _, dt, shape in self.fields():
             offsets.append(off)
-            n = torch.empty((), dtype=dt).element_size()
-            for s in shape:
-                n *= s
-            off += align(n)
+            off += align(dt.itemsize * math.prod(shape))
         return offsets, off
 
     @property
