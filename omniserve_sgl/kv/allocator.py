@@ -24,32 +24,44 @@ class PageAllocator:
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: low page ids first
         self._pages: dict[object, list[int]] = {}
         self._lens: dict[object, int] = {}
+        # Pages promised to a sequence but not yet handed out: extend() within a reservation
+        # never fails, which is how admission guarantees a BE request can run to completion.
+        self._reserved: dict[object, int] = {}
+        self._reserved_total = 0
 
     # capacity -------------------------------------------------------------------------------
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Pages neither held nor reserved by any sequence."""
+        return len(self._free) - self._reserved_total
 
     @property
     def used_pages(self) -> int:
+        """Pages holding K/V of some sequence."""
         return self.num_pages - len(self._free)
+
+    @property
+    def reserved_pages(self) -> int:
+        """Pages reserved for sequences' future tokens and not yet used."""
+        return self._reserved_total
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages a sequence of ``num_tokens`` tokens occupies."""
         return -(-num_tokens // self.page_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
-        """Whether a new sequence of ``num_tokens`` tokens fits now."""
-        return self.pages_for(num_tokens) <= len(self._free)
+        """Whether a new sequence of ``num_tokens`` tokens (or reservation of as many) fits now."""
+        return self.pages_for(num_tokens) <= self.free_pages
 
     def can_extend(self, seq_id: object, num_tokens: int = 1) -> bool:
         """Whether ``seq_id`` can grow by ``num_tokens`` tokens now."""
-        cur = self._lens[seq_id]
-        return self.pages_for(cur + num_tokens) - len(self._pages[seq_id]) <= len(self._free)
+        need = self.pages_for(self._lens[seq_id] + num_tokens) - len(self._pages[seq_id])
+        return need - self._reserved[seq_id] <= self.free_pages
 
     # allocation -----------------------------------------------------------------------------
-    def allocate(self, seq_id: object, num_tokens: int) -> None:
-        """Registers a new sequence holding ``num_tokens`` (>= 0) tokens.
+    def allocate(self, seq_id: object, num_tokens: int, reserve_tokens: int = 0) -> None:
+        """Registers a new sequence holding ``num_tokens`` (>= 0) tokens, and reserves pages so that
+        it can grow to ``reserve_tokens`` tokens without ever failing.
 
         Raises:
             ValueError: ``seq_id`` already has pages, or ``num_tokens`` is negative.
@@ -60,11 +72,14 @@ class PageAllocator:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         need = self.pages_for(num_tokens)
-        if need > len(self._free):
-            raise BEPoolFullError(f"BE KV pool full: {num_tokens} tokens need {need} pages, "
-                                  f"{len(self._free)} of {self.num_pages} free")
+        total = max(need, self.pages_for(reserve_tokens))
+        if total > self.free_pages:
+            raise BEPoolFullError(f"BE KV pool full: {max(num_tokens, reserve_tokens)} tokens need {total} "
+                                  f"pages, {self.free_pages} of {self.num_pages} free")
         self._pages[seq_id] = [self._free.pop() for _ in range(need)]
         self._lens[seq_id] = num_tokens
+        self._reserved[seq_id] = total - need
+        self._reserved_total += total - need
 
     def extend(self, seq_id: object, num_tokens: int = 1) -> None:
         """Grows ``seq_id`` by ``num_tokens`` tokens, taking new pages as the last one fills.
@@ -76,18 +91,23 @@ class PageAllocator:
         pages = self._pages[seq_id]
         new_len = self._lens[seq_id] + num_tokens
         need = self.pages_for(new_len) - len(pages)
-        if need > len(self._free):
+        from_reserve = min(max(need, 0), self._reserved[seq_id])
+        if need - from_reserve > self.free_pages:
             raise BEPoolFullError(f"BE KV pool full: sequence {seq_id!r} needs {need} more pages, "
-                                  f"{len(self._free)} of {self.num_pages} free")
+                                  f"{self.free_pages} of {self.num_pages} free")
         pages.extend(self._free.pop() for _ in range(need))
         self._lens[seq_id] = new_len
+        self._reserved[seq_id] -= from_reserve
+        self._reserved_total -= from_reserve
 
     def free(self, seq_id: object) -> None:
-        """Returns all pages of ``seq_id`` to the pool; unknown ids are ignored (idempotent)."""
+        """Returns all pages of ``seq_id`` and its reservation to the pool; unknown ids are ignored
+        (idempotent)."""
         pages = self._pages.pop(seq_id, None)
         if pages is not None:
             self._free.extend(reversed(pages))
             del self._lens[seq_id]
+            self._reserved_total -= self._reserved.pop(seq_id)
 
     # views ----------------------------------------------------------------------------------
     def __contains__(self, seq_id: object) -> bool:

@@ -1,0 +1,55 @@
+"""omniserve configuration: one frozen dataclass, carried to SGLang's child processes in an
+environment variable (children are started with ``spawn``; module globals do not cross, the
+environment does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import orjson
+
+ENV_VAR = "OMNISERVE_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniServeConfig:
+    """What ``--omniserve*`` asked for.
+
+    Attributes:
+        enabled: ``--omniserve``; without it the package changes nothing.
+        cpu_kv_gb: size of the BE KV pool in host memory, GiB (``--omniserve-cpu-kv-gb``).
+        cpu_threads: OpenMP threads of the CPU attention worker; ``None`` = half the cores, >= 1.
+        cpu_cores: cores the worker's threads are pinned to, e.g. ``"4-7"`` (``None`` = no pinning).
+        page_size: tokens per page of the BE KV pool.
+    """
+
+    enabled: bool = False
+    cpu_kv_gb: float = 4.0
+    cpu_threads: int | None = None
+    cpu_cores: str | None = None
+    page_size: int = 16
+
+    def __post_init__(self):
+        if not self.cpu_kv_gb > 0:
+            raise ValueError(f"--omniserve-cpu-kv-gb must be > 0, got {self.cpu_kv_gb}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"--omniserve-cpu-threads must be >= 1, got {self.cpu_threads}")
+
+    @property
+    def worker_threads(self) -> int:
+        return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
+
+    @property
+    def cpu_kv_bytes(self) -> int:
+        return int(self.cpu_kv_gb * (1 << 30))
+
+    def export(self) -> None:
+        """Publishes this config to child processes started from now on."""
+        os.environ[ENV_VAR] = orjson.dumps(dataclasses.asdict(self)).decode()
+
+
+def current() -> OmniServeConfig:
+    """The config of this process tree (disabled when ``--omniserve`` was not given)."""
+    raw = os.environ.get(ENV_VAR)
+    return OmniServeConfig(**orjson.loads(raw)) if raw else OmniServeConfig()

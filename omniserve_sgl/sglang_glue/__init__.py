@@ -1,0 +1,108 @@
+"""Everything that touches SGLang's internals lives in this package, so an SGLang upgrade touches
+one folder. ``register`` is the ``sglang.srt.plugins`` entry point: SGLang runs it at the start of
+every process, before hooks are applied.
+
+Hook map (target -> hook):
+  ServerArgs.add_cli_args (AFTER), ServerArgs.from_cli_args (AROUND)       -> cli
+  TokenizerManager.generate_request (BEFORE)                             -> tokenizer
+  ModelRunner.init_attention_backends (AFTER)                            -> start the BE runtime, split attention
+  Scheduler._create_generation_req (AFTER), init_req_max_new_tokens (AFTER),
+  Scheduler._get_new_batch_prefill_raw (AROUND),
+  SchedulerBatchResultProcessor.process_batch_result_prefill (AFTER),
+  alloc_for_decode (AROUND), release_kv_cache (AROUND)                   -> scheduler
+"""
+
+from __future__ import annotations
+
+import logging
+import pkgutil
+import sys
+
+from omniserve_sgl import config
+
+logger = logging.getLogger(__name__)
+
+SGLANG_VERSION = "0.5.23"
+_S = "sglang.srt.managers.scheduler.Scheduler"
+_ALWAYS = (
+    "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "sglang.srt.server_args.ServerArgs.from_cli_args",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
+)
+_SERVING = (
+    "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends",
+    f"{_S}._create_generation_req",
+    f"{_S}.init_req_max_new_tokens",
+    f"{_S}._get_new_batch_prefill_raw",
+    "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+    ".process_batch_result_prefill",
+    "sglang.srt.mem_cache.allocation.alloc_for_decode",
+    "sglang.srt.mem_cache.common.release_kv_cache",
+)
+
+
+def missing_targets(targets) -> list[str]:
+    """The dotted hook targets that do not resolve in the installed SGLang."""
+    missing = []
+    for target in targets:
+        obj_path, attr = target.rsplit(".", 1)
+        try:
+            if not hasattr(pkgutil.resolve_name(obj_path), attr):
+                missing.append(target)
+        except (ImportError, AttributeError, ValueError):
+            missing.append(target)
+    return missing
+
+
+def _check(targets, requested: bool) -> bool:
+    missing = missing_targets(targets)
+    if not missing:
+        return True
+    import sglang
+
+    msg = (f"omniserve-sgl needs SGLang {SGLANG_VERSION}, found {sglang.__version__}: these hook targets are "
+           f"missing: {', '.join(missing)}")
+    if requested:
+        # SystemExit is not an Exception, so SGLang's plugin loader cannot swallow it.
+        raise SystemExit(msg)
+    logger.warning("%s; omniserve is unavailable", msg)
+    return False
+
+
+def register() -> None:
+    """Registers omniserve's hooks (idempotent; the hooks are inert without ``--omniserve``).
+
+    Raises:
+        SystemExit: ``--omniserve`` was asked for and a hook target is missing from the installed
+            SGLang (the message names the expected version and the missing targets).
+    """
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if getattr(register, "done", False):
+        return
+    register.done = True
+    enabled = config.current().enabled
+    if not _check(_ALWAYS, enabled or "--omniserve" in sys.argv):
+        return
+    from omniserve_sgl.sglang_glue import cli, tokenizer
+
+    HookRegistry.register(_ALWAYS[0], cli.add_cli_args, HookType.AFTER)
+    HookRegistry.register(_ALWAYS[1], cli.from_cli_args, HookType.AROUND)
+    HookRegistry.register(_ALWAYS[2], tokenizer.generate_request, HookType.BEFORE)
+    if not enabled:  # the main process before argument parsing, or a server without --omniserve
+        return
+    _check(_SERVING, True)
+    from omniserve_sgl.sglang_glue import scheduler
+    from omniserve_sgl.sglang_glue.model_runner import init_attention_backends
+
+    hooks = (
+        (init_attention_backends, HookType.AFTER),
+        (scheduler.tag_request, HookType.AFTER),
+        (scheduler.refuse_oversized_be, HookType.AFTER),
+        (scheduler.admit_prefill, HookType.AROUND),
+        (scheduler.offload_after_prefill, HookType.AFTER),
+        (scheduler.alloc_decode, HookType.AROUND),
+        (scheduler.release_kv, HookType.AROUND),
+    )
+    for target, (hook, kind) in zip(_SERVING, hooks, strict=True):
+        HookRegistry.register(target, hook, kind)

@@ -1,0 +1,71 @@
+"""``--omniserve*`` flags on SGLang's command line (hooks on ``ServerArgs``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from omniserve_sgl.config import OmniServeConfig
+from omniserve_sgl.service_class import SERVICE_CLASS_KEY
+
+logger = logging.getLogger(__name__)
+_DEFAULTS = OmniServeConfig()
+
+
+def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
+    """AFTER ``ServerArgs.add_cli_args``: adds the ``omniserve`` argument group (shown in ``--help``)."""
+    group = parser.add_argument_group("omniserve", "Serve best-effort (BE) requests with KV and attention "
+                                      "on CPU cores (omniserve-sgl).")
+    group.add_argument("--omniserve", action="store_true",
+                       help="Serve requests marked BE (custom_params omniserve_class=be, or the "
+                       "x-omniserve-class header) with their KV cache in host memory and decode "
+                       "attention on a CPU worker, batched with LS requests layer by layer.")
+    group.add_argument("--omniserve-cpu-kv-gb", type=float, default=_DEFAULTS.cpu_kv_gb,
+                       help="Host memory for the BE KV pool, GiB (default %(default)s).")
+    group.add_argument("--omniserve-cpu-threads", type=int, default=None,
+                       help="Threads of the CPU attention worker (default: half the cores).")
+    group.add_argument("--omniserve-cpu-cores", type=str, default=None,
+                       help="Pin the CPU attention worker to these cores, e.g. 8-15 (default: no pinning).")
+
+
+# Configurations the first version does not handle: (flag value check, message).
+_REFUSED = (
+    (lambda a: getattr(a, "tp_size", 1) > 1, "tensor parallelism (--tp-size > 1)"),
+    (lambda a: getattr(a, "pp_size", 1) > 1, "pipeline parallelism (--pp-size > 1)"),
+    (lambda a: getattr(a, "dp_size", 1) > 1, "data parallelism / DP attention (--dp-size > 1)"),
+    (lambda a: getattr(a, "speculative_algorithm", None), "speculative decoding"),
+    (lambda a: getattr(a, "enable_mixed_chunk", False), "--enable-mixed-chunk"),
+    (lambda a: getattr(a, "disaggregation_mode", "null") not in (None, "null"), "PD disaggregation"),
+)
+
+
+def from_cli_args(original, cls, args: argparse.Namespace):
+    """AROUND ``ServerArgs.from_cli_args``: reads the ``--omniserve*`` flags (which SGLang would
+    drop), refuses configurations omniserve does not handle yet, switches off the ones it forces
+    off (overlap schedule, CUDA graphs), exports the config for the children, then builds
+    SGLang's ``ServerArgs`` from the rest.
+
+    Raises:
+        SystemExit: an unsupported configuration with ``--omniserve``, or a bad flag value.
+    """
+    if getattr(args, "omniserve", False):
+        try:
+            config = OmniServeConfig(True, args.omniserve_cpu_kv_gb, args.omniserve_cpu_threads,
+                                     args.omniserve_cpu_cores)
+        except ValueError as e:
+            raise SystemExit(f"omniserve: {e}") from None
+        refused = [what for check, what in _REFUSED if check(args)]
+        if refused:
+            raise SystemExit(f"omniserve: --omniserve does not support {', '.join(refused)} yet; "
+                             "remove these flags or run without --omniserve")
+        # The per-layer LS/BE split runs eagerly, one batch at a time.
+        args.disable_overlap_schedule = True
+        args.disable_decode_cuda_graph = True
+        args.disable_prefill_cuda_graph = True
+        if getattr(args, "enable_metrics", False):
+            allowed = list(getattr(args, "tokenizer_metrics_allowed_custom_labels", None) or [])
+            if SERVICE_CLASS_KEY not in allowed:
+                args.tokenizer_metrics_allowed_custom_labels = allowed + [SERVICE_CLASS_KEY]
+        config.export()
+        logger.info("omniserve enabled: %s", config)
+    return original(cls, args)

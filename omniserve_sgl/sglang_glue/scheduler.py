@@ -1,0 +1,220 @@
+"""Scheduler-process hooks: which requests are BE, BE admission against the BE KV pool, moving a
+BE request's KV to the pool after its prefill, and no GPU KV slots for its decode tokens.
+
+Every hook is a named function whose docstring says what it changes in SGLang and why. BE request
+state lives in two attributes on SGLang's ``Req`` (``omniserve_be``, ``omniserve_offloaded``) and,
+for the KV, in :class:`omniserve_sgl.be_runtime.BERuntime`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from omniserve_sgl import config
+from omniserve_sgl.be_runtime import BERuntime, DecodePlan
+from omniserve_sgl.service_class import BE, class_of_custom_params
+
+logger = logging.getLogger(__name__)
+
+_runtime: BERuntime | None = None  # one scheduler, hence one runtime, per process
+_pending_plan: DecodePlan | None = None  # the BE rows of the decode step being prepared
+
+
+def runtime() -> BERuntime | None:
+    return _runtime
+
+
+def is_be(req) -> bool:
+    return getattr(req, "omniserve_be", False)
+
+
+def is_offloaded(req) -> bool:
+    return getattr(req, "omniserve_offloaded", False)
+
+
+def take_decode_plan() -> DecodePlan | None:
+    """The BE rows of the decode batch about to run (consumed once, by the attention backend)."""
+    global _pending_plan
+    plan, _pending_plan = _pending_plan, None
+    return plan
+
+
+# start-up ---------------------------------------------------------------------------------------
+def start_runtime(model_runner) -> BERuntime:
+    """Creates this process's BE KV pool and CPU attention worker, sized from the model runner."""
+    global _runtime
+    from sglang.srt.configs.model_config import AttentionArch
+
+    mc = model_runner.model_config
+    if getattr(mc, "attention_arch", None) == AttentionArch.MLA:
+        raise RuntimeError("omniserve: MLA models are not supported yet; run without --omniserve")
+    kv_pool = model_runner.token_to_kv_pool
+    _runtime = BERuntime(config.current(), num_layers=mc.num_hidden_layers, num_kv_heads=kv_pool.head_num,
+                         head_dim=kv_pool.head_dim, num_qo_heads=mc.num_attention_heads,
+                         dtype=kv_pool.dtype, max_rows=max(model_runner.req_to_token_pool.size, 1))
+    return _runtime
+
+
+# request class ----------------------------------------------------------------------------------
+def tag_request(req, _self, _recv_req, *args, **kwargs):
+    """AFTER ``Scheduler._create_generation_req`` (SGLang's extension point for request-local
+    state): marks the request BE or LS from ``sampling_params.custom_params``."""
+    try:
+        req.omniserve_be = class_of_custom_params(req.sampling_params.custom_params) == BE
+    except ValueError:  # refused by the tokenizer hook already; never reached over HTTP
+        req.omniserve_be = False
+    req.omniserve_offloaded = False
+    return None
+
+
+def refuse_oversized_be(_result, _self, req):
+    """AFTER ``Scheduler.init_req_max_new_tokens``: a BE request longer than the whole BE KV pool
+    could never be admitted, so it is refused at once with a message instead of waiting forever."""
+    if not is_be(req) or req.finished() or _runtime is None:
+        return None
+    need = len(req.origin_input_ids) + req.sampling_params.max_new_tokens
+    if need > _runtime.capacity_tokens:
+        req.set_finish_with_abort(
+            f"omniserve: this BE request needs {need} tokens of BE KV pool (prompt + max_new_tokens) but "
+            f"the pool holds {_runtime.capacity_tokens}; lower max_new_tokens or raise --omniserve-cpu-kv-gb")
+    return None
+
+
+# admission --------------------------------------------------------------------------------------
+def _be_tokens(req) -> int:
+    return len(req.origin_input_ids) + req.sampling_params.max_new_tokens
+
+
+def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
+    """AROUND ``Scheduler._get_new_batch_prefill_raw``: BE requests are admitted against the BE KV
+    pool instead of the GPU KV budget.
+
+    - BE requests whose whole length does not fit in the pool's free pages (in queue order) sit
+      out this round: they stay queued, in order, and LS requests behind them are not blocked.
+    - For SGLang's GPU budget a BE request counts only its prompt and the token its prefill
+      samples (it leaves the GPU after its prefill): for the length of the call its
+      ``max_new_tokens`` reads as one more than it has generated (not 0: SGLang treats 0 as a
+      prefill-only request and samples nothing).
+    - Admitted BE requests get their pool reservation, so they never stall or fail mid-decode.
+    """
+    if _runtime is None:
+        return original(self, prefill_delayer_single_pass, running_batch)
+    queue = list(self.waiting_queue)
+    free = _runtime.pages.free_pages
+    held = []
+    for req in queue:
+        if is_be(req) and not req.finished() and req.rid not in _runtime.pages:
+            need = _runtime.pages.pages_for(_be_tokens(req))
+            if need > free:
+                held.append(req)
+            else:
+                free -= need
+    held_ids = {id(r) for r in held}
+    self.waiting_queue[:] = [r for r in queue if id(r) not in held_ids]
+    hidden = [r for r in queue if is_be(r) and id(r) not in held_ids]
+    hidden += [r for r in running_batch.reqs if is_be(r)]
+    saved = [(r, r.sampling_params.max_new_tokens) for r in hidden]
+    for r, _ in saved:
+        r.sampling_params.max_new_tokens = len(r.output_ids) + 1
+    try:
+        result = original(self, prefill_delayer_single_pass, running_batch)
+    finally:
+        for r, n in saved:
+            r.sampling_params.max_new_tokens = n
+        order = {id(r): i for i, r in enumerate(queue)}
+        self.waiting_queue[:] = sorted(list(self.waiting_queue) + held,
+                                       key=lambda r: order.get(id(r), len(order)))
+    new_batch = result[0]
+    for req in new_batch.reqs if new_batch is not None else []:
+        if is_be(req) and not req.finished() and req.rid not in _runtime.pages:
+            _runtime.reserve(req.rid, _be_tokens(req))
+    return result
+
+
+# prefill -> BE KV pool ----------------------------------------------------------------------------
+def _prefill_done(req) -> bool:
+    # Every token but the one just sampled has KV: the prompt (and any earlier output) is complete.
+    return len(req.output_ids) > 0 and req.kv.kv_committed_len == len(req.origin_input_ids) + len(req.output_ids) - 1
+
+
+def offload_after_prefill(_result, self, batch, *args, **kwargs):
+    """AFTER ``SchedulerBatchResultProcessor.process_batch_result_prefill``: a BE request whose
+    prefill just completed gets its KV copied from SGLang's KV cache into the BE KV pool, then gives
+    its GPU KV slots back (the prompt prefix stays in the radix cache, unpinned, for LS reuse). From
+    here on its decode attention runs on the CPU worker (the paper's choice: prefill on the GPU)."""
+    if _runtime is None:
+        return None
+    for req in batch.reqs:
+        if not is_be(req) or is_offloaded(req) or req.finished() or req.is_retracted or not _prefill_done(req):
+            continue
+        tree_cache = self.tree_cache
+        n = req.kv.kv_committed_len
+        slots = tree_cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :n].to(torch.int64)
+        kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
+        start = getattr(kv_pool, "start_layer", 0) or 0
+        layers = range(start, start + _runtime.pool.spec.num_layers)
+        _runtime.store_prefill(req.rid, ((kv_pool.get_key_buffer(i)[slots], kv_pool.get_value_buffer(i)[slots])
+                                         for i in layers))
+        # Give back what the request owns on the GPU; the tree keeps (and may evict) the prefix.
+        kv = req.kv
+        if kv.cache_protected_len < kv.kv_allocated_len:
+            tree_cache.free_kv_row(kv, [(kv.cache_protected_len, kv.kv_allocated_len)])
+        tree_cache.unlock(req.lock)
+        req.lock = None
+        req.omniserve_offloaded = True
+    return None
+
+
+def release_kv(original, req, tree_cache, *, checkpoint: bool):
+    """AROUND ``mem_cache.common.release_kv_cache`` (finish, abort, retraction): a BE request also
+    frees its BE KV pool pages. An offloaded one holds no GPU KV slots (they went back after its
+    prefill), so only its ``req_to_token`` row is returned and nothing is put in the radix cache."""
+    if not is_be(req):
+        return original(req, tree_cache, checkpoint=checkpoint)
+    if _runtime is not None:
+        _runtime.release(req.rid)
+    if not is_offloaded(req):
+        return original(req, tree_cache, checkpoint=checkpoint)
+    req.omniserve_offloaded = False  # a retracted request is prefilled again
+    tree_cache.on_release(req, checkpointed=False)
+    tree_cache.req_to_token_pool.free(req)
+    req.kv.mark_kv_released()
+    return None
+
+
+# decode -----------------------------------------------------------------------------------------
+def alloc_decode(original, batch, token_per_req: int):
+    """AROUND ``mem_cache.allocation.alloc_for_decode``: only LS rows get GPU KV slots. Offloaded BE
+    rows get slot 0 (SGLang's padding slot, never written: the attention split keeps BE rows away
+    from the GPU KV cache) and their next token is placed in the BE KV pool instead."""
+    global _pending_plan
+    _pending_plan = None
+    be_rows = [i for i, r in enumerate(batch.reqs) if is_offloaded(r)]
+    if not be_rows or _runtime is None:
+        return original(batch, token_per_req)
+    if token_per_req != 1:
+        raise RuntimeError("omniserve: BE decode takes one token per step (speculative decoding is off)")
+    be_reqs = [batch.reqs[i] for i in be_rows]
+    ls_rows = [i for i, r in enumerate(batch.reqs) if not is_offloaded(r)]
+    out_cache_loc = torch.zeros(len(batch.reqs), dtype=torch.int64, device=batch.seq_lens.device)
+    if ls_rows:
+        ls = copy.copy(batch)  # the same batch seen through its LS rows only
+        idx = torch.tensor(ls_rows, dtype=torch.int64)
+        ls.reqs = [batch.reqs[i] for i in ls_rows]
+        ls.seq_lens = batch.seq_lens[idx.to(batch.seq_lens.device)]
+        ls.seq_lens_cpu = batch.seq_lens_cpu[idx]
+        ls.req_pool_indices = batch.req_pool_indices[idx.to(batch.req_pool_indices.device)]
+        if getattr(batch, "req_pool_indices_cpu", None) is not None:
+            ls.req_pool_indices_cpu = batch.req_pool_indices_cpu[idx]
+        ls_loc = original(ls, token_per_req)
+        out_cache_loc[idx.to(out_cache_loc.device)] = ls_loc.to(torch.int64)
+        out_cache_loc = out_cache_loc.to(ls_loc.dtype)
+    for req in be_reqs:
+        req.kv.kv_allocated_len += 1
+        req.kv.kv_committed_len += 1
+    _pending_plan = _runtime.plan_decode([r.rid for r in be_reqs], be_rows)
+    return out_cache_loc
+
