@@ -62,6 +62,7 @@ class BERuntime:
         # Two slots: the synchronous path uses one; piggybacking will keep more jobs in flight.
         self.client.create_staging(2, max_rows, spec.num_pages, num_qo_heads)
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
+        self.method = config.cpu_attention
         self.attention_tokens = 0  # token-layer attentions computed by the worker
         atexit.register(self.close)
         logger.info("omniserve: BE KV pool %.2f GiB (%d pages of %d tokens, %d layers), CPU attention "
@@ -125,7 +126,7 @@ class BERuntime:
         scale = 1.0 / math.sqrt(self.head_dim) if sm_scale is None else sm_scale
         self.attention_tokens += len(plan.rids)
         return self.client.submit_decode(layer, q, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
-                                         k, v, scale)
+                                         k, v, scale, self.method)
 
     def wait(self, job: Job, out: torch.Tensor) -> torch.Tensor:
         """Blocks until ``job`` is done and copies its output ``[B, H_q, D]`` into ``out`` (any device).

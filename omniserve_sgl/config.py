@@ -22,6 +22,9 @@ class OmniServeConfig:
         cpu_threads: OpenMP threads of the CPU attention worker; ``None`` = half the cores, >= 1.
         cpu_cores: cores the worker's threads are pinned to, e.g. ``"4-7"`` (``None`` = no pinning).
         page_size: tokens per page of the BE KV pool.
+        cpu_attention: ``"kernel"`` (omniserve's AVX-512 decode kernel) or ``"sdpa"`` (torch SDPA
+            per request, the exact math of SGLang's torch_native backend; slower).
+        metrics: export omniserve's Prometheus metrics (SGLang's ``--enable-metrics``).
     """
 
     enabled: bool = False
@@ -29,12 +32,16 @@ class OmniServeConfig:
     cpu_threads: int | None = None
     cpu_cores: str | None = None
     page_size: int = 16
+    cpu_attention: str = "kernel"
+    metrics: bool = False
 
     def __post_init__(self):
         if not self.cpu_kv_gb > 0:
             raise ValueError(f"--omniserve-cpu-kv-gb must be > 0, got {self.cpu_kv_gb}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--omniserve-cpu-threads must be >= 1, got {self.cpu_threads}")
+        if self.cpu_attention not in ("kernel", "sdpa"):
+            raise ValueError(f"--omniserve-cpu-attention must be kernel or sdpa, got {self.cpu_attention!r}")
 
     @property
     def worker_threads(self) -> int:

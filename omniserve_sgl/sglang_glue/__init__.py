@@ -34,8 +34,8 @@ _SERVING = (
     f"{_S}._create_generation_req",
     f"{_S}.init_req_max_new_tokens",
     f"{_S}._get_new_batch_prefill_raw",
-    "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
-    ".process_batch_result_prefill",
+    ("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+     ".process_batch_result_prefill"),
     "sglang.srt.mem_cache.allocation.alloc_for_decode",
     "sglang.srt.mem_cache.common.release_kv_cache",
 )

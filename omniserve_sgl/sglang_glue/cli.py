@@ -24,6 +24,9 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        help="Host memory for the BE KV pool, GiB (default %(default)s).")
     group.add_argument("--omniserve-cpu-threads", type=int, default=None,
                        help="Threads of the CPU attention worker (default: half the cores).")
+    group.add_argument("--omniserve-cpu-attention", choices=("kernel", "sdpa"), default=_DEFAULTS.cpu_attention,
+                       help="BE decode attention on the CPU worker: omniserve's AVX-512 kernel (default), or "
+                       "torch SDPA per request, bit-exact with SGLang's torch_native backend (slower).")
     group.add_argument("--omniserve-cpu-cores", type=str, default=None,
                        help="Pin the CPU attention worker to these cores, e.g. 8-15 (default: no pinning).")
 
@@ -51,7 +54,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
     if getattr(args, "omniserve", False):
         try:
             config = OmniServeConfig(True, args.omniserve_cpu_kv_gb, args.omniserve_cpu_threads,
-                                     args.omniserve_cpu_cores)
+                                     args.omniserve_cpu_cores, cpu_attention=args.omniserve_cpu_attention,
+                                     metrics=bool(getattr(args, "enable_metrics", False)))
         except ValueError as e:
             raise SystemExit(f"omniserve: {e}") from None
         refused = [what for check, what in _REFUSED if check(args)]

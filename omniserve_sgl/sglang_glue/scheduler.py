@@ -20,6 +20,7 @@ from omniserve_sgl.service_class import BE, class_of_custom_params
 logger = logging.getLogger(__name__)
 
 _runtime: BERuntime | None = None  # one scheduler, hence one runtime, per process
+_metrics = None  # BEMetrics with --enable-metrics
 _pending_plan: DecodePlan | None = None  # the BE rows of the decode step being prepared
 
 
@@ -45,7 +46,7 @@ def take_decode_plan() -> DecodePlan | None:
 # start-up ---------------------------------------------------------------------------------------
 def start_runtime(model_runner) -> BERuntime:
     """Creates this process's BE KV pool and CPU attention worker, sized from the model runner."""
-    global _runtime
+    global _runtime, _metrics
     from sglang.srt.configs.model_config import AttentionArch
 
     mc = model_runner.model_config
@@ -55,6 +56,11 @@ def start_runtime(model_runner) -> BERuntime:
     _runtime = BERuntime(config.current(), num_layers=mc.num_hidden_layers, num_kv_heads=kv_pool.head_num,
                          head_dim=kv_pool.head_dim, num_qo_heads=mc.num_attention_heads,
                          dtype=kv_pool.dtype, max_rows=max(model_runner.req_to_token_pool.size, 1))
+    if config.current().metrics:
+        from omniserve_sgl.metrics import BEMetrics
+
+        _metrics = BEMetrics()
+        _metrics.update(_runtime, waiting=0)
     return _runtime
 
 
@@ -67,20 +73,19 @@ def tag_request(req, _self, _recv_req, *args, **kwargs):
     except ValueError:  # refused by the tokenizer hook already; never reached over HTTP
         req.omniserve_be = False
     req.omniserve_offloaded = False
-    return None
 
 
 def refuse_oversized_be(_result, _self, req):
     """AFTER ``Scheduler.init_req_max_new_tokens``: a BE request longer than the whole BE KV pool
     could never be admitted, so it is refused at once with a message instead of waiting forever."""
     if not is_be(req) or req.finished() or _runtime is None:
-        return None
+        return
     need = len(req.origin_input_ids) + req.sampling_params.max_new_tokens
     if need > _runtime.capacity_tokens:
         req.set_finish_with_abort(
             f"omniserve: this BE request needs {need} tokens of BE KV pool (prompt + max_new_tokens) but "
             f"the pool holds {_runtime.capacity_tokens}; lower max_new_tokens or raise --omniserve-cpu-kv-gb")
-    return None
+    return
 
 
 # admission --------------------------------------------------------------------------------------
@@ -131,6 +136,8 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     for req in new_batch.reqs if new_batch is not None else []:
         if is_be(req) and not req.finished() and req.rid not in _runtime.pages:
             _runtime.reserve(req.rid, _be_tokens(req))
+    if _metrics is not None:
+        _metrics.update(_runtime, waiting=len(held))
     return result
 
 
@@ -146,7 +153,7 @@ def offload_after_prefill(_result, self, batch, *args, **kwargs):
     its GPU KV slots back (the prompt prefix stays in the radix cache, unpinned, for LS reuse). From
     here on its decode attention runs on the CPU worker (the paper's choice: prefill on the GPU)."""
     if _runtime is None:
-        return None
+        return
     for req in batch.reqs:
         if not is_be(req) or is_offloaded(req) or req.finished() or req.is_retracted or not _prefill_done(req):
             continue
@@ -165,7 +172,7 @@ def offload_after_prefill(_result, self, batch, *args, **kwargs):
         tree_cache.unlock(req.lock)
         req.lock = None
         req.omniserve_offloaded = True
-    return None
+    return
 
 
 def release_kv(original, req, tree_cache, *, checkpoint: bool):
@@ -176,6 +183,8 @@ def release_kv(original, req, tree_cache, *, checkpoint: bool):
         return original(req, tree_cache, checkpoint=checkpoint)
     if _runtime is not None:
         _runtime.release(req.rid)
+        if _metrics is not None:
+            _metrics.update(_runtime)
     if not is_offloaded(req):
         return original(req, tree_cache, checkpoint=checkpoint)
     req.omniserve_offloaded = False  # a retracted request is prefilled again
@@ -216,5 +225,7 @@ def alloc_decode(original, batch, token_per_req: int):
         req.kv.kv_allocated_len += 1
         req.kv.kv_committed_len += 1
     _pending_plan = _runtime.plan_decode([r.rid for r in be_reqs], be_rows)
+    if _metrics is not None:
+        _metrics.update(_runtime)
     return out_cache_loc
 

@@ -36,7 +36,7 @@ def generate_request(self, obj, request=None):
         ValueError: an unknown class (SGLang answers HTTP 400 with the message).
     """
     if not config.current().enabled or not hasattr(obj, "sampling_params"):
-        return None  # plain SGLang, or an embedding request
+        return  # plain SGLang, or an embedding request
     header = request.headers.get(SERVICE_CLASS_HEADER) if request is not None else None
     header_class = parse_service_class(header) if header is not None else None
     sp = obj.sampling_params
@@ -51,4 +51,4 @@ def generate_request(self, obj, request=None):
         labels = dict(getattr(obj, "custom_labels", None) or {})
         labels[SERVICE_CLASS_KEY] = classes.pop() or LS
         obj.custom_labels = labels
-    return None
+    return

@@ -167,7 +167,8 @@ class CPUAttentionClient:
     # jobs -----------------------------------------------------------------------------------
     def submit_decode(self, layer: int, q: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                       kv_last_page_len: torch.Tensor, k_new: torch.Tensor | None = None,
-                      v_new: torch.Tensor | None = None, sm_scale: float | None = None) -> Job:
+                      v_new: torch.Tensor | None = None, sm_scale: float | None = None,
+                      method: str = "kernel") -> Job:
         """Queues decode attention of ``B`` rows at ``layer`` and returns at once.
 
         Args:
@@ -177,6 +178,8 @@ class CPUAttentionClient:
                 in the pool (as :meth:`PageAllocator.kv_metadata` gives, counting the new token).
             k_new, v_new: ``[B, H_kv, D]``, the rows' new K/V, appended to the pool before attending.
             sm_scale: softmax scale, default ``1 / sqrt(D)``.
+            method: ``"kernel"`` (omniserve's decode kernel, out and LSE) or ``"sdpa"`` (torch SDPA per
+                row as SGLang's torch_native backend computes it, bit for bit; out only).
 
         Raises:
             RuntimeError: no free staging slot (wait for a job first) or no pool/staging attached.
@@ -208,7 +211,7 @@ class CPUAttentionClient:
             s["kv_last_page_len"][:n].copy_(kv_last_page_len)
             scale = 1.0 / math.sqrt(spec.head_dim) if sm_scale is None else float(sm_scale)
             msg = P.Attend(self._next_seq(), self._pool_name, self._staging_name, slot, layer, n, nnz,
-                           k_new is not None, scale)
+                           k_new is not None, scale, method)
             self.sock.send(P.encode(msg))
         except BaseException:
             self._free_slots.append(slot)

@@ -40,7 +40,8 @@ class Detach:
 class Attend:
     """Decode attention of ``num_rows`` BE rows at ``layer`` of pool ``pool``; inputs and outputs in
     staging segment ``staging``, slot ``slot``. With ``append_kv`` the rows' new K/V (staged) is
-    written into the pool first."""
+    written into the pool first. ``method``: ``"kernel"`` (omniserve's decode kernel) or ``"sdpa"``
+    (torch SDPA row by row, the math of SGLang's torch_native backend; its LSE slot is left as is)."""
 
     seq: int
     pool: str
@@ -51,6 +52,7 @@ class Attend:
     num_pages: int
     append_kv: bool
     sm_scale: float
+    method: str = "kernel"
     op: str = "attend"
 
 

@@ -113,8 +113,14 @@ class Worker:
         t0 = time.perf_counter()
         if msg.append_kv:
             ops.append_paged_kv(s["k"][:n], s["v"][:n], k_cache, v_cache, indptr, indices, last, pool.spec.kv_layout)
-        ops.paged_decode_attention(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale,
-                                   pool.spec.kv_layout, out=s["out"][:n], lse=s["lse"][:n])
+        if msg.method == "kernel":
+            ops.paged_decode_attention(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale,
+                                       pool.spec.kv_layout, out=s["out"][:n], lse=s["lse"][:n])
+        elif msg.method == "sdpa":
+            _sdpa_decode(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale, pool.spec.kv_layout,
+                         s["out"][:n])
+        else:
+            raise ValueError(f"unknown attention method {msg.method!r}; use 'kernel' or 'sdpa'")
         return P.Reply(msg.seq, True, kernel_us=(time.perf_counter() - t0) * 1e6)
 
     def close(self) -> None:
@@ -127,6 +133,28 @@ class Worker:
                 os.unlink(self.endpoint[len("ipc://"):])
             except OSError:
                 pass
+
+
+def _sdpa_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, sm_scale, kv_layout, out):
+    """Decode attention row by row with ``torch.nn.functional.scaled_dot_product_attention``, called
+    exactly as SGLang's torch_native backend calls it (``TorchNativeAttnBackend._run_sdpa_forward_decode``:
+    ``[H, 1, D]`` query view, ``[H, L, D]`` K/V views of contiguous ``[L, H, D]`` gathers, same scale
+    and GQA flag), so a BE row gets bit for bit what it would get as an LS row on SGLang's CPU device."""
+    page_size = k_cache.shape[1] if kv_layout == "NHD" else k_cache.shape[2]
+    h_q, h_kv = q.shape[1], k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
+    query = q.movedim(0, 1)
+    for i in range(q.shape[0]):
+        pages = kv_indices[kv_indptr[i]: kv_indptr[i + 1]].long()
+        n = (len(pages) - 1) * page_size + int(kv_last_page_len[i])
+        k, v = k_cache[pages], v_cache[pages]
+        if kv_layout == "HND":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        k = k.reshape(-1, h_kv, k.shape[-1])[:n].contiguous().movedim(0, 1)
+        v = v.reshape(-1, h_kv, v.shape[-1])[:n].contiguous().movedim(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query[:, i: i + 1, :].unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=h_q != h_kv,
+            scale=sm_scale)
+        out[i: i + 1] = o.squeeze(0).movedim(1, 0)
 
 
 def run_worker(endpoint: str, parent_pid: int | None = None, threads: int | None = None) -> None:

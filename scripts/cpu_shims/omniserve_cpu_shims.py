@@ -18,7 +18,7 @@ class _TorchvisionSchemaFinder:
     @classmethod
     def find_spec(cls, name, path=None, target=None):
         if name != "torchvision":
-            return None
+            return
         sys.meta_path.remove(cls)
         import glob
         import importlib.util
@@ -28,7 +28,7 @@ class _TorchvisionSchemaFinder:
 
         spec = importlib.util.find_spec("torchvision")
         if spec is None or not spec.submodule_search_locations:
-            return None
+            return
         libs = glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so"))
         try:
             torch.ops.load_library(libs[0])  # a torchvision built for this torch: nothing to fix
@@ -37,7 +37,7 @@ class _TorchvisionSchemaFinder:
             lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             _LIBRARIES.append(lib)
-        return None  # the normal finders import torchvision itself
+        return  # the normal finders import torchvision itself
 
 
 if _TorchvisionSchemaFinder not in sys.meta_path:

@@ -1,0 +1,92 @@
+"""Start and stop a real SGLang server (``python -m sglang.launch_server``) in its own process
+group: used by the main job, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SGLangServer:
+    """A running SGLang server. ``url`` is its base URL; ``log`` its combined stdout/stderr file.
+
+    On a machine without CUDA the server runs on SGLang's CPU device (``SGLANG_USE_CPU_ENGINE=1
+    --device cpu``) with a 16K-token KV cache, as SGLang's CPU path needs.
+    """
+
+    def __init__(self, model_path: str | Path, *args: str, port: int | None = None,
+                 startup_timeout: float = 600.0, env: dict | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+               "--port", str(self.port), "--log-level", "warning", *args]
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        if not _has_cuda():
+            full_env["SGLANG_USE_CPU_ENGINE"] = "1"
+            if "--device" not in args:
+                cmd += ["--device", "cpu"]
+            if "--max-total-tokens" not in args:
+                cmd += ["--max-total-tokens", "16384"]
+        self.log = Path(tempfile.mkstemp(prefix="sglang-", suffix=".log")[1])
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"SGLang server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/health_generate", timeout=30).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"SGLang server not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        """SIGTERM to the whole process group (SGLang's launcher stops its children), SIGKILL after 30 s."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> SGLangServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,39 @@
+"""Prometheus metrics of the BE path, exported through SGLang's ``/metrics`` (``--enable-metrics``).
+
+They live in the scheduler process; SGLang runs prometheus_client in multiprocess mode, so values
+written here show up in the main process's ``/metrics``. Per-class TTFT/TPOT are SGLang's own
+histograms with the custom label ``omniserve_class`` (set by the tokenizer hook).
+"""
+
+from __future__ import annotations
+
+
+class BEMetrics:
+    """``omniserve_cpu_attention_tokens_total`` (counter: token-layer attentions computed by the CPU
+    worker), ``omniserve_be_pool_pages_{used,reserved,capacity}`` and
+    ``omniserve_be_waiting_requests`` (BE requests queued because the BE KV pool is full)."""
+
+    def __init__(self):
+        # Imported here: prometheus_client must be first imported after PROMETHEUS_MULTIPROC_DIR is set.
+        from prometheus_client import Counter, Gauge
+
+        self.cpu_attention_tokens = Counter(
+            "omniserve_cpu_attention_tokens", "Token-layer attentions computed by the CPU attention worker")
+        gauge = {"multiprocess_mode": "mostrecent"}
+        self.pages_used = Gauge("omniserve_be_pool_pages_used", "BE KV pool pages holding KV", **gauge)
+        self.pages_reserved = Gauge("omniserve_be_pool_pages_reserved",
+                                    "BE KV pool pages reserved for admitted BE requests' future tokens", **gauge)
+        self.pages_capacity = Gauge("omniserve_be_pool_pages_capacity", "BE KV pool size in pages", **gauge)
+        self.waiting = Gauge("omniserve_be_waiting_requests",
+                             "BE requests waiting for BE KV pool pages", **gauge)
+        self._counted = 0
+
+    def update(self, runtime, waiting: int | None = None) -> None:
+        """Publishes ``runtime``'s counters and pool occupancy (``waiting`` when known)."""
+        self.cpu_attention_tokens.inc(runtime.attention_tokens - self._counted)
+        self._counted = runtime.attention_tokens
+        self.pages_used.set(runtime.pages.used_pages)
+        self.pages_reserved.set(runtime.pages.reserved_pages)
+        self.pages_capacity.set(runtime.pages.num_pages)
+        if waiting is not None:
+            self.waiting.set(waiting)

@@ -1,0 +1,134 @@
+"""``--omniserve`` on a real SGLang server (CPU device, SmolLM2-135M-Instruct): BE requests are
+served from the BE KV pool and the CPU attention worker, and give the same tokens as LS."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+from omniserve_sgl.launch import SGLangServer
+from tests.serving.conftest import flush_cache, generate, metric, worker_processes
+
+CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
+
+
+def test_be_output_equals_ls_output_token_for_token(model_path, plain_server, prompts):
+    """With ``--omniserve-cpu-attention sdpa`` the worker computes BE attention with the math of
+    SGLang's torch_native backend, so greedy BE output is LS output exactly, and LS output under
+    --omniserve is plain SGLang's."""
+    texts = ["The capital of France is", *prompts[:4]]
+    plain = []
+    for text in texts:
+        flush_cache(plain_server)
+        plain.append(generate(plain_server, text, 40)["output_ids"])
+    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-attention", "sdpa") as server:
+        for text, want in zip(texts, plain):
+            flush_cache(server)
+            ls = generate(server, text, 40, "ls")["output_ids"]
+            flush_cache(server)
+            be = generate(server, text, 40, "be")["output_ids"]
+            assert len(be) == 40
+            assert be == ls == want
+
+
+def test_be_output_with_the_cpu_kernel_starts_like_ls(omni_server):
+    """omniserve's kernel accumulates in fp32 where SDPA rounds probabilities to bf16, so long greedy
+    runs of a 135M bf16 model drift apart after some tokens; short answers agree."""
+    flush_cache(omni_server)
+    ls = generate(omni_server, "The capital of France is", 40, "ls")["output_ids"]
+    flush_cache(omni_server)
+    be = generate(omni_server, "The capital of France is", 40, "be")["output_ids"]
+    assert be == ls
+
+
+def test_cpu_attention_counter_grows_with_be_traffic_only(omni_server, model_path):
+    before = metric(omni_server, CPU_TOKENS)
+    generate(omni_server, "Tell me about the sea.", 8)  # unmarked: LS
+    generate(omni_server, "Tell me about the sea.", 8, "ls")
+    assert metric(omni_server, CPU_TOKENS) == before
+    generate(omni_server, "Tell me about the sea.", 8, "be")
+    grown = metric(omni_server, CPU_TOKENS) - before
+    # 7 decode steps on the worker (the first token comes from the GPU-path prefill) x 30 layers.
+    assert grown == 7 * 30
+
+
+def test_worker_process_runs_while_serving(omni_server):
+    workers = worker_processes(omni_server)
+    assert len(workers) == 1 and workers[0].is_running()
+
+
+def test_16_ls_and_16_be_in_flight_together(omni_server, prompts):
+    jobs = [(p, "ls" if i % 2 else "be") for i, p in enumerate(prompts[:32])]
+    with ThreadPoolExecutor(32) as pool:
+        outs = list(pool.map(lambda j: generate(omni_server, j[0], 24, j[1]), jobs))
+    assert all(len(o["output_ids"]) == 24 for o in outs)
+    assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
+    # Alone, each request gives the same tokens whatever its class (batching only reorders rows).
+    for (text, cls), out in list(zip(jobs, outs))[:4]:
+        alone = generate(omni_server, text, 24, "ls" if cls == "be" else "be")["output_ids"]
+        assert alone[:16] == out["output_ids"][:16]
+    assert metric(omni_server, "omniserve_be_pool_pages_used") == 0  # everything freed
+    assert metric(omni_server, "omniserve_be_pool_pages_reserved") == 0
+
+
+def test_header_marks_be(omni_server):
+    before = metric(omni_server, CPU_TOKENS)
+    out = requests.post(f"{omni_server.url}/generate", headers={"x-omniserve-class": "be"}, timeout=300,
+                        json={"text": "Once upon a time", "sampling_params": {"max_new_tokens": 6, "temperature": 0}})
+    assert out.status_code == 200 and out.json()["meta_info"]["completion_tokens"] >= 1
+    assert metric(omni_server, CPU_TOKENS) > before
+
+
+@pytest.mark.parametrize("body,headers", [
+    ({"custom_params": {"omniserve_class": "gold"}}, None),
+    ({}, {"x-omniserve-class": "urgent"}),
+])
+def test_unknown_class_is_refused_with_400(omni_server, body, headers):
+    r = requests.post(f"{omni_server.url}/generate", headers=headers, timeout=60,
+                      json={"text": "hi", "sampling_params": {"max_new_tokens": 4, **body}})
+    assert r.status_code == 400
+    assert "ls, be" in r.text
+
+
+def test_openai_completions_and_chat_as_be(omni_server):
+    client = openai.OpenAI(base_url=f"{omni_server.url}/v1", api_key="none")
+    be = {"custom_params": {"omniserve_class": "be"}}
+    before = metric(omni_server, CPU_TOKENS)
+    comp = client.completions.create(model="default", prompt="The capital of France is", max_tokens=12,
+                                     temperature=0, extra_body=be)
+    after_comp = metric(omni_server, CPU_TOKENS)
+    chat = client.chat.completions.create(model="default", max_tokens=12, temperature=0, extra_body=be,
+                                          messages=[{"role": "user", "content": "Say hello."}])
+    after_chat = metric(omni_server, CPU_TOKENS)
+    assert comp.choices[0].text and chat.choices[0].message.content
+    assert before < after_comp < after_chat
+    ls = client.completions.create(model="default", prompt="The capital of France is", max_tokens=12, temperature=0)
+    assert ls.choices[0].text == comp.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="ls, be"):
+        client.completions.create(model="default", prompt="x", max_tokens=2,
+                                  extra_body={"custom_params": {"omniserve_class": "gold"}})
+
+
+def test_frontend_program_as_be(omni_server):
+    import sglang as sgl
+
+    from omniserve_sgl.frontend import OmniServeEndpoint
+
+    @sgl.function
+    def qa(s, question):
+        s += sgl.user(question)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=12, temperature=0))
+        s += sgl.user("Is that answer short or long?")
+        s += sgl.assistant(sgl.select("size", choices=["short", "long"]))
+
+    before = metric(omni_server, CPU_TOKENS)
+    backend = OmniServeEndpoint(omni_server.url, service_class="be")
+    states = qa.run_batch([{"question": "What is 2 + 2?"}, {"question": "Name a color."}], backend=backend)
+    for st in states:
+        assert st["answer"] and st["size"] in ("short", "long")
+    assert metric(omni_server, CPU_TOKENS) > before
+    ls_state = qa.run(question="What is 2 + 2?", backend=OmniServeEndpoint(omni_server.url, service_class="ls"))
+    assert ls_state["answer"] == states[0]["answer"]
