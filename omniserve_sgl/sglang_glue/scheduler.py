@@ -89,6 +89,11 @@ def refuse_oversized_be(_result, _self, req):
 
 
 # admission --------------------------------------------------------------------------------------
+def _needs_pool(req) -> bool:
+    # A request refused earlier (to_finish set) finishes in its prefill: it needs no pages.
+    return is_be(req) and not req.finished() and req.to_finish is None and req.rid not in _runtime.pages
+
+
 def _be_tokens(req) -> int:
     return len(req.origin_input_ids) + req.sampling_params.max_new_tokens
 
@@ -111,7 +116,7 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     free = _runtime.pages.free_pages
     held = []
     for req in queue:
-        if is_be(req) and not req.finished() and req.rid not in _runtime.pages:
+        if _needs_pool(req):
             need = _runtime.pages.pages_for(_be_tokens(req))
             if need > free:
                 held.append(req)
@@ -134,7 +139,7 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
                                        key=lambda r: order.get(id(r), len(order)))
     new_batch = result[0]
     for req in new_batch.reqs if new_batch is not None else []:
-        if is_be(req) and not req.finished() and req.rid not in _runtime.pages:
+        if _needs_pool(req):
             _runtime.reserve(req.rid, _be_tokens(req))
     if _metrics is not None:
         _metrics.update(_runtime, waiting=len(held))
