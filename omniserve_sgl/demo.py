@@ -66,8 +66,8 @@ def _ms(xs) -> str:
 
 
 def report(results: list[Result], cpu_attention_tokens: float | None) -> str:
-    lines = [f"{'class':5} {'reqs':>4} | {'TTFT ms: mean':>13} {'p50':>8} {'p90':>8} | "
-             f"{'TPOT ms: mean':>13} {'p50':>8} {'p90':>8} | {'tokens':>6} {'tok/s':>7}"]
+    lines = [(f"{'class':5} {'reqs':>4} | {'TTFT ms: mean':>13} {'p50':>8} {'p90':>8} | "
+              f"{'TPOT ms: mean':>13} {'p50':>8} {'p90':>8} | {'tokens':>6} {'tok/s':>7}")]
     for cls in ("ls", "be"):
         rs = [r for r in results if r.service_class == cls]
         if not rs:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import requests
 
@@ -79,7 +80,7 @@ class SGLangServer:
             except ProcessLookupError:
                 pass
 
-    def __enter__(self) -> SGLangServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,35 +10,29 @@ batch of their own, and the two outputs are put back in row order. Everything ar
 
 from __future__ import annotations
 
-import copy
 import types
 
 import torch
 
 from omniserve_sgl.sglang_glue import scheduler
+from omniserve_sgl.sglang_glue.rows import select_rows
 
 # ForwardBatch fields with one entry per row in a decode step; the LS view slices them.
-_ROW_FIELDS = ("input_ids", "req_pool_indices", "seq_lens", "out_cache_loc", "orig_seq_lens", "positions",
-               "seq_lens_cpu", "req_pool_indices_cpu")
+_ROW_TENSORS = ("input_ids", "req_pool_indices", "seq_lens", "out_cache_loc", "orig_seq_lens", "positions",
+                "seq_lens_cpu", "req_pool_indices_cpu")
 
 
 def _ls_view(fb, ls_rows: list[int]):
     """The decode ForwardBatch ``fb`` restricted to rows ``ls_rows`` (a shallow copy)."""
-    ls = copy.copy(fb)
-    idx_cpu = torch.tensor(ls_rows, dtype=torch.int64)
-    for name in _ROW_FIELDS:
-        t = getattr(fb, name, None)
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            setattr(ls, name, t[idx_cpu.to(t.device)])
+    ls = select_rows(fb, ls_rows, _ROW_TENSORS, ("rids",))
     ls.batch_size = len(ls_rows)
     ls.seq_lens_sum = int(ls.seq_lens_cpu.sum()) if ls.seq_lens_cpu is not None else int(ls.seq_lens.sum())
-    if getattr(fb, "rids", None):
-        ls.rids = [fb.rids[i] for i in ls_rows]
     return ls
 
 
 class _Step:
-    """A decode step with BE rows: its plan, its LS view and the row index tensors."""
+    """A decode step with BE rows: its plan, its LS view, the row index tensors, and the host buffer
+    the worker's output lands in (made at the first layer, reused by the others)."""
 
     def __init__(self, fb, plan):
         self.fb, self.plan = fb, plan
@@ -48,6 +42,7 @@ class _Step:
         self.be_idx = torch.tensor(plan.rows, dtype=torch.int64, device=device)
         self.ls_idx = torch.tensor(ls_rows, dtype=torch.int64, device=device)
         self.ls_fb = _ls_view(fb, ls_rows) if ls_rows else None
+        self.be_out: torch.Tensor | None = None
 
 
 def install(backend) -> None:
@@ -84,9 +79,10 @@ def install(backend) -> None:
             ls = step.ls_idx
             out[ls] = inner_forward(q3[ls].reshape(len(ls), -1), k3[ls], v3[ls], layer, step.ls_fb,
                                     save_kv_cache, **kwargs).reshape(len(ls), -1)
-        be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device="cpu")
-        rt.wait(job, be_out)
-        out[be] = be_out.reshape(len(be), -1).to(out.device, non_blocking=True)
+        if step.be_out is None:
+            step.be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device="cpu")
+        rt.wait(job, step.be_out)
+        out[be] = step.be_out.reshape(len(be), -1).to(out.device)
         return out
 
     backend.init_forward_metadata = types.MethodType(init_forward_metadata, backend)

@@ -8,7 +8,6 @@ for the KV, in :class:`omniserve_sgl.be_runtime.BERuntime`.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from omniserve_sgl import config
 from omniserve_sgl.be_runtime import BERuntime, DecodePlan
 from omniserve_sgl.service_class import BE, class_of_custom_params
+from omniserve_sgl.sglang_glue.rows import select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,11 @@ def refuse_oversized_be(_result, _self, req):
     could never be admitted, so it is refused at once with a message instead of waiting forever."""
     if not is_be(req) or req.finished() or _runtime is None:
         return
-    need = len(req.origin_input_ids) + req.sampling_params.max_new_tokens
+    need = _be_tokens(req)
     if need > _runtime.capacity_tokens:
         req.set_finish_with_abort(
             f"omniserve: this BE request needs {need} tokens of BE KV pool (prompt + max_new_tokens) but "
             f"the pool holds {_runtime.capacity_tokens}; lower max_new_tokens or raise --omniserve-cpu-kv-gb")
-    return
 
 
 # admission --------------------------------------------------------------------------------------
@@ -177,7 +176,6 @@ def offload_after_prefill(_result, self, batch, *args, **kwargs):
         tree_cache.unlock(req.lock)
         req.lock = None
         req.omniserve_offloaded = True
-    return
 
 
 def release_kv(original, req, tree_cache, *, checkpoint: bool):
@@ -196,7 +194,6 @@ def release_kv(original, req, tree_cache, *, checkpoint: bool):
     tree_cache.on_release(req, checkpointed=False)
     tree_cache.req_to_token_pool.free(req)
     req.kv.mark_kv_released()
-    return None
 
 
 # decode -----------------------------------------------------------------------------------------
@@ -206,25 +203,21 @@ def alloc_decode(original, batch, token_per_req: int):
     from the GPU KV cache) and their next token is placed in the BE KV pool instead."""
     global _pending_plan
     _pending_plan = None
-    be_rows = [i for i, r in enumerate(batch.reqs) if is_offloaded(r)]
+    be_rows, ls_rows = [], []
+    for i, r in enumerate(batch.reqs):
+        (be_rows if is_offloaded(r) else ls_rows).append(i)
     if not be_rows or _runtime is None:
         return original(batch, token_per_req)
     if token_per_req != 1:
         raise RuntimeError("omniserve: BE decode takes one token per step (speculative decoding is off)")
     be_reqs = [batch.reqs[i] for i in be_rows]
-    ls_rows = [i for i, r in enumerate(batch.reqs) if not is_offloaded(r)]
     out_cache_loc = torch.zeros(len(batch.reqs), dtype=torch.int64, device=batch.seq_lens.device)
     if ls_rows:
-        ls = copy.copy(batch)  # the same batch seen through its LS rows only
-        idx = torch.tensor(ls_rows, dtype=torch.int64)
-        ls.reqs = [batch.reqs[i] for i in ls_rows]
-        ls.seq_lens = batch.seq_lens[idx.to(batch.seq_lens.device)]
-        ls.seq_lens_cpu = batch.seq_lens_cpu[idx]
-        ls.req_pool_indices = batch.req_pool_indices[idx.to(batch.req_pool_indices.device)]
-        if getattr(batch, "req_pool_indices_cpu", None) is not None:
-            ls.req_pool_indices_cpu = batch.req_pool_indices_cpu[idx]
+        # SGLang's allocator over the same batch seen through its LS rows only.
+        ls = select_rows(batch, ls_rows, ("seq_lens", "seq_lens_cpu", "req_pool_indices", "req_pool_indices_cpu"),
+                         ("reqs",))
         ls_loc = original(ls, token_per_req)
-        out_cache_loc[idx.to(out_cache_loc.device)] = ls_loc.to(torch.int64)
+        out_cache_loc[torch.tensor(ls_rows, device=out_cache_loc.device)] = ls_loc.to(torch.int64)
         out_cache_loc = out_cache_loc.to(ls_loc.dtype)
     for req in be_reqs:
         req.kv.kv_allocated_len += 1

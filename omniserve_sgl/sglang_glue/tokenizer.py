@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from omniserve_sgl import config
 from omniserve_sgl.service_class import (
-    LS,
     SERVICE_CLASS_HEADER,
     SERVICE_CLASS_KEY,
     class_of_custom_params,
@@ -49,6 +48,6 @@ def generate_request(self, obj, request=None):
         classes = {cls}
     if len(classes) == 1:
         labels = dict(getattr(obj, "custom_labels", None) or {})
-        labels[SERVICE_CLASS_KEY] = classes.pop() or LS
+        labels[SERVICE_CLASS_KEY] = classes.pop()
         obj.custom_labels = labels
     return

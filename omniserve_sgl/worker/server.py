@@ -140,14 +140,15 @@ def _sdpa_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, s
     exactly as SGLang's torch_native backend calls it (``TorchNativeAttnBackend._run_sdpa_forward_decode``:
     ``[H, 1, D]`` query view, ``[H, L, D]`` K/V views of contiguous ``[L, H, D]`` gathers, same scale
     and GQA flag), so a BE row gets bit for bit what it would get as an LS row on SGLang's CPU device."""
-    page_size = k_cache.shape[1] if kv_layout == "NHD" else k_cache.shape[2]
-    h_q, h_kv = q.shape[1], k_cache.shape[2] if kv_layout == "NHD" else k_cache.shape[1]
+    nhd = kv_layout == "NHD"
+    page_size, h_kv = (k_cache.shape[1], k_cache.shape[2]) if nhd else (k_cache.shape[2], k_cache.shape[1])
+    h_q = q.shape[1]
     query = q.movedim(0, 1)
     for i in range(q.shape[0]):
         pages = kv_indices[kv_indptr[i]: kv_indptr[i + 1]].long()
         n = (len(pages) - 1) * page_size + int(kv_last_page_len[i])
         k, v = k_cache[pages], v_cache[pages]
-        if kv_layout == "HND":
+        if not nhd:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         k = k.reshape(-1, h_kv, k.shape[-1])[:n].contiguous().movedim(0, 1)
         v = v.reshape(-1, h_kv, v.shape[-1])[:n].contiguous().movedim(0, 1)

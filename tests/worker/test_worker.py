@@ -131,6 +131,31 @@ def test_jobs_in_flight_and_poll(worker):
         client.wait(j, timeout=1)
 
 
+
+def test_sdpa_method_matches_the_kernel_and_torch(worker):
+    client, pool = worker
+    pool.allocator.allocate("a", 7)
+    pool.allocator.allocate("b", 13)
+    meta = pool.allocator.kv_metadata(["a", "b"])
+    for layer in range(2):  # fill both sequences' pages with random K/V
+        pool.k_cache(layer).copy_(torch.randn_like(pool.k_cache(layer), dtype=torch.float32))
+        pool.v_cache(layer).copy_(torch.randn_like(pool.v_cache(layer), dtype=torch.float32))
+    q = torch.randn(2, 2, 16).bfloat16()
+    kernel, _ = client.wait(client.submit_decode(1, q, *meta, method="kernel"), timeout=30)
+    sdpa, _ = client.wait(client.submit_decode(1, q, *meta, method="sdpa"), timeout=30)
+    for row, rid in enumerate(["a", "b"]):
+        n = pool.allocator.seq_len(rid)
+        k = pool.k_cache(1)[pool.allocator.pages(rid)].reshape(-1, 1, 16)[:n]
+        v = pool.v_cache(1)[pool.allocator.pages(rid)].reshape(-1, 1, 16)[:n]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[row].unsqueeze(1).unsqueeze(0), k.movedim(0, 1).unsqueeze(0), v.movedim(0, 1).unsqueeze(0),
+            enable_gqa=True)[0, :, 0]
+        assert torch.equal(sdpa[row], want)  # bit for bit: the same SDPA call
+    torch.testing.assert_close(sdpa.float(), kernel.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(WorkerError, match="unknown attention method"):
+        client.wait(client.submit_decode(1, q, *meta, method="magic"), timeout=30)
+
+
 PARENT = textwrap.dedent("""
     import time
     from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
