@@ -106,6 +106,8 @@ class Worker:
         if not (0 <= msg.num_rows <= spec.max_rows and 0 <= msg.num_pages <= spec.max_pages):
             raise ValueError(f"{msg.num_rows} rows / {msg.num_pages} pages exceed the slot "
                              f"({spec.max_rows} rows, {spec.max_pages} pages)")
+        if msg.method not in ("kernel", "sdpa"):  # before anything is written into the pool
+            raise ValueError(f"unknown attention method {msg.method!r}; use 'kernel' or 'sdpa'")
         s = area.slots[msg.slot]
         n = msg.num_rows
         indptr, indices, last = s["kv_indptr"][: n + 1], s["kv_indices"][: msg.num_pages], s["kv_last_page_len"][:n]
@@ -116,11 +118,9 @@ class Worker:
         if msg.method == "kernel":
             ops.paged_decode_attention(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale,
                                        pool.spec.kv_layout, out=s["out"][:n], lse=s["lse"][:n])
-        elif msg.method == "sdpa":
+        else:  # "sdpa", checked above
             _sdpa_decode(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale, pool.spec.kv_layout,
                          s["out"][:n])
-        else:
-            raise ValueError(f"unknown attention method {msg.method!r}; use 'kernel' or 'sdpa'")
         return P.Reply(msg.seq, True, kernel_us=(time.perf_counter() - t0) * 1e6)
 
     def close(self) -> None:
