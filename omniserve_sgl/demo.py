@@ -8,55 +8,36 @@ and a few generated texts.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import orjson
+import aiohttp
 import requests
 
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.launch import SGLangServer
+from omniserve_sgl.loadgen import RequestRecord, RequestStyle, send
+from omniserve_sgl.slo import tpot
 from omniserve_sgl.workload import sharegpt_prompts
 
 
-@dataclass
-class Result:
-    service_class: str
-    prompt: str
-    text: str
-    tokens: int
-    start: float
-    ttft: float  # s, request sent -> first token received
-    end: float
+async def send_all(url: str, jobs: list[tuple[str, str]], max_new_tokens: int) -> list[tuple[str, RequestRecord]]:
+    """Sends every (prompt, class) job at once, streamed and greedy (stopping at EOS); returns
+    (prompt, record) pairs."""
 
-    @property
-    def tpot(self) -> float:
-        """Mean time per output token after the first, s."""
-        return (self.end - self.start - self.ttft) / max(self.tokens - 1, 1)
+    def body(prompt: str, cls: str) -> dict:
+        b = RequestStyle().body(prompt, cls, max_new_tokens)
+        b["sampling_params"]["ignore_eos"] = False
+        return b
 
-
-def stream_generate(url: str, prompt: str, service_class: str, max_new_tokens: int) -> Result:
-    """One streamed greedy ``/generate`` request, timed on the client."""
-    body = {"text": prompt, "stream": True,
-            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
-                                "custom_params": {"omniserve_class": service_class}}}
-    start = time.perf_counter()
-    ttft, last = None, {}
-    with requests.post(f"{url}/generate", json=body, stream=True, timeout=1800) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            last = orjson.loads(line[6:])
-            if "error" in last:
-                raise RuntimeError(last["error"])
-            if ttft is None:
-                ttft = time.perf_counter() - start
-    return Result(service_class, prompt, last.get("text", ""), last["meta_info"]["completion_tokens"], start,
-                  ttft or 0.0, time.perf_counter())
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        t0 = time.perf_counter()
+        records = [RequestRecord(cls, 0.0, max_new_tokens) for _, cls in jobs]
+        await asyncio.gather(*(send(session, url, body(p, cls), rec, t0)
+                               for (p, cls), rec in zip(jobs, records, strict=True)))
+    return [(p, r) for (p, _), r in zip(jobs, records, strict=True)]
 
 
 def _ms(xs) -> str:
@@ -65,22 +46,29 @@ def _ms(xs) -> str:
     return f"{1e3 * statistics.mean(xs):8.0f} {1e3 * statistics.median(xs):8.0f} {1e3 * p90:8.0f}"
 
 
-def report(results: list[Result], cpu_attention_tokens: float | None) -> str:
+def report(results: list[tuple[str, RequestRecord]], cpu_attention_tokens: float | None) -> str:
+    """The per-class table (TTFT and TPOT mean/p50/p90 in ms, tokens, tokens/s) and sample texts.
+
+    Raises:
+        RuntimeError: a request failed (its error text is in the message).
+    """
+    if failed := [r.error for _, r in results if not r.success]:
+        raise RuntimeError(f"{len(failed)} requests failed, e.g. {failed[0]}")
     lines = [(f"{'class':5} {'reqs':>4} | {'TTFT ms: mean':>13} {'p50':>8} {'p90':>8} | "
               f"{'TPOT ms: mean':>13} {'p50':>8} {'p90':>8} | {'tokens':>6} {'tok/s':>7}")]
     for cls in ("ls", "be"):
-        rs = [r for r in results if r.service_class == cls]
+        rs = [r for _, r in results if r.service_class == cls]
         if not rs:
             continue
-        tokens = sum(r.tokens for r in rs)
-        span = max(r.end for r in rs) - min(r.start for r in rs)
+        tokens = sum(r.output_len for r in rs)
+        span = max(r.arrival + r.latency for r in rs) - min(r.arrival for r in rs)
         lines.append(f"{cls.upper():5} {len(rs):4} | {_ms([r.ttft for r in rs]):>31} | "
-                     f"{_ms([r.tpot for r in rs]):>31} | {tokens:6} {tokens / span:7.1f}")
+                     f"{_ms([tpot(r) for r in rs]):>31} | {tokens:6} {tokens / span:7.1f}")
     if cpu_attention_tokens is not None:
         lines.append(f"token-layer attentions computed by the CPU worker: {cpu_attention_tokens:.0f}")
     for cls in ("ls", "be"):
-        for r in [r for r in results if r.service_class == cls][:2]:
-            lines.append(f"\n[{cls.upper()}] {r.prompt[:80]!r}\n  -> {r.text.strip()[:240]!r}")
+        for prompt, r in [(p, r) for p, r in results if r.service_class == cls][:2]:
+            lines.append(f"\n[{cls.upper()}] {prompt[:80]!r}\n  -> {r.text.strip()[:240]!r}")
     return "\n".join(lines)
 
 
@@ -102,8 +90,7 @@ def main(argv=None) -> None:
     with SGLangServer(model, "--omniserve", "--enable-metrics") as server:
         print(f"sending {args.num_ls} LS and {args.num_be} BE ShareGPT requests at once "
               f"(greedy, up to {args.max_new_tokens} new tokens)", flush=True)
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            results = list(pool.map(lambda j: stream_generate(server.url, j[0], j[1], args.max_new_tokens), jobs))
+        results = asyncio.run(send_all(server.url, jobs, args.max_new_tokens))
         cpu = None
         for line in requests.get(f"{server.url}/metrics", timeout=30).text.splitlines():
             if line.startswith("omniserve_cpu_attention_tokens_total"):

@@ -37,6 +37,7 @@ class RequestRecord:
         token_times: arrival of each output token, s after ``t0``; a chunk carrying k tokens
             stamps all k with its own arrival time.
         error: the server's or the client's error text when ``success`` is false.
+        text: the generated text (the last chunk's).
     """
 
     service_class: str
@@ -49,6 +50,7 @@ class RequestRecord:
     latency: float = 0.0
     token_times: list[float] = dataclasses.field(default_factory=list)
     error: str = ""
+    text: str = ""
 
     @property
     def finished(self) -> bool:
@@ -111,6 +113,7 @@ async def send(session: aiohttp.ClientSession, url: str, body: dict, record: Req
                     record.token_times += [now - t0] * (n - record.output_len)
                     record.output_len = n
                 record.prompt_len = meta.get("prompt_tokens", record.prompt_len)
+                record.text = chunk.get("text", record.text)
                 record.latency = now - start
             record.success = True
     except Exception as e:  # noqa: BLE001 - any client-side failure is a result to record, not a crash
