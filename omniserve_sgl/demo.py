@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import statistics
 import time
 
@@ -19,7 +18,7 @@ import requests
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.launch import SGLangServer
 from omniserve_sgl.loadgen import RequestRecord, RequestStyle, send
-from omniserve_sgl.slo import tpot
+from omniserve_sgl.slo import percentile, tpot
 from omniserve_sgl.workload import sharegpt_prompts
 
 
@@ -41,9 +40,7 @@ async def send_all(url: str, jobs: list[tuple[str, str]], max_new_tokens: int) -
 
 
 def _ms(xs) -> str:
-    xs = sorted(xs)
-    p90 = xs[min(len(xs) - 1, math.ceil(0.9 * len(xs)) - 1)]
-    return f"{1e3 * statistics.mean(xs):8.0f} {1e3 * statistics.median(xs):8.0f} {1e3 * p90:8.0f}"
+    return f"{1e3 * statistics.mean(xs):8.0f} {1e3 * percentile(xs, 50):8.0f} {1e3 * percentile(xs, 90):8.0f}"
 
 
 def report(results: list[tuple[str, RequestRecord]], cpu_attention_tokens: float | None) -> str:
