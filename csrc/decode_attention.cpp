@@ -1,5 +1,5 @@
 // Host code of paged decode attention: argument checks, the split-KV work plan, the parallel
-// run over (sequence, KV head, chunk) items, and the LSE merge of the chunks.
+// run over (sequence, chunk) items, and the LSE merge of the chunks.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -33,35 +33,35 @@ DecodeChunkFn pick_kernel(DType dtype, const std::string& backend) {
   return decode_chunk_portable(dtype);
 }
 
+// Per (sequence, query head): the LSE-weighted sum of the sequence's chunk outputs (items
+// first_item[b] .. first_item[b + 1] - 1, each [H_q, D] with base-2 LSEs [H_q]).
 template <typename T>
-void merge_chunks(const std::vector<DecodeChunk>& items, const std::vector<int64_t>& first_item, int64_t batch,
-                  int hkv, int G, int D, const float* o_part, const float* lse2_part, T* out, float* lse) {
+void merge_chunks(const std::vector<int64_t>& first_item, int64_t batch, int hq, int D, const float* o_part,
+                  const float* lse2_part, T* out, float* lse) {
   constexpr float kLn2 = 0.69314718055994530942f;
-  at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t i0 = first_item[bh], i1 = first_item[bh + 1];
-      for (int g = 0; g < G; ++g) {
-        const int64_t row = bh * G + g;  // == b * H_q + kv_head * G + g
-        T* o = out + row * D;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t i = i0; i < i1; ++i) mx = std::max(mx, lse2_part[i * G + g]);
-        if (mx == -std::numeric_limits<float>::infinity()) {  // empty sequence
-          for (int d = 0; d < D; ++d) o[d] = T(0.f);
-          lse[row] = -std::numeric_limits<float>::infinity();
-          continue;
-        }
-        float acc[kMaxHeadDim] = {0.f};
-        float wsum = 0.f;
-        for (int64_t i = i0; i < i1; ++i) {
-          const float w = std::exp2(lse2_part[i * G + g] - mx);
-          wsum += w;
-          const float* op = o_part + (i * G + g) * D;
-          for (int d = 0; d < D; ++d) acc[d] += w * op[d];
-        }
-        const float inv = 1.f / wsum;
-        for (int d = 0; d < D; ++d) o[d] = T(acc[d] * inv);
-        lse[row] = (mx + std::log2(wsum)) * kLn2;
+  at::parallel_for(0, batch * hq, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row == b * H_q + h
+      const int64_t b = row / hq, h = row % hq;
+      const int64_t i0 = first_item[b], i1 = first_item[b + 1];
+      T* o = out + row * D;
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t i = i0; i < i1; ++i) mx = std::max(mx, lse2_part[i * hq + h]);
+      if (mx == -std::numeric_limits<float>::infinity()) {  // empty sequence
+        for (int d = 0; d < D; ++d) o[d] = T(0.f);
+        lse[row] = -std::numeric_limits<float>::infinity();
+        continue;
       }
+      float acc[kMaxHeadDim] = {0.f};
+      float wsum = 0.f;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float w = std::exp2(lse2_part[i * hq + h] - mx);
+        wsum += w;
+        const float* op = o_part + (i * hq + h) * D;
+        for (int d = 0; d < D; ++d) acc[d] += w * op[d];
+      }
+      const float inv = 1.f / wsum;
+      for (int d = 0; d < D; ++d) o[d] = T(acc[d] * inv);
+      lse[row] = (mx + std::log2(wsum)) * kLn2;
     }
   });
 }
@@ -86,6 +86,7 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
                     c.num_kv_heads, ")");
   const int G = static_cast<int>(hq / c.num_kv_heads);
   TORCH_CHECK_VALUE(G <= kMaxGroupSize, "at most ", kMaxGroupSize, " query heads per KV head are supported, got ", G);
+  TORCH_CHECK_VALUE(hq <= kMaxQoHeads, "at most ", kMaxQoHeads, " query heads are supported, got ", hq);
   TORCH_CHECK_VALUE(std::isfinite(sm_scale) && sm_scale > 0, "sm_scale must be a positive finite number, got ",
                     sm_scale);
   const std::vector<int64_t> seq_lens = check_paged_metadata(kv_indptr, kv_indices, kv_last_page_len, batch, c);
@@ -107,56 +108,60 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
   TORCH_CHECK_TYPE(lse.scalar_type() == torch::kFloat32, "lse must be float32, got ", lse.scalar_type());
   if (batch == 0) return {out, lse};
 
-  // Work plan: split each (sequence, KV head) into chunks of about total / (threads * k) tokens.
+  // Work plan: split each sequence into chunks of about total / (threads * k) tokens, whole tiles.
   const int hkv = static_cast<int>(c.num_kv_heads);
   int64_t total = 0;
-  for (int64_t len : seq_lens) total += len * hkv;
+  for (int64_t len : seq_lens) total += len;
   const int64_t threads = at::get_num_threads();
-  int64_t chunk = threads > 1 ? std::max(kMinChunkTokens, (total + threads * kItemsPerThread - 1) /
-                                                              (threads * kItemsPerThread))
-                              : std::numeric_limits<int32_t>::max();
+  int64_t chunk = std::numeric_limits<int32_t>::max();
+  if (threads > 1) {
+    chunk = std::max(kMinChunkTokens, (total + threads * kItemsPerThread - 1) / (threads * kItemsPerThread));
+    chunk = (chunk + kTokenTile - 1) / kTokenTile * kTokenTile;
+  }
   const int32_t* indptr = kv_indptr.data_ptr<int32_t>();
   std::vector<DecodeChunk> items;
-  std::vector<int64_t> first_item(batch * hkv + 1);
+  std::vector<int64_t> first_item(batch + 1);
   for (int64_t b = 0; b < batch; ++b) {
-    for (int h = 0; h < hkv; ++h) {
-      first_item[b * hkv + h] = static_cast<int64_t>(items.size());
-      const int64_t len = seq_lens[b];
-      for (int64_t t = 0; t < len; t += chunk)
-        items.push_back({static_cast<int>(b), h, indptr[b], static_cast<int>(t), static_cast<int>(std::min(len, t + chunk))});
-    }
+    first_item[b] = static_cast<int64_t>(items.size());
+    const int64_t len = seq_lens[b];
+    for (int64_t t = 0; t < len; t += chunk)
+      items.push_back({static_cast<int>(b), indptr[b], static_cast<int>(t), static_cast<int>(std::min(len, t + chunk))});
   }
-  first_item[batch * hkv] = static_cast<int64_t>(items.size());
+  first_item[batch] = static_cast<int64_t>(items.size());
 
+  // The kernels read q in fp32, pre-scaled by sm_scale * log2(e) (scores are kept in base 2).
+  const float sm_scale_log2 = static_cast<float>(sm_scale * 1.44269504088896340736);
+  const torch::Tensor qf = q.to(torch::kFloat32) * sm_scale_log2;  // out of place: q may be the caller's fp32 tensor
   DecodeParams prm;
   prm.kv = paged_kv_view(k_cache, v_cache, c, layout, kv_indices.data_ptr<int32_t>());
   prm.q = q.data_ptr();
+  prm.qf = qf.data_ptr<float>();
   prm.num_qo_heads = static_cast<int>(hq);
   prm.num_kv_heads = hkv;
   prm.head_dim = static_cast<int>(c.head_dim);
-  prm.sm_scale_log2 = static_cast<float>(sm_scale * 1.44269504088896340736);
+  prm.sm_scale_log2 = sm_scale_log2;
 
-  const int D = prm.head_dim;
-  std::vector<float> o_part(items.size() * G * D);
-  std::vector<float> lse2_part(items.size() * G);
+  const int D = prm.head_dim, H = prm.num_qo_heads;
+  std::vector<float> o_part(items.size() * H * D);
+  std::vector<float> lse2_part(items.size() * H);
   std::atomic<int64_t> next{0};
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t, int64_t) {
     for (int64_t i = next++; i < n_items; i = next++)
-      kernel(prm, items[i], o_part.data() + i * G * D, lse2_part.data() + i * G);
+      kernel(prm, items[i], o_part.data() + i * H * D, lse2_part.data() + i * H);
   });
 
   switch (dtype) {
     case DType::kFloat32:
-      merge_chunks(items, first_item, batch, hkv, G, D, o_part.data(), lse2_part.data(), out.data_ptr<float>(),
+      merge_chunks(first_item, batch, H, D, o_part.data(), lse2_part.data(), out.data_ptr<float>(),
                    lse.data_ptr<float>());
       break;
     case DType::kFloat16:
-      merge_chunks(items, first_item, batch, hkv, G, D, o_part.data(), lse2_part.data(),
+      merge_chunks(first_item, batch, H, D, o_part.data(), lse2_part.data(),
                    reinterpret_cast<c10::Half*>(out.data_ptr()), lse.data_ptr<float>());
       break;
     case DType::kBFloat16:
-      merge_chunks(items, first_item, batch, hkv, G, D, o_part.data(), lse2_part.data(),
+      merge_chunks(first_item, batch, H, D, o_part.data(), lse2_part.data(),
                    reinterpret_cast<c10::BFloat16*>(out.data_ptr()), lse.data_ptr<float>());
       break;
   }

@@ -8,8 +8,6 @@
 
 #include "decode_kernel.h"
 
-
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 #define OMNI_NS avx512

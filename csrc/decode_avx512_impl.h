@@ -3,15 +3,17 @@
 // variant (vdpbf16ps) is compiled apart from the plain AVX-512 one. Everything here has internal
 // linkage except OMNI_NS::select(), so no AVX-512 code can be merged into portable callers.
 //
-// Per chunk, tokens are taken in tiles of 16. For each tile: scores of all G query heads against
-// each K row (K read once per GQA group), an online-softmax update per head (exp2 polynomial,
+// Per chunk, tokens are taken in tiles of 16 (one page at page size 16), and within a tile KV head
+// by KV head, so a tile reads its pages' K and V rows whole. Per tile and KV head: scores of the G
+// query heads of its GQA group against each K row (K read once per group; the 16 dot products of
+// a head are summed across lanes together), an online-softmax update per head (exp2 polynomial,
 // 16 lanes), then P·V with the G output rows held in registers, 8 heads at a time.
 
 namespace omniserve {
 namespace OMNI_NS {
 namespace {
 
-constexpr int kTile = 16;
+constexpr int kTile = kTokenTile;
 constexpr int kHeadBlock = 8;
 
 // 16 elements -> 16 fp32 lanes.
@@ -52,21 +54,53 @@ inline __m512 exp2_neg(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// Lane t of the result = the sum of the 16 lanes of v[t]: three rounds of pairwise shuffles and
+// adds (45 ops for 16 sums, against about 8 per sum for separate horizontal reductions).
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], z[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j)  // per 128-bit lane: the lane's partial sums of tokens 4j..4j+3
+    z[j] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 p01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 p23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(p01, p23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(p01, p23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Rows of the next tile to prefetch, one K and one V row per token of the current tile, so the
+// prefetches interleave with the arithmetic instead of filling the line-fill buffers in one burst.
+struct Prefetch {
+  const char* const* k;
+  const char* const* v;
+  int n;          // rows (0: none)
+  int row_bytes;  // bytes per row, a multiple of 32
+
+  inline void row(int t) const {
+    for (int b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(k[t] + b, _MM_HINT_T1);
+      _mm_prefetch(v[t] + b, _MM_HINT_T1);
+    }
+  }
+};
+
 // Scores s[g][t] = q_g . k_t * sm_scale * log2(e) of GB heads (a compile-time count, so the
 // accumulators stay in registers) over one tile of n tokens. qf holds the heads' q in fp32,
 // already scaled; qh holds q's own bf16 bits for vdpbf16ps, scaled after the dot product so q is
-// not rounded twice.
+// not rounded twice. part[g][t] holds each dot product's 16 lane partials until the tile's sums.
 template <DType DT, int GB>
 inline void scores_block(const float* qf, const uint16_t* qh, float scale, const char* const* krow, int n,
-                         int D, float (*s)[kTile]) {
+                         int D, const Prefetch& pf, __m512 (*part)[kTile], float (*s)[kTile]) {
   for (int t = 0; t < n; ++t) {
+    if (t < pf.n) pf.row(t);
     const char* kt = krow[t];
     __m512 acc[GB];
     for (int g = 0; g < GB; ++g) acc[g] = _mm512_setzero_ps();
-    float dot_scale = 1.f;
 #if OMNI_BF16_DOT
     if constexpr (DT == DType::kBFloat16) {
-      dot_scale = scale;
       int d = 0;
       for (; d + 32 <= D; d += 32) {
         const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + 2 * d);
@@ -84,14 +118,16 @@ inline void scores_block(const float* qf, const uint16_t* qh, float scale, const
 #endif
     {
       (void)qh;
-      (void)scale;
       for (int d = 0; d < D; d += 16) {
         const __m512 kv = load16<DT>(kt + elem_bytes<DT>() * d);
         for (int g = 0; g < GB; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + d), kv, acc[g]);
       }
     }
-    for (int g = 0; g < GB; ++g) s[g][t] = _mm512_reduce_add_ps(acc[g]) * dot_scale;
+    for (int g = 0; g < GB; ++g) part[g][t] = acc[g];
   }
+  const bool bf16_dot = OMNI_BF16_DOT && DT == DType::kBFloat16;
+  const __m512 dot_scale = _mm512_set1_ps(bf16_dot ? scale : 1.f);
+  for (int g = 0; g < GB; ++g) _mm512_store_ps(s[g], _mm512_mul_ps(sum_lanes16(part[g]), dot_scale));
 }
 
 // o[g][d0 : d0 + 16 * DB] = o[g] * alpha[g] + sum_t p[g][t] * v_t for GB heads: GB * DB independent
@@ -141,9 +177,11 @@ inline void pv_block(const char* const* vrow, int n, int D, const float* alpha, 
 
 template <DType DT>
 inline void tile_scores(const float* qf, const uint16_t* qh, float scale, const char* const* krow, int n, int G,
-                        int D, float (*s)[kTile]) {
+                        int D, const Prefetch& pf, __m512 (*part)[kTile], float (*s)[kTile]) {
+  const Prefetch none{nullptr, nullptr, 0, 0};
   for (int g0 = 0; g0 < G; g0 += kHeadBlock) {
-#define OMNI_CALL(GB) scores_block<DT, GB>(qf + g0 * D, qh + g0 * D, scale, krow, n, D, s + g0)
+#define OMNI_CALL(GB) \
+  scores_block<DT, GB>(qf + g0 * D, qh + g0 * D, scale, krow, n, D, g0 == 0 ? pf : none, part, s + g0)
     OMNI_HEAD_BLOCK_SWITCH(G - g0, OMNI_CALL)
 #undef OMNI_CALL
   }
@@ -162,79 +200,78 @@ inline void tile_pv(const char* const* vrow, int n, int G, int D, const float* a
 
 template <DType DT>
 void decode_chunk(const DecodeParams& prm, const DecodeChunk& c, float* o, float* lse2) {
-  const int D = prm.head_dim;
-  const int G = prm.num_qo_heads / prm.num_kv_heads;
+  const int D = prm.head_dim, Hq = prm.num_qo_heads, Hkv = prm.num_kv_heads;
+  const int G = Hq / Hkv;
   constexpr int eb = elem_bytes<DT>();
-  const char* q = static_cast<const char*>(prm.q) +
-                  ((int64_t)c.b * prm.num_qo_heads + (int64_t)c.kv_head * G) * D * eb;
-  const char* kbase = static_cast<const char*>(prm.kv.k) + c.kv_head * prm.kv.head_stride * eb;
-  const char* vbase = static_cast<const char*>(prm.kv.v) + c.kv_head * prm.kv.head_stride * eb;
+  const float* qf = prm.qf + (int64_t)c.b * Hq * D;
+  const uint16_t* qh = static_cast<const uint16_t*>(prm.q) + (int64_t)c.b * Hq * D;  // read by vdpbf16ps only
+  const char* kbase = static_cast<const char*>(prm.kv.k);
+  const char* vbase = static_cast<const char*>(prm.kv.v);
 
-  alignas(64) float qf[kMaxGroupSize * kMaxHeadDim];
-  alignas(64) uint16_t qh[kMaxGroupSize * kMaxHeadDim];
+  alignas(64) __m512 part[kHeadBlock][kTile];
   alignas(64) float s[kMaxGroupSize][kTile];
-  alignas(64) float m[kMaxGroupSize], l[kMaxGroupSize], alpha[kMaxGroupSize];
-  const __m512 scale = _mm512_set1_ps(prm.sm_scale_log2);
-  for (int i = 0; i < G * D; i += 16) {
-    _mm512_storeu_ps(qf + i, _mm512_mul_ps(load16<DT>(q + eb * i), scale));
-    if constexpr (DT == DType::kBFloat16)
-      _mm256_store_si256((__m256i*)(qh + i), _mm256_loadu_si256((const __m256i*)(q + eb * i)));
+  alignas(64) float m[kMaxQoHeads], l[kMaxQoHeads], alpha[kMaxGroupSize];
+  for (int g = 0; g < kHeadBlock; ++g)
+    for (int t = 0; t < kTile; ++t) part[g][t] = _mm512_setzero_ps();  // lanes of a short tile's absent rows
+  for (int h = 0; h < Hq; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.f;
   }
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-  }
-  for (int i = 0; i < G * D; i += 16) _mm512_storeu_ps(o + i, _mm512_setzero_ps());
+  for (int i = 0; i < Hq * D; i += 16) _mm512_storeu_ps(o + i, _mm512_setzero_ps());
 
-  // Row pointers of the current tile and the next one; the next tile's rows are prefetched while
-  // this one is computed (pages are scattered and NHD rows of one head are H_kv * D apart, which
-  // the hardware prefetcher does not follow).
-  const char* krow[2][kTile];
-  const char* vrow[2][kTile];
+  // Byte offsets of the tile's token rows (head 0) and of the next tile's, which are prefetched head
+  // by head while this tile is computed: pages are scattered, which no hardware prefetcher follows.
+  int64_t off[2][kTile];
   const int ps = prm.kv.page_size;
   const int row_bytes = D * eb;
-  auto gather = [&](int t0, const char** kr, const char** vr) {
+  const int64_t head_bytes = prm.kv.head_stride * eb;
+  auto rows = [&](int t0, int64_t* dst) {
     const int n = c.tok_end - t0 < kTile ? c.tok_end - t0 : kTile;
     for (int t = 0; t < n; ++t) {
       const int tok = t0 + t;
       const int64_t page = prm.kv.kv_indices[c.page_offset + tok / ps];
-      const int64_t off = (page * prm.kv.page_stride + (tok % ps) * prm.kv.token_stride) * eb;
-      kr[t] = kbase + off;
-      vr[t] = vbase + off;
+      dst[t] = (page * prm.kv.page_stride + (tok % ps) * prm.kv.token_stride) * eb;
     }
     return n;
   };
   int cur = 0;
-  int n_next = c.tok_begin < c.tok_end ? gather(c.tok_begin, krow[0], vrow[0]) : 0;
+  int n_next = c.tok_begin < c.tok_end ? rows(c.tok_begin, off[0]) : 0;
   for (int t0 = c.tok_begin; t0 < c.tok_end; t0 += kTile, cur ^= 1) {
     const int n = n_next;
-    n_next = t0 + kTile < c.tok_end ? gather(t0 + kTile, krow[cur ^ 1], vrow[cur ^ 1]) : 0;
-    for (int t = 0; t < n_next; ++t) {
-      for (int b = 0; b < row_bytes; b += 64) {
-        _mm_prefetch(krow[cur ^ 1][t] + b, _MM_HINT_T0);
-        _mm_prefetch(vrow[cur ^ 1][t] + b, _MM_HINT_T0);
-      }
-    }
-    tile_scores<DT>(qf, qh, prm.sm_scale_log2, krow[cur], n, G, D, s);
-
+    n_next = t0 + kTile < c.tok_end ? rows(t0 + kTile, off[cur ^ 1]) : 0;
     const __mmask16 valid = (__mmask16)((1u << n) - 1);
-    for (int g = 0; g < G; ++g) {
-      const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[g]);
-      const float m_new = std::max(m[g], _mm512_reduce_max_ps(sv));
-      alpha[g] = m[g] == -INFINITY ? 0.f : exp2f(m[g] - m_new);
-      const __m512 pv = _mm512_maskz_mov_ps(valid, exp2_neg(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-      _mm512_store_ps(s[g], pv);  // s now holds p
-      l[g] = l[g] * alpha[g] + _mm512_reduce_add_ps(pv);
-      m[g] = m_new;
+    for (int h = 0; h < Hkv; ++h) {
+      const char *krow[kTile], *vrow[kTile], *kpf[kTile], *vpf[kTile];
+      for (int t = 0; t < n; ++t) {
+        krow[t] = kbase + off[cur][t] + h * head_bytes;
+        vrow[t] = vbase + off[cur][t] + h * head_bytes;
+      }
+      for (int t = 0; t < n_next; ++t) {
+        kpf[t] = kbase + off[cur ^ 1][t] + h * head_bytes;
+        vpf[t] = vbase + off[cur ^ 1][t] + h * head_bytes;
+      }
+      const Prefetch pf{kpf, vpf, n_next < n ? n_next : n, row_bytes};
+      const int q0 = h * G;  // the group's first query head
+      tile_scores<DT>(qf + q0 * D, qh + q0 * D, prm.sm_scale_log2, krow, n, G, D, pf, part, s);
+      for (int g = 0; g < G; ++g) {
+        float& mg = m[q0 + g];
+        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[g]);
+        const float m_new = std::max(mg, _mm512_reduce_max_ps(sv));
+        alpha[g] = mg == -INFINITY ? 0.f : exp2f(mg - m_new);
+        const __m512 pv = _mm512_maskz_mov_ps(valid, exp2_neg(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
+        _mm512_store_ps(s[g], pv);  // s now holds p
+        l[q0 + g] = l[q0 + g] * alpha[g] + _mm512_reduce_add_ps(pv);
+        mg = m_new;
+      }
+      tile_pv<DT>(vrow, n, G, D, alpha, s, o + q0 * D);
     }
-    tile_pv<DT>(vrow[cur], n, G, D, alpha, s, o);
   }
 
-  for (int g = 0; g < G; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+  for (int h = 0; h < Hq; ++h) {
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
     for (int d = 0; d < D; d += 16)
-      _mm512_storeu_ps(o + g * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + g * D + d), _mm512_set1_ps(inv)));
-    lse2[g] = l[g] > 0.f ? m[g] + log2f(l[g]) : -INFINITY;
+      _mm512_storeu_ps(o + h * D + d, _mm512_mul_ps(_mm512_loadu_ps(o + h * D + d), _mm512_set1_ps(inv)));
+    lse2[h] = l[h] > 0.f ? m[h] + log2f(l[h]) : -INFINITY;
   }
 }
 

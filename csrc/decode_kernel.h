@@ -1,8 +1,9 @@
 // Interface between the host code of paged decode attention and its per-ISA kernels.
 //
-// The host splits each (sequence, KV head) into chunks of tokens ("split-KV", as flash decoding
-// does); a kernel computes one chunk for all query heads of the KV head's GQA group and writes a
-// normalized partial output with its base-2 log-sum-exp, which the host merges.
+// The host splits each sequence into chunks of tokens ("split-KV", as flash decoding does); a kernel
+// computes one chunk for all heads and writes a normalized partial output per query head with its
+// base-2 log-sum-exp, which the host merges. A chunk covers every KV head, so it reads whole pages
+// (NHD rows of all heads lie together) instead of one head's slice of each row.
 #pragma once
 
 #include <cstdint>
@@ -25,7 +26,8 @@ struct PagedKV {
 
 struct DecodeParams {
   PagedKV kv;
-  const void* q;       // [B, H_q, D], contiguous
+  const void* q;       // [B, H_q, D], contiguous, the caller's dtype
+  const float* qf;     // [B, H_q, D] fp32, q * sm_scale_log2
   int num_qo_heads;    // H_q
   int num_kv_heads;    // H_kv
   int head_dim;        // D, a multiple of 16, at most kMaxHeadDim
@@ -33,10 +35,9 @@ struct DecodeParams {
 };
 
 // One split: tokens [tok_begin, tok_end) of sequence `b` (its pages start at kv_indices[page_offset]),
-// attended by the group of query heads of `kv_head`.
+// attended by all query heads. tok_begin is a multiple of kTokenTile.
 struct DecodeChunk {
   int b;
-  int kv_head;
   int64_t page_offset;
   int tok_begin;
   int tok_end;
@@ -44,8 +45,10 @@ struct DecodeChunk {
 
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxGroupSize = 64;
+constexpr int kMaxQoHeads = 256;
+constexpr int kTokenTile = 16;  // tokens per tile: one page at FlashInfer's and SGLang's usual page size
 
-// o_partial: [G, D] fp32, normalized by the chunk's softmax sum; lse2_partial: [G] fp32, base 2.
+// o_partial: [H_q, D] fp32, normalized by the chunk's softmax sum; lse2_partial: [H_q] fp32, base 2.
 using DecodeChunkFn = void (*)(const DecodeParams&, const DecodeChunk&, float* o_partial,
                                float* lse2_partial);
 

@@ -47,6 +47,21 @@ def test_other_head_dims_and_scale(gen, head_dim):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_groups_and_pages_that_straddle_tiles(gen, dtype):
+    """36 query heads over 3 KV heads (groups of 12: two head blocks in the AVX-512 kernel) and
+    pages of 5 tokens, so the kernel's 16-token tiles cut across pages; q is left as it was."""
+    lens = [1, 37, 1500]
+    k, v, indptr, indices, last = random_paged_kv(lens, 5, 3, 64, dtype, gen=gen)
+    q = torch.randn(3, 36, 64, generator=gen).to(dtype)
+    q_before = q.clone()
+    out, lse = ops.paged_decode_attention(q, k, v, indptr, indices, last)
+    ref_out, ref_lse = reference_decode(q, k, v, indptr, indices, last)
+    torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    assert torch.equal(q, q_before)
+
+
 def test_threads_split_agrees_with_one_thread(gen):
     lens = [4096, 5, 2000]
     k, v, indptr, indices, last = random_paged_kv(lens, 16, 2, 64, torch.float32, gen=gen)
