@@ -50,10 +50,13 @@ def read_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / best / 1e9
 
 
-def make_case(batch: int, ctx: int, shape: tuple[int, int, int], page_size: int = 16, dtype=torch.bfloat16):
+def make_case(batch: int, ctx: int, shape: tuple[int, int, int], page_size: int = 16, dtype=torch.bfloat16,
+              layout: str = "HND"):
+    """Decode inputs over a paged cache in ``layout`` (the BE KV pool's default is HND)."""
     hq, hkv, d = shape
     npages = math.ceil(ctx / page_size)
-    k = torch.randn(batch * npages, page_size, hkv, d).to(dtype)
+    dims = (page_size, hkv) if layout == "NHD" else (hkv, page_size)
+    k = torch.randn(batch * npages, *dims, d).to(dtype)
     v = torch.randn_like(k)
     indptr = torch.arange(0, batch * npages + 1, npages, dtype=torch.int32)
     indices = torch.randperm(batch * npages).to(torch.int32)  # scattered pages, as in a real pool
@@ -66,10 +69,15 @@ def kv_bytes(batch, ctx, shape, itemsize=2):
     return 2 * batch * ctx * shape[1] * shape[2] * itemsize
 
 
-def bench_kernel(batch, ctx, shape, sdpa: bool) -> dict:
+def bench_kernel(batch, ctx, shape, sdpa: bool, nhd: bool = False) -> dict:
+    """The kernel on an HND cache (and on an NHD one with ``nhd``), and SDPA on contiguous K/V."""
     q, k, v, indptr, indices, last = make_case(batch, ctx, shape)
-    t = timeit(lambda: ops.paged_decode_attention(q, k, v, indptr, indices, last))
+    t = timeit(lambda: ops.paged_decode_attention(q, k, v, indptr, indices, last, kv_layout="HND"))
     row = {"batch": batch, "ctx": ctx, "kernel_ms": t * 1e3, "kernel_gbps": kv_bytes(batch, ctx, shape) / t / 1e9}
+    if nhd:  # rebinding k, v frees the HND cache first
+        q, k, v, indptr, indices, last = make_case(batch, ctx, shape, layout="NHD")
+        tn = timeit(lambda: ops.paged_decode_attention(q, k, v, indptr, indices, last, kv_layout="NHD"))
+        row["nhd_gbps"] = kv_bytes(batch, ctx, shape) / tn / 1e9
     if sdpa:  # SDPA's best case: contiguous [B, H, L, D] K/V, no paging
         _, hkv, d = shape
         kc = torch.randn(batch, hkv, ctx, d).bfloat16()
@@ -86,7 +94,7 @@ def bench_threads(shape, batch=16, ctx=4096) -> dict:
     out = {}
     for threads in sorted({1, n}):
         torch.set_num_threads(threads)
-        out[threads] = timeit(lambda: ops.paged_decode_attention(q, k, v, indptr, indices, last))
+        out[threads] = timeit(lambda: ops.paged_decode_attention(q, k, v, indptr, indices, last, kv_layout="HND"))
     torch.set_num_threads(n)
     return {"threads": n, "speedup": out[1] / out[n], "ms_1_thread": out[1] * 1e3, "ms_all": out[n] * 1e3}
 
@@ -144,7 +152,7 @@ def main() -> None:
     rows = []
     for name, shape in SHAPES.items():
         for batch, ctx in grid:
-            row = {"shape": name, **bench_kernel(batch, ctx, shape, sdpa=ctx <= 4096)}
+            row = {"shape": name, **bench_kernel(batch, ctx, shape, sdpa=ctx <= 4096, nhd=True)}
             row["pct_of_read_bw"] = 100 * row["kernel_gbps"] / machine_gbps
             rows.append(row)
             print(f"{name:13s} B={batch:3d} ctx={ctx:6d}: {row['kernel_gbps']:5.1f} GB/s "
@@ -171,16 +179,17 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [
         (f"Machine: {m['threads']} threads, read bandwidth {m['read_bandwidth_gbps']:.1f} GB/s (torch.sum of 1 GiB), "
-        f"kernel `{m['kernel']}`, torch {m['torch']}. bf16 KV, page size 16, scattered pages."),
+        f"kernel `{m['kernel']}`, torch {m['torch']}. bf16 KV, page size 16, scattered pages, HND layout "
+        "(the BE KV pool's); the NHD column is the same kernel on an NHD cache."),
         "",
-        "| shape (H_q/H_kv/D) | batch | context | kernel ms | kernel GB/s | % of read BW | SDPA ms | x SDPA |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape (H_q/H_kv/D) | batch | context | kernel ms | kernel GB/s | % of read BW | NHD GB/s | SDPA ms | x SDPA |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["kernel"]:
         hq, hkv, d = SHAPES[row["shape"]]
         sd = (f"{row['sdpa_ms']:.2f} | {row['speedup_vs_sdpa']:.1f}" if "sdpa_ms" in row else "- | -")
         lines.append(f"| {row['shape']} ({hq}/{hkv}/{d}) | {row['batch']} | {row['ctx']} | {row['kernel_ms']:.2f} | "
-                     f"{row['kernel_gbps']:.1f} | {row['pct_of_read_bw']:.0f}% | {sd} |")
+                     f"{row['kernel_gbps']:.1f} | {row['pct_of_read_bw']:.0f}% | {row['nhd_gbps']:.1f} | {sd} |")
     s, h = r["thread_scaling"], r["handoff"]
     lin = ", ".join(f"ctx {x['ctx']}: {x['kernel_ms']:.2f} ms" for x in r["linearity"])
     lines += [

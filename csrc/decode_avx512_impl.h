@@ -141,7 +141,17 @@ inline void pv_pass(const char* const* vrow, int n, int D, int d0, const float* 
       acc[g][j] = _mm512_mul_ps(_mm512_loadu_ps(o + g * D + d0 + 16 * j), _mm512_set1_ps(alpha[g]));
   for (int t = 0; t < n; ++t) {
     __m512 vv[DB];
-    for (int j = 0; j < DB; ++j) vv[j] = load16<DT>(vrow[t] + elem_bytes<DT>() * (d0 + 16 * j));
+    if constexpr (DT == DType::kBFloat16 && DB % 2 == 0) {
+      // 32 bf16 -> 2 x 16 fp32 in two ops: the even elements shifted up, the odd ones masked. The
+      // accumulators hold them in that split order (see split_bf16_order).
+      for (int j = 0; j < DB; j += 2) {
+        const __m512i x = _mm512_loadu_si512(vrow[t] + 2 * (d0 + 16 * j));
+        vv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        vv[j + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xFFFF0000u))));
+      }
+    } else {
+      for (int j = 0; j < DB; ++j) vv[j] = load16<DT>(vrow[t] + elem_bytes<DT>() * (d0 + 16 * j));
+    }
     for (int g = 0; g < GB; ++g) {
       const __m512 pg = _mm512_set1_ps(p[g][t]);
       for (int j = 0; j < DB; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
@@ -149,6 +159,21 @@ inline void pv_pass(const char* const* vrow, int n, int D, int d0, const float* 
   }
   for (int g = 0; g < GB; ++g)
     for (int j = 0; j < DB; ++j) _mm512_storeu_ps(o + g * D + d0 + 16 * j, acc[g][j]);
+}
+
+// bf16 outputs are accumulated with each group of 32 columns in split order (16 even columns, then
+// 16 odd ones); 32-column groups start at multiples of 32 and a 16-column tail stays in order.
+// Interleaves o [rows, D] back into column order.
+inline void split_bf16_order_to_columns(float* o, int rows, int D) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int r = 0; r < rows; ++r)
+    for (int d = 0; d + 32 <= D; d += 32) {
+      float* x = o + (int64_t)r * D + d;
+      const __m512 even = _mm512_loadu_ps(x), odd = _mm512_loadu_ps(x + 16);
+      _mm512_storeu_ps(x, _mm512_permutex2var_ps(even, lo, odd));
+      _mm512_storeu_ps(x + 16, _mm512_permutex2var_ps(even, hi, odd));
+    }
 }
 
 template <DType DT, int GB>
@@ -267,6 +292,7 @@ void decode_chunk(const DecodeParams& prm, const DecodeChunk& c, float* o, float
     }
   }
 
+  if constexpr (DT == DType::kBFloat16) split_bf16_order_to_columns(o, Hq, D);
   for (int h = 0; h < Hq; ++h) {
     const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
     for (int d = 0; d < D; d += 16)

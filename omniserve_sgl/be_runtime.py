@@ -100,10 +100,7 @@ class BERuntime:
             if slots is None:
                 self.pages.extend(rid, k.shape[0])
                 slots = self._token_slots(rid, k.shape[0])
-            k_cache = self.pool.k_cache(layer).view(-1, self.num_kv_heads, self.head_dim)
-            v_cache = self.pool.v_cache(layer).view(-1, self.num_kv_heads, self.head_dim)
-            k_cache.index_copy_(0, slots, k.to("cpu", k_cache.dtype))
-            v_cache.index_copy_(0, slots, v.to("cpu", v_cache.dtype))
+            self.pool.store_tokens(layer, slots, k, v)
 
     def _token_slots(self, rid: object, n: int) -> torch.Tensor:
         ps = self.pool.spec.page_size

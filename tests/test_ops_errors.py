@@ -11,7 +11,7 @@ from tests.conftest import random_paged_kv
 def case():
     k, v, indptr, indices, last = random_paged_kv([20, 5], 16, 2, 64, torch.bfloat16)
     q = torch.randn(2, 4, 64).bfloat16()
-    return dict(q=q, k_cache=k, v_cache=v, kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last)
+    return {"q": q, "k_cache": k, "v_cache": v, "kv_indptr": indptr, "kv_indices": indices, "kv_last_page_len": last}
 
 
 def call(case, **changes):
@@ -61,7 +61,7 @@ def test_append_and_merge_errors(case):
     with pytest.raises(TypeError, match="dtype"):
         ops.append_paged_kv(k_new.float(), k_new.float(), case["k_cache"], case["v_cache"], case["kv_indptr"],
                             case["kv_indices"], case["kv_last_page_len"])
-    empty = dict(kv_indptr=torch.zeros(3, dtype=torch.int32), kv_last_page_len=torch.zeros(2, dtype=torch.int32))
+    empty = {"kv_indptr": torch.zeros(3, dtype=torch.int32), "kv_last_page_len": torch.zeros(2, dtype=torch.int32)}
     with pytest.raises(ValueError, match="no pages"):
         ops.append_paged_kv(k_new, k_new, case["k_cache"], case["v_cache"], empty["kv_indptr"], case["kv_indices"],
                             empty["kv_last_page_len"])

@@ -27,7 +27,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 @dataclass(frozen=True)
 class BEKVPoolSpec:
     """Geometry of the pool. Memory: for each layer, K then V, each ``[num_pages, page_size, H_kv, D]``
-    (``"NHD"``) or ``[num_pages, H_kv, page_size, D]`` (``"HND"``)."""
+    (``"NHD"``) or ``[num_pages, H_kv, page_size, D]`` (``"HND"``).
+
+    HND is the default: the decode kernel reads a page head by head, and in HND each head's rows of
+    a page lie together, so the page is read in order (``benchmarks/cpu_attention.py`` measures both).
+    """
 
     num_layers: int
     num_kv_heads: int
@@ -35,7 +39,7 @@ class BEKVPoolSpec:
     num_pages: int
     page_size: int = 16
     dtype: str = "bfloat16"
-    kv_layout: str = "NHD"
+    kv_layout: str = "HND"
 
     def __post_init__(self):
         if min(self.num_layers, self.num_kv_heads, self.head_dim, self.num_pages, self.page_size) <= 0:
@@ -70,7 +74,7 @@ class BEKVPoolSpec:
 
     @classmethod
     def from_budget(cls, capacity_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                    page_size: int = 16, dtype: torch.dtype | str = "bfloat16", kv_layout: str = "NHD"):
+                    page_size: int = 16, dtype: torch.dtype | str = "bfloat16", kv_layout: str = "HND"):
         """The largest pool that fits in ``capacity_bytes``.
 
         Raises:
@@ -134,6 +138,22 @@ class BEKVPool:
     def v_cache(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s V cache, ``spec.cache_shape``, ``spec.dtype``, CPU (shared memory)."""
         return self._v[layer]
+
+    def store_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes K/V rows of tokens into layer ``layer``, in either layout.
+
+        Args:
+            slots: ``[n]`` int64 token slots, ``page * page_size + offset in the page``.
+            k, v: ``[n, H_kv, D]`` on any device, cast to the pool's dtype.
+        """
+        ps = self.spec.page_size
+        pages, offsets = slots // ps, slots % ps
+        for cache, x in ((self._k[layer], k), (self._v[layer], v)):
+            x = x.to("cpu", cache.dtype)
+            if self.spec.kv_layout == "NHD":
+                cache[pages, offsets] = x
+            else:  # HND: the advanced indices around the head slice put the token dimension first
+                cache[pages, :, offsets] = x
 
     @property
     def capacity_tokens(self) -> int:

@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 
+from omniserve_sgl import ops
 from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
 from omniserve_sgl.shm import SharedSegment
 
@@ -35,8 +36,29 @@ def test_layers_are_disjoint_views(layout):
         pool.close()
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_stored_tokens_are_what_the_kernel_attends_over(layout):
+    """store_tokens (the prefill hand-over) writes rows where the paged metadata points the kernel."""
+    pool = BEKVPool.create(BEKVPoolSpec(num_layers=2, num_kv_heads=2, head_dim=16, num_pages=8, page_size=4,
+                                        dtype="float32", kv_layout=layout))
+    try:
+        pool.allocator.allocate("r", 11)
+        pages = torch.tensor(pool.allocator.pages("r"))
+        slots = pages[torch.arange(11) // 4] * 4 + torch.arange(11) % 4
+        k, v = torch.randn(11, 2, 16), torch.randn(11, 2, 16)
+        pool.store_tokens(1, slots, k, v)
+        q = torch.randn(1, 2, 16)
+        out, _ = ops.paged_decode_attention(q, pool.k_cache(1), pool.v_cache(1), *pool.allocator.kv_metadata(["r"]),
+                                            kv_layout=layout)
+        want = torch.softmax(torch.einsum("hd,nhd->hn", q[0], k) / 4, -1)
+        torch.testing.assert_close(out[0], torch.einsum("hn,nhd->hd", want, v), atol=1e-5, rtol=1e-5)
+    finally:
+        pool.close()
+
+
 def test_second_process_maps_the_same_memory():
-    pool = BEKVPool.create(BEKVPoolSpec(num_layers=2, num_kv_heads=1, head_dim=16, num_pages=2, page_size=4))
+    pool = BEKVPool.create(BEKVPoolSpec(num_layers=2, num_kv_heads=1, head_dim=16, num_pages=2, page_size=4,
+                                        kv_layout="NHD"))
     pool.k_cache(1)[0, 0, 0, :] = 7
     code = textwrap.dedent(f"""
         import sys, torch
@@ -46,7 +68,7 @@ def test_second_process_maps_the_same_memory():
         pool.v_cache(0)[1, 3, 0, :] = 3
         print("ok")
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert torch.all(pool.v_cache(0)[1, 3, 0] == 3)
     pool.close()
@@ -61,7 +83,7 @@ def test_segment_leaves_nothing_in_dev_shm_after_a_kill():
         print(seg.handle.path, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert res.returncode == -9
     path = res.stdout.strip()
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
