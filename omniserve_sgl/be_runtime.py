@@ -57,7 +57,8 @@ class BERuntime:
                                         page_size=config.page_size, dtype=dtype)
         self.pool = BEKVPool.create(spec)
         self.pages = self.pool.allocator
-        self.client = CPUAttentionClient.start(threads=config.worker_threads, cores=config.cpu_cores)
+        self.client = CPUAttentionClient.start(threads=config.worker_threads, cores=config.cpu_cores,
+                                               spin_us=config.cpu_spin_us)
         self.client.attach_pool(self.pool)
         # Two slots: the synchronous path uses one; piggybacking will keep more jobs in flight.
         self.client.create_staging(2, max_rows, spec.num_pages, num_qo_heads)

@@ -25,6 +25,8 @@ class OmniServeConfig:
         cpu_attention: ``"kernel"`` (omniserve's AVX-512 decode kernel) or ``"sdpa"`` (torch SDPA
             per request, the exact math of SGLang's torch_native backend; slower).
         metrics: export omniserve's Prometheus metrics (SGLang's ``--enable-metrics``).
+        cpu_spin_us: microseconds the worker (after a job) and the scheduler (waiting for one)
+            busy-poll shared memory before blocking on ZeroMQ; for workers on cores of their own.
     """
 
     enabled: bool = False
@@ -34,12 +36,15 @@ class OmniServeConfig:
     page_size: int = 16
     cpu_attention: str = "kernel"
     metrics: bool = False
+    cpu_spin_us: float = 0.0
 
     def __post_init__(self):
         if not self.cpu_kv_gb > 0:
             raise ValueError(f"--omniserve-cpu-kv-gb must be > 0, got {self.cpu_kv_gb}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--omniserve-cpu-threads must be >= 1, got {self.cpu_threads}")
+        if not self.cpu_spin_us >= 0:
+            raise ValueError(f"--omniserve-cpu-spin-us must be >= 0, got {self.cpu_spin_us}")
         if self.cpu_attention not in ("kernel", "sdpa"):
             raise ValueError(f"--omniserve-cpu-attention must be kernel or sdpa, got {self.cpu_attention!r}")
 

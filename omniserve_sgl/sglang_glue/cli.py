@@ -29,6 +29,10 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        "torch SDPA per request, bit-exact with SGLang's torch_native backend (slower).")
     group.add_argument("--omniserve-cpu-cores", type=str, default=None,
                        help="Pin the CPU attention worker to these cores, e.g. 8-15 (default: no pinning).")
+    group.add_argument("--omniserve-cpu-spin-us", type=float, default=_DEFAULTS.cpu_spin_us,
+                       help="Microseconds the CPU worker and the scheduler busy-poll shared memory for each "
+                       "other before blocking on ZeroMQ; shortens the per-layer hand-off when the worker has "
+                       "cores of its own (--omniserve-cpu-cores). Default %(default)s: never spin.")
 
 
 # Configurations the first version does not handle: (flag value check, message).
@@ -55,7 +59,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
         try:
             config = OmniServeConfig(True, args.omniserve_cpu_kv_gb, args.omniserve_cpu_threads,
                                      args.omniserve_cpu_cores, cpu_attention=args.omniserve_cpu_attention,
-                                     metrics=bool(getattr(args, "enable_metrics", False)))
+                                     metrics=bool(getattr(args, "enable_metrics", False)),
+                                     cpu_spin_us=args.omniserve_cpu_spin_us)
         except ValueError as e:
             raise SystemExit(f"omniserve: {e}") from None
         refused = [what for check, what in _REFUSED if check(args)]

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--endpoint", required=True, help="ZeroMQ address to bind, e.g. ipc:///tmp/omniserve.sock")
     ap.add_argument("--threads", type=int, default=None, help="kernel threads (default: one per allowed core)")
     ap.add_argument("--cores", default=None, help="CPU cores to run on, e.g. '0-3,6'")
+    ap.add_argument("--spin-us", type=float, default=0.0,
+                    help="busy-poll for the next job this long after each one (default 0: block on ZeroMQ)")
     ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
     args = ap.parse_args()
 
@@ -57,7 +59,9 @@ def main() -> None:
 
     from omniserve_sgl.worker.server import run_worker  # imports torch: after the thread settings
 
-    run_worker(args.endpoint, args.parent_pid, threads)
+    if args.spin_us < 0:
+        ap.error("--spin-us must be >= 0")
+    run_worker(args.endpoint, args.parent_pid, threads, args.spin_us)
 
 
 if __name__ == "__main__":

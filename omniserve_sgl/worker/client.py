@@ -24,7 +24,7 @@ import zmq
 
 from omniserve_sgl.kv.pool import BEKVPool, dtype_name
 from omniserve_sgl.worker import protocol as P
-from omniserve_sgl.worker.staging import StagingArea, StagingSpec
+from omniserve_sgl.worker.staging import METHODS, StagingArea, StagingSpec
 
 
 class WorkerError(RuntimeError):
@@ -50,26 +50,32 @@ class CPUAttentionClient:
     Not thread-safe: use it from one thread (the SGLang scheduler's).
     """
 
-    def __init__(self, endpoint: str, process: subprocess.Popen | None = None):
+    def __init__(self, endpoint: str, process: subprocess.Popen | None = None, spin_us: float = 0.0):
         self.endpoint = endpoint
         self.process = process
+        self.spin_s = spin_us * 1e-6  # how long wait() busy-polls the done words before blocking
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self._seq = 0
         self._replies: dict[int, P.Reply] = {}
+        self._answered: set[int] = set()  # jobs wait() finished from shared memory, replies not yet seen
         self.pool: BEKVPool | None = None
         self._pool_name: str | None = None
         self.staging: StagingArea | None = None
         self._staging_name: str | None = None
         self._free_slots: list[int] = []
+        # Per slot, the paged-KV metadata tensors staged in it (held, so no new tensor can take
+        # their identity) and their versions: every layer of a decode step shares the step's
+        # metadata, so it is copied once per slot and step, not once per layer.
+        self._staged_meta: dict[int, tuple] = {}
         self.last_kernel_us = 0.0
 
     # lifecycle ------------------------------------------------------------------------------
     @classmethod
     def start(cls, threads: int | None = None, cores: str | None = None, endpoint: str | None = None,
-              startup_timeout: float = 60.0) -> CPUAttentionClient:
+              startup_timeout: float = 60.0, spin_us: float = 0.0) -> CPUAttentionClient:
         """Spawns ``python -m omniserve_sgl.worker`` as a child of this process and waits until it
         answers a ping. The worker exits by itself if this process dies.
 
@@ -77,6 +83,9 @@ class CPUAttentionClient:
             threads: kernel threads (default: one per core it may run on).
             cores: CPU cores for the worker, e.g. ``"2-5"`` (default: inherited affinity).
             endpoint: ZeroMQ address (default: a fresh ``ipc://`` socket in the temp directory).
+            spin_us: microseconds each side busy-polls shared memory for the other before blocking
+                on ZeroMQ: the worker after a job, the client in :meth:`wait`. Worth it only when
+                the worker has cores of its own; 0 (the default) never spins.
 
         Raises:
             WorkerDiedError: the worker exited during start-up (its stderr is in the message).
@@ -88,8 +97,10 @@ class CPUAttentionClient:
             cmd += ["--threads", str(threads)]
         if cores:
             cmd += ["--cores", cores]
+        if spin_us:
+            cmd += ["--spin-us", str(spin_us)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        client = cls(endpoint, proc)
+        client = cls(endpoint, proc, spin_us)
         deadline = time.monotonic() + startup_timeout
         while True:
             try:
@@ -154,7 +165,7 @@ class CPUAttentionClient:
         area = StagingArea.create(spec)
         name = f"staging-{uuid.uuid4().hex[:8]}"
         try:
-            self._request(P.Attach(self._next_seq(), name, "staging", area.handle()), timeout)
+            self._request(P.Attach(self._next_seq(), name, "staging", area.handle(), self._pool_name), timeout)
         except BaseException:
             area.close()
             raise
@@ -162,6 +173,7 @@ class CPUAttentionClient:
             self.staging.close()
         self.staging, self._staging_name = area, name
         self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._staged_meta = {}
         return area
 
     # jobs -----------------------------------------------------------------------------------
@@ -206,20 +218,31 @@ class CPUAttentionClient:
             if k_new is not None:
                 s["k"][:n].copy_(k_new)
                 s["v"][:n].copy_(v_new)
-            s["kv_indptr"][: n + 1].copy_(kv_indptr)
-            s["kv_indices"][:nnz].copy_(kv_indices)
-            s["kv_last_page_len"][:n].copy_(kv_last_page_len)
+            meta = (kv_indptr, kv_indices, kv_last_page_len)
+            versions = tuple(t._version for t in meta)  # bumped by every in-place change
+            staged = self._staged_meta.get(slot)
+            if staged is None or staged[1] != versions or any(a is not b for a, b in zip(staged[0], meta)):
+                s["kv_indptr"][: n + 1].copy_(kv_indptr)
+                s["kv_indices"][:nnz].copy_(kv_indices)
+                s["kv_last_page_len"][:n].copy_(kv_last_page_len)
+                self._staged_meta[slot] = (meta, versions)
             scale = 1.0 / math.sqrt(spec.head_dim) if sm_scale is None else float(sm_scale)
             msg = P.Attend(self._next_seq(), self._pool_name, self._staging_name, slot, layer, n, nnz,
                            k_new is not None, scale, method)
-            self.sock.send(P.encode(msg))
+            words = self.staging.jobs[slot]
+            words[1:] = (layer, n, nnz, k_new is not None, METHODS.index(method) if method in METHODS else -1, scale)
+            words[0] = msg.seq  # the doorbell: last, after the inputs and the job words
+            self.sock.send(P.encode(msg))  # wakes a worker that is not polling
         except BaseException:
             self._free_slots.append(slot)
+            self._staged_meta.pop(slot, None)
             raise
         return Job(msg.seq, slot, n)
 
     def poll(self, job: Job) -> bool:
         """Whether ``job``'s result has arrived (never blocks)."""
+        if self.staging.done[job.slot][0] >= job.seq:
+            return True
         self._drain(0)
         return job.seq in self._replies
 
@@ -233,7 +256,16 @@ class CPUAttentionClient:
             WorkerDiedError: the worker exited.
             TimeoutError: no result within ``timeout`` seconds (the job stays in flight).
         """
-        reply = self._await(job.seq, timeout)
+        done = self.staging.done[job.slot]
+        spin_until = time.perf_counter() + self.spin_s
+        while done[0] < job.seq and job.seq not in self._replies and time.perf_counter() < spin_until:
+            pass
+        if done[0] >= job.seq and done[1]:  # finished and fine (the worker writes seq after ok and time)
+            reply = P.Reply(job.seq, True, kernel_us=float(done[2]))
+            if self._replies.pop(job.seq, None) is None:
+                self._answered.add(job.seq)  # its ZeroMQ reply is still on the way: dropped on arrival
+        else:  # failed (the reply has the message), or not done yet: block on ZeroMQ
+            reply = self._await(job.seq, timeout)
         s = self.staging.slots[job.slot]
         try:
             if not reply.ok:
@@ -266,7 +298,10 @@ class CPUAttentionClient:
                 except zmq.Again:
                     return
                 reply = P.decode(data)
-                self._replies[reply.seq] = reply
+                if reply.seq in self._answered:
+                    self._answered.discard(reply.seq)
+                else:
+                    self._replies[reply.seq] = reply
 
     def _await(self, seq: int, timeout: float | None) -> P.Reply:
         deadline = None if timeout is None else time.monotonic() + timeout

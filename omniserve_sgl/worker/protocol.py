@@ -1,7 +1,10 @@
 """Messages between the CPU attention client and worker: small dataclasses encoded with orjson.
 
 Only descriptors cross ZeroMQ (segment paths, slot numbers, row and page counts); tensors stay in
-shared memory (the BE KV pool and the staging slots).
+shared memory (the BE KV pool and the staging slots). Every message gets a :class:`Reply`. An
+``Attend`` is also announced in its staging slot's job words and completed in its done words
+(``worker.staging``), so a busy-polling side need not wait for ZeroMQ; the worker runs each job
+once, whichever way it saw it first.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ class ProtocolError(ValueError):
 @dataclass
 class Attach:
     """Map a shared segment under ``name``: ``kind`` is ``"kv_pool"`` or ``"staging"``; ``handle``
-    is the owner's ``handle()`` dict."""
+    is the owner's ``handle()`` dict. A staging area names the ``pool`` its slots' doorbell jobs
+    attend over."""
 
     seq: int
     name: str
     kind: str
     handle: dict
+    pool: str = ""
     op: str = "attach"
 
 

@@ -2,8 +2,10 @@
 jobs on its own kernel threads, and answers every message (errors included) over ZeroMQ.
 
 Jobs run one after another in arrival order; the client keeps several in flight and collects the
-replies when it likes. The worker exits on a Shutdown message, on SIGTERM, or when its parent
-process is gone.
+replies when it likes. After each job the worker busy-polls the slots' doorbells (and its socket)
+for ``spin_s`` seconds before it blocks on ZeroMQ again: with cores of its own, that takes the
+ZeroMQ wake-up out of the per-layer hand-off. The worker exits on a Shutdown message, on SIGTERM,
+or when its parent process is gone.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import zmq
 from omniserve_sgl import ops
 from omniserve_sgl.kv.pool import BEKVPool
 from omniserve_sgl.worker import protocol as P
-from omniserve_sgl.worker.staging import StagingArea
+from omniserve_sgl.worker.staging import JOB_FIELDS, METHODS, StagingArea
 
 logger = logging.getLogger("omniserve.worker")
 
@@ -26,26 +28,34 @@ PARENT_CHECK_S = 0.2  # how often an idle worker checks that its parent is alive
 
 
 class Worker:
-    def __init__(self, endpoint: str, parent_pid: int | None):
+    def __init__(self, endpoint: str, parent_pid: int | None, spin_s: float = 0.0):
         self.endpoint = endpoint
         self.parent_pid = parent_pid
+        self.spin_s = spin_s
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(endpoint)
         self.pools: dict[str, BEKVPool] = {}
         self.staging: dict[str, StagingArea] = {}
+        self.staging_pool: dict[str, str] = {}  # staging name -> the pool its doorbell jobs use
+        self.peers: dict[str, bytes] = {}  # staging name -> identity of the client that attached it
+        self.handled: dict[str, list[float]] = {}  # staging name -> last job seq run, per slot
+        self._views: dict[tuple, tuple] = {}  # (staging name, slot, rows) -> the slot's tensors cut to rows
         self.running = True
 
     def parent_alive(self) -> bool:
         return self.parent_pid is None or os.getppid() == self.parent_pid
 
     def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        spin_until = 0.0
         while self.running:
-            if not poller.poll(PARENT_CHECK_S * 1000):
-                if not self.parent_alive():
+            if self.run_doorbells():
+                spin_until = time.perf_counter() + self.spin_s
+                continue
+            spinning = time.perf_counter() < spin_until
+            if not self.sock.poll(0 if spinning else PARENT_CHECK_S * 1000):
+                if not spinning and not self.parent_alive():
                     logger.warning("parent process %s is gone; CPU attention worker exits", self.parent_pid)
                     break
                 continue
@@ -57,22 +67,50 @@ class Worker:
                 if len(frames) != 2:  # [peer identity, payload]
                     self.sock.send_multipart([frames[0], P.encode(P.Reply(-1, False, "expected one frame per message"))])
                     continue
-                self.sock.send_multipart([frames[0], P.encode(self.handle(frames[1]))])
+                reply = self.handle(frames[1], frames[0])
+                if reply is not None:
+                    self.sock.send_multipart([frames[0], P.encode(reply)])
+            spin_until = time.perf_counter() + self.spin_s
         self.close()
 
-    def handle(self, data: bytes) -> P.Reply:
+    def run_doorbells(self) -> bool:
+        """Runs every job announced in a slot's job words and not run yet; True if any ran."""
+        ran = False
+        for name, area in list(self.staging.items()):
+            handled = self.handled[name]
+            for slot, words in enumerate(area.jobs):
+                if words[0] > handled[slot]:
+                    job = dict(zip(JOB_FIELDS, words.tolist()))
+                    if job["seq"] <= handled[slot]:  # the seq word changed under us: re-read next round
+                        continue
+                    msg = P.Attend(int(job["seq"]), self.staging_pool.get(name, ""), name, slot, int(job["layer"]),
+                                   int(job["num_rows"]), int(job["num_pages"]), bool(job["append_kv"]),
+                                   job["sm_scale"], METHODS[int(job["method"])] if 0 <= job["method"] < 2 else "?")
+                    reply = self.run_attend(msg)
+                    self.sock.send_multipart([self.peers[name], P.encode(reply)])
+                    ran = True
+        return ran
+
+    def handle(self, data: bytes, peer: bytes = b"") -> P.Reply | None:
+        """Answers one ZeroMQ message; None for an Attend its doorbell already ran (answered then)."""
         seq = -1
         try:
             msg = P.decode(data)
             seq = msg.seq
             if isinstance(msg, P.Attend):
-                return self.attend(msg)
+                handled = self.handled.get(msg.staging)
+                if handled is not None and 0 <= msg.slot < len(handled) and msg.seq <= handled[msg.slot]:
+                    return None
+                return self.run_attend(msg)
             if isinstance(msg, P.Ping):
                 return P.Reply(seq, True)
             if isinstance(msg, P.Attach):
-                return self.attach(msg)
+                return self.attach(msg, peer)
             if isinstance(msg, P.Detach):
                 pool, staging = self.pools.pop(msg.name, None), self.staging.pop(msg.name, None)
+                for table in (self.staging_pool, self.peers, self.handled):
+                    table.pop(msg.name, None)
+                self._views.clear()
                 for seg in (pool, staging):
                     if seg is not None:
                         seg.close()
@@ -84,14 +122,34 @@ class Worker:
         except Exception as e:  # noqa: BLE001  a bad job gets an error reply, never a dead worker
             return P.Reply(seq, False, f"{type(e).__name__}: {e}")
 
-    def attach(self, msg: P.Attach) -> P.Reply:
+    def attach(self, msg: P.Attach, peer: bytes) -> P.Reply:
         if msg.kind == "kv_pool":
             self.pools[msg.name] = BEKVPool.attach(msg.handle)
         elif msg.kind == "staging":
-            self.staging[msg.name] = StagingArea.attach(msg.handle)
+            area = StagingArea.attach(msg.handle)
+            self.staging[msg.name] = area
+            self.staging_pool[msg.name] = msg.pool
+            self.peers[msg.name] = peer
+            self.handled[msg.name] = [float(w[0]) for w in area.jobs]  # jobs announced before this are stale
         else:
             raise P.ProtocolError(f"Attach.kind must be 'kv_pool' or 'staging', got {msg.kind!r}")
         return P.Reply(msg.seq, True)
+
+    def run_attend(self, msg: P.Attend) -> P.Reply:
+        """Runs one job and publishes its completion in the slot's done words (seq last)."""
+        area = self.staging.get(msg.staging)
+        slot_ok = area is not None and 0 <= msg.slot < len(area.jobs)
+        if slot_ok:
+            self.handled[msg.staging][msg.slot] = max(self.handled[msg.staging][msg.slot], msg.seq)
+        try:
+            reply = self.attend(msg)
+        except Exception as e:  # noqa: BLE001  a bad job gets an error reply, never a dead worker
+            reply = P.Reply(msg.seq, False, f"{type(e).__name__}: {e}")
+        if slot_ok:
+            done = area.done[msg.slot]
+            done[1], done[2] = float(reply.ok), reply.kernel_us
+            done[0] = msg.seq
+        return reply
 
     def attend(self, msg: P.Attend) -> P.Reply:
         pool = self.pools.get(msg.pool)
@@ -108,22 +166,35 @@ class Worker:
                              f"({spec.max_rows} rows, {spec.max_pages} pages)")
         if msg.method not in ("kernel", "sdpa"):  # before anything is written into the pool
             raise ValueError(f"unknown attention method {msg.method!r}; use 'kernel' or 'sdpa'")
-        s = area.slots[msg.slot]
-        n = msg.num_rows
-        indptr, indices, last = s["kv_indptr"][: n + 1], s["kv_indices"][: msg.num_pages], s["kv_last_page_len"][:n]
+        q, k, v, out, lse, indptr, last = self._row_views(msg.staging, area, msg.slot, msg.num_rows)
+        indices = area.slots[msg.slot]["kv_indices"][: msg.num_pages]
         k_cache, v_cache = pool.k_cache(msg.layer), pool.v_cache(msg.layer)
         t0 = time.perf_counter()
         if msg.append_kv:
-            ops.append_paged_kv(s["k"][:n], s["v"][:n], k_cache, v_cache, indptr, indices, last, pool.spec.kv_layout)
+            ops.append_paged_kv(k, v, k_cache, v_cache, indptr, indices, last, pool.spec.kv_layout)
         if msg.method == "kernel":
-            ops.paged_decode_attention(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale,
-                                       pool.spec.kv_layout, out=s["out"][:n], lse=s["lse"][:n])
+            ops.paged_decode_attention(q, k_cache, v_cache, indptr, indices, last, msg.sm_scale,
+                                       pool.spec.kv_layout, out=out, lse=lse)
         else:  # "sdpa", checked above
-            _sdpa_decode(s["q"][:n], k_cache, v_cache, indptr, indices, last, msg.sm_scale, pool.spec.kv_layout,
-                         s["out"][:n])
+            _sdpa_decode(q, k_cache, v_cache, indptr, indices, last, msg.sm_scale, pool.spec.kv_layout, out)
         return P.Reply(msg.seq, True, kernel_us=(time.perf_counter() - t0) * 1e6)
 
+    def _row_views(self, name: str, area: StagingArea, slot: int, n: int) -> tuple:
+        """Slot ``slot``'s tensors cut to ``n`` rows: q, k, v, out, lse, kv_indptr, kv_last_page_len.
+        Cached: every layer of a decode step cuts the same views, and each cut costs a microsecond."""
+        key = (name, slot, n)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 4096:
+                self._views.clear()
+            s = area.slots[slot]
+            views = (s["q"][:n], s["k"][:n], s["v"][:n], s["out"][:n], s["lse"][:n], s["kv_indptr"][: n + 1],
+                     s["kv_last_page_len"][:n])
+            self._views[key] = views
+        return views
+
     def close(self) -> None:
+        self._views.clear()
         for seg in [*self.pools.values(), *self.staging.values()]:
             seg.close()
         self.sock.close(0)
@@ -158,11 +229,12 @@ def _sdpa_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, s
         out[i: i + 1] = o.squeeze(0).movedim(1, 0)
 
 
-def run_worker(endpoint: str, parent_pid: int | None = None, threads: int | None = None) -> None:
+def run_worker(endpoint: str, parent_pid: int | None = None, threads: int | None = None, spin_us: float = 0.0) -> None:
     """Entry function of the worker process: serves ``endpoint`` (a ZeroMQ address to bind) until
-    shut down or orphaned. ``threads`` sets the kernel threads (default: torch's)."""
+    shut down or orphaned. ``threads`` sets the kernel threads (default: torch's); ``spin_us`` how long
+    the worker busy-polls for the next job after one (0: it blocks on ZeroMQ at once)."""
     if threads:
         torch.set_num_threads(threads)
     logger.info("CPU attention worker on %s: %d threads, kernel %s", endpoint, torch.get_num_threads(),
                 ops.decode_backend())
-    Worker(endpoint, parent_pid).serve()
+    Worker(endpoint, parent_pid, spin_us * 1e-6).serve()

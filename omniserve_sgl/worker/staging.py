@@ -1,5 +1,12 @@
 """Staging slots: shared-memory buffers through which one decode-attention job's inputs and
-outputs pass between the client and the worker (no tensor is ever pickled or sent over ZeroMQ)."""
+outputs pass between the client and the worker (no tensor is ever pickled or sent over ZeroMQ).
+
+Each slot also carries two small float64 word arrays, the shared-memory side of the hand-off:
+``job`` (the client's doorbell: ``JOB_FIELDS``, ``seq`` written last) and ``done`` (the worker's
+completion: ``DONE_FIELDS``, ``seq`` written last). A worker that is busy-polling picks a job up
+from its doorbell without waiting for the ZeroMQ message, and a client that is busy-polling sees
+the result in ``done`` before the ZeroMQ reply arrives. float64 holds every integer field exactly.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,10 @@ import torch
 
 from omniserve_sgl.kv.pool import KV_DTYPES
 from omniserve_sgl.shm import SegmentHandle, SharedSegment, align, pin_for_cuda
+
+JOB_FIELDS = ("seq", "layer", "num_rows", "num_pages", "append_kv", "method", "sm_scale")
+DONE_FIELDS = ("seq", "ok", "kernel_us")
+METHODS = ("kernel", "sdpa")  # job word "method" indexes this
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,8 @@ class StagingSpec:
         """Name, dtype and shape of each tensor of a slot, in memory order."""
         r, hq, hkv, d, dt = self.max_rows, self.num_qo_heads, self.num_kv_heads, self.head_dim, KV_DTYPES[self.dtype]
         return [
+            ("job", torch.float64, (len(JOB_FIELDS),)),
+            ("done", torch.float64, (len(DONE_FIELDS),)),
             ("q", dt, (r, hq, d)),
             ("k", dt, (r, hkv, d)),
             ("v", dt, (r, hkv, d)),
@@ -64,7 +77,9 @@ class StagingSpec:
 class StagingArea:
     """The slots of a :class:`StagingSpec` in one shared segment; ``slots[i]`` maps field names to
     tensors (``q [max_rows, H_q, D]``, ``k``/``v [max_rows, H_kv, D]``, ``out``, ``lse [max_rows, H_q]``
-    float32, and int32 ``kv_indptr``, ``kv_indices``, ``kv_last_page_len``)."""
+    float32, and int32 ``kv_indptr``, ``kv_indices``, ``kv_last_page_len``); ``jobs[i]`` and
+    ``done[i]`` are numpy views of slot i's ``job`` and ``done`` words (a numpy read costs far less
+    than a tensor's, which matters in a polling loop)."""
 
     def __init__(self, spec: StagingSpec, segment: SharedSegment):
         self.spec = spec
@@ -75,6 +90,8 @@ class StagingArea:
              for (name, dt, shape), off in zip(spec.fields(), offsets)}
             for i in range(spec.num_slots)
         ]
+        self.jobs = [slot["job"].numpy() for slot in self.slots]
+        self.done = [slot["done"].numpy() for slot in self.slots]
 
     @classmethod
     def create(cls, spec: StagingSpec, pin: bool = True) -> StagingArea:
@@ -91,5 +108,5 @@ class StagingArea:
         return {"spec": asdict(self.spec), "segment": asdict(self.segment.handle)}
 
     def close(self) -> None:
-        self.slots = []
+        self.slots, self.jobs, self.done = [], [], []
         self.segment.close()

@@ -36,12 +36,13 @@ def test_be_output_equals_ls_output_token_for_token(model_path, plain_server, pr
 
 def test_be_output_with_the_cpu_kernel_starts_like_ls(omni_server):
     """omniserve's kernel accumulates in fp32 where SDPA rounds probabilities to bf16, so long greedy
-    runs of a 135M bf16 model drift apart after some tokens; short answers agree."""
+    runs of a 135M bf16 model drift apart after some tokens (where depends on the kernel's summation
+    order: 24 tokens in this build); short answers agree, and wrong rows or KV would differ at once."""
     flush_cache(omni_server)
-    ls = generate(omni_server, "The capital of France is", 40, "ls")["output_ids"]
+    ls = generate(omni_server, "The capital of France is", 16, "ls")["output_ids"]
     flush_cache(omni_server)
-    be = generate(omni_server, "The capital of France is", 40, "be")["output_ids"]
-    assert be == ls
+    be = generate(omni_server, "The capital of France is", 16, "be")["output_ids"]
+    assert len(be) == 16 and be == ls
 
 
 def test_cpu_attention_counter_grows_with_be_traffic_only(omni_server, model_path):
