@@ -105,6 +105,7 @@ class CPUAttentionClient:
         while True:
             try:
                 client.ping(timeout=0.5)
+                client._replies.clear()  # late answers to the pings that timed out
                 return client
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import zmq
 
+from omniserve_sgl import ops
 from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
 from omniserve_sgl.worker import CPUAttentionClient, WorkerError
 
@@ -62,10 +63,11 @@ def test_round_trip_driven_from_a_second_process():
     assert "round trips ok" in res.stdout
 
 
-@pytest.fixture
-def worker():
+@pytest.fixture(params=[0, 2000], ids=["zmq", "spin"])
+def worker(request):
+    """A worker blocking on ZeroMQ, and one busy-polling the slots' doorbells (spin_us=2000)."""
     pool = BEKVPool.create(BEKVPoolSpec(num_layers=2, num_kv_heads=1, head_dim=16, num_pages=8, page_size=4))
-    client = CPUAttentionClient.start(threads=1)
+    client = CPUAttentionClient.start(threads=1, spin_us=request.param)
     client.attach_pool(pool)
     client.create_staging(num_slots=2, max_rows=4, max_pages=8, num_qo_heads=2)
     yield client, pool
@@ -204,3 +206,22 @@ def _is_zombie(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_each_job_runs_once_and_no_reply_is_left_behind(worker):
+    """Whichever way the worker sees a job first (doorbell or ZeroMQ), it runs it once: the appended
+    token lands once, results match the kernel, and the client keeps no stray replies."""
+    client, pool = worker
+    pool.allocator.allocate("a", 1)
+    q = torch.randn(1, 2, 16).bfloat16()
+    for step in range(20):
+        pool.allocator.extend("a")
+        meta = pool.allocator.kv_metadata(["a"])
+        k = torch.full((1, 1, 16), float(step + 1)).bfloat16()
+        out, lse = client.wait(client.submit_decode(step % 2, q, *meta, k_new=k, v_new=k), timeout=30)
+        ref_out, ref_lse = ops.paged_decode_attention(q, pool.k_cache(step % 2), pool.v_cache(step % 2), *meta,
+                                                      kv_layout=pool.spec.kv_layout)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    time.sleep(0.2)
+    assert client.ping() < 5
+    assert not client._replies  # replies of jobs finished from shared memory were dropped on arrival
