@@ -80,9 +80,7 @@ class Worker:
             handled = self.handled[name]
             for slot, words in enumerate(area.jobs):
                 if words[0] > handled[slot]:
-                    job = dict(zip(JOB_FIELDS, words.tolist()))
-                    if job["seq"] <= handled[slot]:  # the seq word changed under us: re-read next round
-                        continue
+                    job = dict(zip(JOB_FIELDS, words.tolist()))  # the fields were written before seq
                     msg = P.Attend(int(job["seq"]), self.staging_pool.get(name, ""), name, slot, int(job["layer"]),
                                    int(job["num_rows"]), int(job["num_pages"]), bool(job["append_kv"]),
                                    job["sm_scale"], METHODS[int(job["method"])] if 0 <= job["method"] < 2 else "?")
