@@ -96,18 +96,19 @@ class BERuntime:
             kv_per_layer: iterable of ``(k, v)``, one per layer in order, each ``[n, H_kv, D]`` on any
                 device (copied to host memory), ``n`` the same for all layers.
         """
-        slots = None
+        where = None
         for layer, (k, v) in enumerate(kv_per_layer):
-            if slots is None:
+            if where is None:  # once per request: every layer puts token t at the same place
                 self.pages.extend(rid, k.shape[0])
-                slots = self._token_slots(rid, k.shape[0])
-            self.pool.store_tokens(layer, slots, k, v)
+                where = self._token_positions(rid, k.shape[0])
+            self.pool.store_tokens(layer, *where, k, v)
 
-    def _token_slots(self, rid: object, n: int) -> torch.Tensor:
+    def _token_positions(self, rid: object, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset in the page) of ``rid``'s first ``n`` tokens, int64 ``[n]`` each."""
         ps = self.pool.spec.page_size
         pages = torch.tensor(self.pages.pages(rid), dtype=torch.int64)
         t = torch.arange(n, dtype=torch.int64)
-        return pages[t // ps] * ps + t % ps
+        return pages[t // ps], t % ps
 
     # decode -------------------------------------------------------------------------------------
     def plan_decode(self, rids: list, rows: list) -> DecodePlan:

@@ -139,15 +139,14 @@ class BEKVPool:
         """Layer ``layer``'s V cache, ``spec.cache_shape``, ``spec.dtype``, CPU (shared memory)."""
         return self._v[layer]
 
-    def store_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def store_tokens(self, layer: int, pages: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
         """Writes K/V rows of tokens into layer ``layer``, in either layout.
 
         Args:
-            slots: ``[n]`` int64 token slots, ``page * page_size + offset in the page``.
+            pages, offsets: ``[n]`` int64, each token's page and its position in that page.
             k, v: ``[n, H_kv, D]`` on any device, cast to the pool's dtype.
         """
-        ps = self.spec.page_size
-        pages, offsets = slots // ps, slots % ps
         for cache, x in ((self._k[layer], k), (self._v[layer], v)):
             x = x.to("cpu", cache.dtype)
             if self.spec.kv_layout == "NHD":

@@ -83,7 +83,7 @@ class Worker:
                     job = dict(zip(JOB_FIELDS, words.tolist()))  # the fields were written before seq
                     msg = P.Attend(int(job["seq"]), self.staging_pool.get(name, ""), name, slot, int(job["layer"]),
                                    int(job["num_rows"]), int(job["num_pages"]), bool(job["append_kv"]),
-                                   job["sm_scale"], METHODS[int(job["method"])] if 0 <= job["method"] < 2 else "?")
+                                   job["sm_scale"], METHODS[int(job["method"])] if 0 <= job["method"] < len(METHODS) else "?")
                     reply = self.run_attend(msg)
                     self.sock.send_multipart([self.peers[name], P.encode(reply)])
                     ran = True
@@ -162,7 +162,7 @@ class Worker:
         if not (0 <= msg.num_rows <= spec.max_rows and 0 <= msg.num_pages <= spec.max_pages):
             raise ValueError(f"{msg.num_rows} rows / {msg.num_pages} pages exceed the slot "
                              f"({spec.max_rows} rows, {spec.max_pages} pages)")
-        if msg.method not in ("kernel", "sdpa"):  # before anything is written into the pool
+        if msg.method not in METHODS:  # before anything is written into the pool
             raise ValueError(f"unknown attention method {msg.method!r}; use 'kernel' or 'sdpa'")
         q, k, v, out, lse, indptr, last = self._row_views(msg.staging, area, msg.slot, msg.num_rows)
         indices = area.slots[msg.slot]["kv_indices"][: msg.num_pages]

@@ -44,9 +44,8 @@ def test_stored_tokens_are_what_the_kernel_attends_over(layout):
     try:
         pool.allocator.allocate("r", 11)
         pages = torch.tensor(pool.allocator.pages("r"))
-        slots = pages[torch.arange(11) // 4] * 4 + torch.arange(11) % 4
         k, v = torch.randn(11, 2, 16), torch.randn(11, 2, 16)
-        pool.store_tokens(1, slots, k, v)
+        pool.store_tokens(1, pages[torch.arange(11) // 4].long(), torch.arange(11) % 4, k, v)
         q = torch.randn(1, 2, 16)
         out, _ = ops.paged_decode_attention(q, pool.k_cache(1), pool.v_cache(1), *pool.allocator.kv_metadata(["r"]),
                                             kv_layout=layout)
