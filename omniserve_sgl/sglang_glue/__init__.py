@@ -9,7 +9,9 @@ Hook map (target -> hook):
   Scheduler._create_generation_req (AFTER), init_req_max_new_tokens (AFTER),
   Scheduler._get_new_batch_prefill_raw (AROUND),
   SchedulerBatchResultProcessor.process_batch_result_prefill (AFTER),
-  alloc_for_decode (AROUND), release_kv_cache (AROUND)                   -> scheduler
+  alloc_for_decode (AROUND), release_kv_cache (AROUND),
+  ScheduleBatch.new_tokens_required_next_decode, _get_decode_retraction_order,
+  retract_decode (AROUND)                                                -> scheduler
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 SGLANG_VERSION = "0.5.23"
 _S = "sglang.srt.managers.scheduler.Scheduler"
+_B = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 _ALWAYS = (
     "sglang.srt.server_args.ServerArgs.add_cli_args",
     "sglang.srt.server_args.ServerArgs.from_cli_args",
@@ -38,6 +41,9 @@ _SERVING = (
      ".process_batch_result_prefill"),
     "sglang.srt.mem_cache.allocation.alloc_for_decode",
     "sglang.srt.mem_cache.common.release_kv_cache",
+    f"{_B}.new_tokens_required_next_decode",
+    f"{_B}._get_decode_retraction_order",
+    f"{_B}.retract_decode",
 )
 
 
@@ -103,6 +109,9 @@ def register() -> None:
         (scheduler.offload_after_prefill, HookType.AFTER),
         (scheduler.alloc_decode, HookType.AROUND),
         (scheduler.release_kv, HookType.AROUND),
+        (scheduler.decode_tokens_needed, HookType.AROUND),
+        (scheduler.retraction_order, HookType.AROUND),
+        (scheduler.retract_decode, HookType.AROUND),
     )
     for target, (hook, kind) in zip(_SERVING, hooks, strict=True):
         HookRegistry.register(target, hook, kind)

@@ -77,4 +77,20 @@ def from_cli_args(original, cls, args: argparse.Namespace):
                 args.tokenizer_metrics_allowed_custom_labels = allowed + [SERVICE_CLASS_KEY]
         config.export()
         logger.info("omniserve enabled: %s", config)
+        server_args = original(cls, args)
+        _refuse_mla(server_args)
+        return server_args
     return original(cls, args)
+
+
+def _refuse_mla(server_args) -> None:
+    """MLA models (DeepSeek-V2/V3, Kimi, ...) keep one compressed latent per token instead of
+    per-head K/V, which the BE KV pool and the CPU kernel do not handle; refused here, before any
+    weights load, from SGLang's own reading of the model config (``ModelConfig.attention_arch``)."""
+    from sglang.srt.configs.model_config import AttentionArch, ModelConfig
+
+    model_config = ModelConfig.from_server_args(server_args)
+    if model_config.attention_arch == AttentionArch.MLA:
+        raise SystemExit(f"omniserve: --omniserve does not support MLA models yet "
+                         f"({', '.join(model_config.hf_config.architectures or ['this model'])}); "
+                         "run this model without --omniserve")

@@ -10,7 +10,7 @@ def init_attention_backends(_result, model_runner) -> None:
     attention worker (once) and wraps the published attention backend with the LS/BE split.
 
     Raises:
-        RuntimeError: an unsupported model (MLA) or a worker that did not start; the server stops.
+        RuntimeError: the worker did not start; the server stops.
     """
     if scheduler.runtime() is None:
         scheduler.start_runtime(model_runner)

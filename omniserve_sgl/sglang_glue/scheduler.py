@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
 
 from omniserve_sgl import config
 from omniserve_sgl.be_runtime import BERuntime, DecodePlan
@@ -47,11 +48,7 @@ def take_decode_plan() -> DecodePlan | None:
 def start_runtime(model_runner) -> BERuntime:
     """Creates this process's BE KV pool and CPU attention worker, sized from the model runner."""
     global _runtime, _metrics
-    from sglang.srt.configs.model_config import AttentionArch
-
-    mc = model_runner.model_config
-    if getattr(mc, "attention_arch", None) == AttentionArch.MLA:
-        raise RuntimeError("omniserve: MLA models are not supported yet; run without --omniserve")
+    mc = model_runner.model_config  # MLA models were refused with the command line (cli)
     kv_pool = model_runner.token_to_kv_pool
     _runtime = BERuntime(config.current(), num_layers=mc.num_hidden_layers, num_kv_heads=kv_pool.head_num,
                          head_dim=kv_pool.head_dim, num_qo_heads=mc.num_attention_heads,
@@ -201,6 +198,31 @@ def release_kv(original, req, tree_cache, *, checkpoint: bool):
 
 
 # decode -----------------------------------------------------------------------------------------
+def decode_tokens_needed(original, self, selected_indices=None):
+    """AROUND ``ScheduleBatch.new_tokens_required_next_decode``: offloaded BE rows need no GPU KV
+    slot for their next token (it goes to the BE KV pool), so only LS rows count towards the GPU KV
+    the next decode step needs, and BE rows never make SGLang think it must retract."""
+    rows = range(len(self.reqs)) if selected_indices is None else selected_indices
+    return original(self, [i for i in rows if not is_offloaded(self.reqs[i])])
+
+
+def retraction_order(original, reqs):
+    """AROUND ``ScheduleBatch._get_decode_retraction_order`` (most preferred to keep first; SGLang
+    retracts from the end): offloaded BE requests hold no GPU KV, so retracting one frees nothing
+    and throws its decode progress away. They move to the front, in SGLang's order, and LS
+    requests are retracted first, in SGLang's order."""
+    order = original(reqs)
+    return [i for i in order if is_offloaded(reqs[i])] + [i for i in order if not is_offloaded(reqs[i])]
+
+
+def retract_decode(original, self):
+    """AROUND ``ScheduleBatch.retract_decode``: a batch of offloaded BE requests only holds no GPU
+    KV to free, so nothing is retracted (SGLang's loop retracts at least one request per call)."""
+    if self.reqs and all(is_offloaded(r) for r in self.reqs):
+        return [], NewTokenRatioTracker.estimate_new_token_ratio_after_retract(self.reqs), []
+    return original(self)
+
+
 def alloc_decode(original, batch, token_per_req: int):
     """AROUND ``mem_cache.allocation.alloc_for_decode``: only LS rows get GPU KV slots. Offloaded BE
     rows get slot 0 (SGLang's padding slot, never written: the attention split keeps BE rows away

@@ -34,6 +34,18 @@ def test_be_output_equals_ls_output_token_for_token(model_path, plain_server, pr
             assert be == ls == want
 
 
+def test_be_output_with_the_cpu_kernel_equals_ls_output_in_float32(model_path, prompts):
+    """With the default kernel and the model in float32, no probability is rounded to bf16 on either
+    side, so greedy BE output is LS output token for token (here 32 tokens of 3 prompts)."""
+    with SGLangServer(model_path, "--omniserve", "--dtype", "float32") as server:
+        for text in ["The capital of France is", *prompts[:2]]:
+            flush_cache(server)
+            ls = generate(server, text, 32, "ls")["output_ids"]
+            flush_cache(server)
+            be = generate(server, text, 32, "be")["output_ids"]
+            assert len(be) == 32 and be == ls
+
+
 def test_be_output_with_the_cpu_kernel_starts_like_ls(omni_server):
     """omniserve's kernel accumulates in fp32 where SDPA rounds probabilities to bf16, so long greedy
     runs of a 135M bf16 model drift apart after some tokens (where depends on the kernel's summation
