@@ -131,13 +131,31 @@ def bench_handoff(threads: int, spin_us: float = 0.0, rows: int = 32, ctx: int =
                 round_trip.append(rt)
                 overhead.append(rt - client.last_kernel_us)
         ping = [client.ping() * 1e6 for _ in range(200)]
+        copies = staging_copies(client.staging.slots[0], q, k_new)
     finally:
         client.close()
         pool.close()
         os.sched_setaffinity(0, cores)
     return {"rows": rows, "ctx": ctx, "spin_us": spin_us, "worker_threads": 1 if split else threads,
             "overhead_us_p50": quantile(overhead, 0.5), "overhead_us_p99": quantile(overhead, 0.99),
-            "round_trip_us_p50": quantile(round_trip, 0.5), "ping_us_p50": quantile(ping, 0.5)}
+            "round_trip_us_p50": quantile(round_trip, 0.5), "ping_us_p50": quantile(ping, 0.5),
+            "data_copies_us_p50": copies, "job_messages": client.job_messages, "jobs": steps}
+
+
+def staging_copies(slot: dict, q: torch.Tensor, kv: torch.Tensor, n: int = 200) -> float:
+    """Median time of one job's data transfer on the client, us: q, k, v into the staging slot and
+    out, lse back out of it (on a GPU these are the device-host copies)."""
+    rows = q.shape[0]
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        slot["q"][:rows].copy_(q)
+        slot["k"][:rows].copy_(kv)
+        slot["v"][:rows].copy_(kv)
+        slot["out"][:rows].clone()
+        slot["lse"][:rows].clone()
+        times.append((time.perf_counter() - t) * 1e6)
+    return quantile(times, 0.5)
 
 
 def quantile(xs: list[float], p: float) -> float:
@@ -208,13 +226,15 @@ def markdown(r: dict) -> str:
         "",
         "Worker hand-off, decode step of 32 BE rows (smollm2-135m, ctx 1024); overhead = round trip minus kernel:",
         "",
-        "| mode | worker threads | overhead p50 us | overhead p99 us | round trip p50 us | empty ZeroMQ ping p50 us |",
-        "|---|---|---|---|---|---|",
+        ("| mode | worker threads | overhead p50 us | overhead p99 us | of which data copies us | round trip p50 us | "
+        "jobs sent over ZeroMQ | empty ZeroMQ ping p50 us |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for h in r["handoff"]:
         mode = f"busy-poll {h['spin_us']:.0f} us, worker on its own core" if h["spin_us"] else "block on ZeroMQ"
         lines.append(f"| {mode} | {h['worker_threads']} | {h['overhead_us_p50']:.0f} | {h['overhead_us_p99']:.0f} | "
-                     f"{h['round_trip_us_p50']:.0f} | {h['ping_us_p50']:.0f} |")
+                     f"{h['data_copies_us_p50']:.0f} | {h['round_trip_us_p50']:.0f} | "
+                     f"{h['job_messages']} of {h['jobs']} | {h['ping_us_p50']:.0f} |")
     lines.append("")
     return "\n".join(lines)
 

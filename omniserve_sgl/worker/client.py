@@ -24,7 +24,7 @@ import zmq
 
 from omniserve_sgl.kv.pool import BEKVPool, dtype_name
 from omniserve_sgl.worker import protocol as P
-from omniserve_sgl.worker.staging import METHODS, StagingArea, StagingSpec
+from omniserve_sgl.worker.staging import METHODS, WATCH_MARGIN_S, StagingArea, StagingSpec
 
 
 class WorkerError(RuntimeError):
@@ -60,7 +60,9 @@ class CPUAttentionClient:
         self.sock.connect(endpoint)
         self._seq = 0
         self._replies: dict[int, P.Reply] = {}
-        self._answered: set[int] = set()  # jobs wait() finished from shared memory, replies not yet seen
+        # Messages whose replies are still wanted; a reply to anything else (a job wait() finished
+        # from shared memory, a ping that timed out) is dropped when it arrives.
+        self._awaiting: set[int] = set()
         self.pool: BEKVPool | None = None
         self._pool_name: str | None = None
         self.staging: StagingArea | None = None
@@ -71,6 +73,7 @@ class CPUAttentionClient:
         # metadata, so it is copied once per slot and step, not once per layer.
         self._staged_meta: dict[int, tuple] = {}
         self.last_kernel_us = 0.0
+        self.job_messages = 0  # jobs announced over ZeroMQ too (the worker was not polling doorbells)
 
     # lifecycle ------------------------------------------------------------------------------
     @classmethod
@@ -105,7 +108,8 @@ class CPUAttentionClient:
         while True:
             try:
                 client.ping(timeout=0.5)
-                client._replies.clear()  # late answers to the pings that timed out
+                client._awaiting.clear()  # pings that timed out: their late answers are dropped
+                client._replies.clear()
                 return client
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -233,7 +237,10 @@ class CPUAttentionClient:
             words = self.staging.jobs[slot]
             words[1:] = (layer, n, nnz, k_new is not None, METHODS.index(method) if method in METHODS else -1, scale)
             words[0] = msg.seq  # the doorbell: last, after the inputs and the job words
-            self.sock.send(P.encode(msg))  # wakes a worker that is not polling
+            self._awaiting.add(msg.seq)
+            if self.staging.watch[slot][0] < time.perf_counter() + WATCH_MARGIN_S:
+                self.sock.send(P.encode(msg))  # the worker is not polling the doorbells: wake it
+                self.job_messages += 1
         except BaseException:
             self._free_slots.append(slot)
             self._staged_meta.pop(slot, None)
@@ -257,14 +264,17 @@ class CPUAttentionClient:
             WorkerDiedError: the worker exited.
             TimeoutError: no result within ``timeout`` seconds (the job stays in flight).
         """
-        done = self.staging.done[job.slot]
-        spin_until = time.perf_counter() + self.spin_s
-        while done[0] < job.seq and job.seq not in self._replies and time.perf_counter() < spin_until:
-            pass
+        done, watch = self.staging.done[job.slot], self.staging.watch[job.slot]
+        if self.spin_s and done[0] < job.seq:
+            # While this word is ahead of the clock, the worker writes done words and sends no reply.
+            watch[1] = spin_until = time.perf_counter() + self.spin_s
+            while done[0] < job.seq and time.perf_counter() < spin_until:
+                pass
+            watch[1] = 0.0
         if done[0] >= job.seq and done[1]:  # finished and fine (the worker writes seq after ok and time)
             reply = P.Reply(job.seq, True, kernel_us=float(done[2]))
-            if self._replies.pop(job.seq, None) is None:
-                self._answered.add(job.seq)  # its ZeroMQ reply is still on the way: dropped on arrival
+            self._awaiting.discard(job.seq)
+            self._replies.pop(job.seq, None)
         else:  # failed (the reply has the message), or not done yet: block on ZeroMQ
             reply = self._await(job.seq, timeout)
         s = self.staging.slots[job.slot]
@@ -285,6 +295,7 @@ class CPUAttentionClient:
         return self._seq
 
     def _request(self, msg, timeout: float) -> P.Reply:
+        self._awaiting.add(msg.seq)
         self.sock.send(P.encode(msg))
         reply = self._await(msg.seq, timeout)
         if not reply.ok:
@@ -299,9 +310,7 @@ class CPUAttentionClient:
                 except zmq.Again:
                     return
                 reply = P.decode(data)
-                if reply.seq in self._answered:
-                    self._answered.discard(reply.seq)
-                else:
+                if reply.seq in self._awaiting:
                     self._replies[reply.seq] = reply
 
     def _await(self, seq: int, timeout: float | None) -> P.Reply:
@@ -313,4 +322,5 @@ class CPUAttentionClient:
             self._drain(wait_ms)
             if seq not in self._replies and deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no reply from the CPU attention worker for message {seq} within {timeout} s")
+        self._awaiting.discard(seq)
         return self._replies.pop(seq)

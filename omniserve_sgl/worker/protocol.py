@@ -1,10 +1,11 @@
 """Messages between the CPU attention client and worker: small dataclasses encoded with orjson.
 
 Only descriptors cross ZeroMQ (segment paths, slot numbers, row and page counts); tensors stay in
-shared memory (the BE KV pool and the staging slots). Every message gets a :class:`Reply`. An
-``Attend`` is also announced in its staging slot's job words and completed in its done words
-(``worker.staging``), so a busy-polling side need not wait for ZeroMQ; the worker runs each job
-once, whichever way it saw it first.
+shared memory (the BE KV pool and the staging slots). Every message gets a :class:`Reply`, but for
+an ``Attend`` that succeeds while its client busy-polls shared memory. An ``Attend`` is announced in
+its staging slot's job words and completed in its done words (``worker.staging``); each side skips
+its ZeroMQ message while the other says (in the slot's watch words) that it is polling. The worker
+runs each job once, whichever way it saw it first.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The CPU attention worker process: maps the BE KV pool and staging slots, runs decode-attention
-jobs on its own kernel threads, and answers every message (errors included) over ZeroMQ.
+jobs on its own kernel threads, and answers over ZeroMQ (every error, and every result its client
+is not busy-polling shared memory for).
 
 Jobs run one after another in arrival order; the client keeps several in flight and collects the
 replies when it likes. After each job the worker busy-polls the slots' doorbells (and its socket)
-for ``spin_s`` seconds before it blocks on ZeroMQ again: with cores of its own, that takes the
-ZeroMQ wake-up out of the per-layer hand-off. The worker exits on a Shutdown message, on SIGTERM,
-or when its parent process is gone.
-"""
+for ``spin_s`` seconds before it blocks on ZeroMQ again, and says so in the slots' watch words: with
+cores of its own, that takes ZeroMQ out of the per-layer hand-off both ways. The worker exits on a
+Shutdown message, on SIGTERM, or when its parent process is gone."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import zmq
 from omniserve_sgl import ops
 from omniserve_sgl.kv.pool import BEKVPool
 from omniserve_sgl.worker import protocol as P
-from omniserve_sgl.worker.staging import JOB_FIELDS, METHODS, StagingArea
+from omniserve_sgl.worker.staging import JOB_FIELDS, METHODS, WATCH_MARGIN_S, StagingArea
 
 logger = logging.getLogger("omniserve.worker")
 
@@ -50,10 +50,11 @@ class Worker:
     def serve(self) -> None:
         spin_until = 0.0
         while self.running:
+            now = time.perf_counter()  # before the doorbells are read: see WATCH_MARGIN_S
             if self.run_doorbells():
-                spin_until = time.perf_counter() + self.spin_s
+                spin_until = self._polling_until(time.perf_counter() + self.spin_s)
                 continue
-            spinning = time.perf_counter() < spin_until
+            spinning = now < spin_until
             if not self.sock.poll(0 if spinning else PARENT_CHECK_S * 1000):
                 if not spinning and not self.parent_alive():
                     logger.warning("parent process %s is gone; CPU attention worker exits", self.parent_pid)
@@ -70,8 +71,17 @@ class Worker:
                 reply = self.handle(frames[1], frames[0])
                 if reply is not None:
                     self.sock.send_multipart([frames[0], P.encode(reply)])
-            spin_until = time.perf_counter() + self.spin_s
+            spin_until = self._polling_until(time.perf_counter() + self.spin_s)
         self.close()
+
+    def _polling_until(self, t: float) -> float:
+        """Publishes that the doorbells are polled until ``t`` (clients then send no ZeroMQ message
+        for a job); the serve loop reads the doorbells once more after ``t`` before it blocks."""
+        if self.spin_s:
+            for area in self.staging.values():
+                for watch in area.watch:
+                    watch[0] = t
+        return t
 
     def run_doorbells(self) -> bool:
         """Runs every job announced in a slot's job words and not run yet; True if any ran."""
@@ -85,12 +95,14 @@ class Worker:
                                    int(job["num_rows"]), int(job["num_pages"]), bool(job["append_kv"]),
                                    job["sm_scale"], METHODS[int(job["method"])] if 0 <= job["method"] < len(METHODS) else "?")
                     reply = self.run_attend(msg)
-                    self.sock.send_multipart([self.peers[name], P.encode(reply)])
+                    if reply is not None:
+                        self.sock.send_multipart([self.peers[name], P.encode(reply)])
                     ran = True
         return ran
 
     def handle(self, data: bytes, peer: bytes = b"") -> P.Reply | None:
-        """Answers one ZeroMQ message; None for an Attend its doorbell already ran (answered then)."""
+        """Answers one ZeroMQ message; None for an Attend its doorbell already ran (answered then)
+        or whose client watches the done words (see :meth:`run_attend`)."""
         seq = -1
         try:
             msg = P.decode(data)
@@ -133,8 +145,10 @@ class Worker:
             raise P.ProtocolError(f"Attach.kind must be 'kv_pool' or 'staging', got {msg.kind!r}")
         return P.Reply(msg.seq, True)
 
-    def run_attend(self, msg: P.Attend) -> P.Reply:
-        """Runs one job and publishes its completion in the slot's done words (seq last)."""
+    def run_attend(self, msg: P.Attend) -> P.Reply | None:
+        """Runs one job and publishes its completion in the slot's done words (seq last). Returns
+        the reply to send, or None for a job that succeeded while its client polls the done words
+        (it stops polling no earlier than WATCH_MARGIN_S from now, and reads them once more then)."""
         area = self.staging.get(msg.staging)
         slot_ok = area is not None and 0 <= msg.slot < len(area.jobs)
         if slot_ok:
@@ -147,6 +161,8 @@ class Worker:
             done = area.done[msg.slot]
             done[1], done[2] = float(reply.ok), reply.kernel_us
             done[0] = msg.seq
+            if reply.ok and area.watch[msg.slot][1] > time.perf_counter() + WATCH_MARGIN_S:
+                return None
         return reply
 
     def attend(self, msg: P.Attend) -> P.Reply:

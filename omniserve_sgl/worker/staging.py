@@ -1,11 +1,14 @@
 """Staging slots: shared-memory buffers through which one decode-attention job's inputs and
 outputs pass between the client and the worker (no tensor is ever pickled or sent over ZeroMQ).
 
-Each slot also carries two small float64 word arrays, the shared-memory side of the hand-off:
-``job`` (the client's doorbell: ``JOB_FIELDS``, ``seq`` written last) and ``done`` (the worker's
-completion: ``DONE_FIELDS``, ``seq`` written last). A worker that is busy-polling picks a job up
-from its doorbell without waiting for the ZeroMQ message, and a client that is busy-polling sees
-the result in ``done`` before the ZeroMQ reply arrives. float64 holds every integer field exactly.
+Each slot also carries small float64 word arrays, the shared-memory side of the hand-off:
+``job`` (the client's doorbell: ``JOB_FIELDS``, ``seq`` written last), ``done`` (the worker's
+completion: ``DONE_FIELDS``, ``seq`` written last) and ``watch`` (``WATCH_FIELDS``: until when, in
+``time.perf_counter()`` seconds, the worker busy-polls the doorbells and the client busy-polls this
+slot's done words). A worker that is busy-polling picks a job up from its doorbell without waiting
+for the ZeroMQ message, and a client that is busy-polling sees the result in ``done`` before the
+ZeroMQ reply arrives; while the other side's ``watch`` word says it is polling, each side skips its
+ZeroMQ message altogether. float64 holds every integer field exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from omniserve_sgl.shm import SegmentHandle, SharedSegment, align, pin_for_cuda
 
 JOB_FIELDS = ("seq", "layer", "num_rows", "num_pages", "append_kv", "method", "sm_scale")
 DONE_FIELDS = ("seq", "ok", "kernel_us")
+WATCH_FIELDS = ("worker_polling_until", "client_waiting_until")
+# A side skips its ZeroMQ message only while the other will go on polling for at least this long
+# (it re-reads the words once more when it stops): far longer than a store takes to reach the other
+# core (x86 keeps stores in order), so a job or result is never left unseen.
+WATCH_MARGIN_S = 50e-6
 METHODS = ("kernel", "sdpa")  # job word "method" indexes this
 
 
@@ -48,6 +56,7 @@ class StagingSpec:
         return [
             ("job", torch.float64, (len(JOB_FIELDS),)),
             ("done", torch.float64, (len(DONE_FIELDS),)),
+            ("watch", torch.float64, (len(WATCH_FIELDS),)),
             ("q", dt, (r, hq, d)),
             ("k", dt, (r, hkv, d)),
             ("v", dt, (r, hkv, d)),
@@ -77,9 +86,9 @@ class StagingSpec:
 class StagingArea:
     """The slots of a :class:`StagingSpec` in one shared segment; ``slots[i]`` maps field names to
     tensors (``q [max_rows, H_q, D]``, ``k``/``v [max_rows, H_kv, D]``, ``out``, ``lse [max_rows, H_q]``
-    float32, and int32 ``kv_indptr``, ``kv_indices``, ``kv_last_page_len``); ``jobs[i]`` and
-    ``done[i]`` are numpy views of slot i's ``job`` and ``done`` words (a numpy read costs far less
-    than a tensor's, which matters in a polling loop)."""
+    float32, and int32 ``kv_indptr``, ``kv_indices``, ``kv_last_page_len``); ``jobs[i]``,
+    ``done[i]`` and ``watch[i]`` are numpy views of slot i's word arrays (a numpy read costs far
+    less than a tensor's, which matters in a polling loop)."""
 
     def __init__(self, spec: StagingSpec, segment: SharedSegment):
         self.spec = spec
@@ -92,6 +101,7 @@ class StagingArea:
         ]
         self.jobs = [slot["job"].numpy() for slot in self.slots]
         self.done = [slot["done"].numpy() for slot in self.slots]
+        self.watch = [slot["watch"].numpy() for slot in self.slots]
 
     @classmethod
     def create(cls, spec: StagingSpec, pin: bool = True) -> StagingArea:
@@ -108,5 +118,5 @@ class StagingArea:
         return {"spec": asdict(self.spec), "segment": asdict(self.segment.handle)}
 
     def close(self) -> None:
-        self.slots, self.jobs, self.done = [], [], []
+        self.slots, self.jobs, self.done, self.watch = [], [], [], []
         self.segment.close()

@@ -36,8 +36,9 @@ def test_be_output_equals_ls_output_token_for_token(model_path, plain_server, pr
 
 def test_be_output_with_the_cpu_kernel_equals_ls_output_in_float32(model_path, prompts):
     """With the default kernel and the model in float32, no probability is rounded to bf16 on either
-    side, so greedy BE output is LS output token for token (here 32 tokens of 3 prompts)."""
-    with SGLangServer(model_path, "--omniserve", "--dtype", "float32") as server:
+    side, so greedy BE output is LS output token for token (here 32 tokens of 3 prompts). The hand-off
+    busy-polls shared memory here (--omniserve-cpu-spin-us), the path where ZeroMQ is skipped."""
+    with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--omniserve-cpu-spin-us", "500") as server:
         for text in ["The capital of France is", *prompts[:2]]:
             flush_cache(server)
             ls = generate(server, text, 32, "ls")["output_ids"]
