@@ -3,26 +3,13 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <optional>
 #include <string>
-#include <tuple>
 
 #include "decode_kernel.h"
+#include "doorbell.h"
+#include "host_ops.h"
 
 namespace omniserve {
-
-std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
-    const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-    const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices, const torch::Tensor& kv_last_page_len,
-    double sm_scale, const std::string& kv_layout, const std::string& backend,
-    const std::optional<torch::Tensor>& out, const std::optional<torch::Tensor>& lse);
-
-void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_cache,
-                     const torch::Tensor& v_cache, const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
-                     const torch::Tensor& kv_last_page_len, const std::string& kv_layout);
-
-std::tuple<torch::Tensor, torch::Tensor> merge_state(const torch::Tensor& v_a, const torch::Tensor& s_a,
-                                                     const torch::Tensor& v_b, const torch::Tensor& s_b);
 
 // Which decode kernel "auto" runs on this CPU: "avx512_bf16", "avx512" or "portable".
 std::string decode_backend() {
@@ -56,4 +43,13 @@ TORCH_LIBRARY_IMPL(omniserve, CompositeExplicitAutograd, m) {
   m.impl("merge_state", &omniserve::merge_state);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // importing the module runs the registrations above
+// Importing the module runs the registrations above; the doorbell loop is a plain Python class of
+// the worker (it holds state across calls, which an op cannot).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<omniserve::DoorbellLoop>(m, "DoorbellLoop")
+      .def(pybind11::init<const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::string>&,
+                          const std::vector<std::string>&, const std::vector<std::string>&,
+                          const std::vector<std::string>&, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                          std::string, torch::Tensor, double>())
+      .def("serve", &omniserve::DoorbellLoop::serve);
+}

@@ -23,7 +23,7 @@ class ProtocolError(ValueError):
 class Attach:
     """Map a shared segment under ``name``: ``kind`` is ``"kv_pool"`` or ``"staging"``; ``handle``
     is the owner's ``handle()`` dict. A staging area names the ``pool`` its slots' doorbell jobs
-    attend over."""
+    attend over, attached before it."""
 
     seq: int
     name: str

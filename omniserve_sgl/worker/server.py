@@ -3,10 +3,13 @@ jobs on its own kernel threads, and answers over ZeroMQ (every error, and every 
 is not busy-polling shared memory for).
 
 Jobs run one after another in arrival order; the client keeps several in flight and collects the
-replies when it likes. After each job the worker busy-polls the slots' doorbells (and its socket)
-for ``spin_s`` seconds before it blocks on ZeroMQ again, and says so in the slots' watch words: with
-cores of its own, that takes ZeroMQ out of the per-layer hand-off both ways. The worker exits on a
-Shutdown message, on SIGTERM, or when its parent process is gone."""
+replies when it likes. A job announced in a slot's doorbell runs in a C++ loop (``_C.DoorbellLoop``,
+csrc/doorbell.cpp) from pick-up to the done words, so no Python runs between the two sides' shared
+memory; this module serves the socket, and runs what that loop hands back (another method, bad job
+words, a failing job). After each job the worker busy-polls the doorbells (and, every SLICE_S, its
+socket) for ``spin_s`` seconds before it blocks on ZeroMQ again, and says so in the slots' watch
+words: with cores of its own, that takes ZeroMQ out of the per-layer hand-off both ways. The worker
+exits on a Shutdown message, on SIGTERM, or when its parent process is gone."""
 
 from __future__ import annotations
 
@@ -14,17 +17,27 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 import zmq
 
-from omniserve_sgl import ops
+from omniserve_sgl import _C, ops
 from omniserve_sgl.kv.pool import BEKVPool
 from omniserve_sgl.worker import protocol as P
-from omniserve_sgl.worker.staging import JOB_FIELDS, METHODS, WATCH_MARGIN_S, StagingArea
+from omniserve_sgl.worker.staging import (
+    DONE_FIELDS,
+    JOB_FIELDS,
+    METHODS,
+    WATCH_FIELDS,
+    WATCH_MARGIN_S,
+    StagingArea,
+)
 
 logger = logging.getLogger("omniserve.worker")
 
 PARENT_CHECK_S = 0.2  # how often an idle worker checks that its parent is alive
+SLICE_S = 100e-6  # the longest the C++ doorbell loop spins before the socket is served again
+IDLE, REPLY, PYTHON = 0, 1, 2  # what DoorbellLoop.serve() returns (csrc/doorbell.cpp)
 
 
 class Worker:
@@ -40,7 +53,8 @@ class Worker:
         self.staging: dict[str, StagingArea] = {}
         self.staging_pool: dict[str, str] = {}  # staging name -> the pool its doorbell jobs use
         self.peers: dict[str, bytes] = {}  # staging name -> identity of the client that attached it
-        self.handled: dict[str, list[float]] = {}  # staging name -> last job seq run, per slot
+        self.handled: dict[str, np.ndarray] = {}  # staging name -> last job seq run, per slot (shared with its loop)
+        self.loops: dict[str, _C.DoorbellLoop] = {}  # staging name -> the C++ loop that runs its doorbell jobs
         self._views: dict[tuple, tuple] = {}  # (staging name, slot, rows) -> the slot's tensors cut to rows
         self.running = True
 
@@ -51,9 +65,7 @@ class Worker:
         spin_until = 0.0
         while self.running:
             now = time.perf_counter()  # before the doorbells are read: see WATCH_MARGIN_S
-            if self.run_doorbells():
-                spin_until = self._polling_until(time.perf_counter() + self.spin_s)
-                continue
+            spin_until = self.run_doorbells(spin_until)
             spinning = now < spin_until
             if not self.sock.poll(0 if spinning else PARENT_CHECK_S * 1000):
                 if not spinning and not self.parent_alive():
@@ -83,22 +95,34 @@ class Worker:
                     watch[0] = t
         return t
 
-    def run_doorbells(self) -> bool:
-        """Runs every job announced in a slot's job words and not run yet; True if any ran."""
-        ran = False
-        for name, area in list(self.staging.items()):
-            handled = self.handled[name]
-            for slot, words in enumerate(area.jobs):
-                if words[0] > handled[slot]:
-                    job = dict(zip(JOB_FIELDS, words.tolist()))  # the fields were written before seq
-                    msg = P.Attend(int(job["seq"]), self.staging_pool.get(name, ""), name, slot, int(job["layer"]),
-                                   int(job["num_rows"]), int(job["num_pages"]), bool(job["append_kv"]),
-                                   job["sm_scale"], METHODS[int(job["method"])] if 0 <= job["method"] < len(METHODS) else "?")
-                    reply = self.run_attend(msg)
-                    if reply is not None:
-                        self.sock.send_multipart([self.peers[name], P.encode(reply)])
-                    ran = True
-        return ran
+    def run_doorbells(self, until: float) -> float:
+        """Runs the jobs announced in the slots' job words, polling them until ``until`` (in slices
+        of SLICE_S, so the socket is served too); a job run extends it by ``spin_s``. Kernel jobs run
+        in the C++ loop; the rest (another method, bad words, a failing job) run here, which sends
+        the error. Returns the new polling deadline."""
+        slice_s = SLICE_S if len(self.loops) == 1 else 0.0  # several areas: one pass each, in turn
+        before = until
+        for name, loop in list(self.loops.items()):
+            while True:
+                code, slot, seq, kernel_us, until = loop.serve(until, slice_s, self.spin_s)
+                if code == IDLE:
+                    break
+                if code == REPLY:
+                    reply = P.Reply(int(seq), True, kernel_us=kernel_us)
+                else:
+                    reply = self.run_attend(self._job_from_words(name, slot))
+                if reply is not None:
+                    self.sock.send_multipart([self.peers[name], P.encode(reply)])
+        if until > before and len(self.loops) > 1:  # each loop publishes its own area only
+            self._polling_until(until)
+        return until
+
+    def _job_from_words(self, name: str, slot: int) -> P.Attend:
+        job = dict(zip(JOB_FIELDS, self.staging[name].jobs[slot].tolist()))  # the fields were written before seq
+        method = int(job["method"])
+        return P.Attend(int(job["seq"]), self.staging_pool.get(name, ""), name, slot, int(job["layer"]),
+                        int(job["num_rows"]), int(job["num_pages"]), bool(job["append_kv"]), job["sm_scale"],
+                        METHODS[method] if 0 <= method < len(METHODS) else "?")
 
     def handle(self, data: bytes, peer: bytes = b"") -> P.Reply | None:
         """Answers one ZeroMQ message; None for an Attend its doorbell already ran (answered then)
@@ -118,8 +142,10 @@ class Worker:
                 return self.attach(msg, peer)
             if isinstance(msg, P.Detach):
                 pool, staging = self.pools.pop(msg.name, None), self.staging.pop(msg.name, None)
-                for table in (self.staging_pool, self.peers, self.handled):
+                for table in (self.staging_pool, self.peers, self.handled, self.loops):
                     table.pop(msg.name, None)
+                for name in [n for n, p in self.staging_pool.items() if p == msg.name]:
+                    self.loops.pop(name, None)  # it holds the pool's caches
                 self._views.clear()
                 for seg in (pool, staging):
                     if seg is not None:
@@ -136,11 +162,20 @@ class Worker:
         if msg.kind == "kv_pool":
             self.pools[msg.name] = BEKVPool.attach(msg.handle)
         elif msg.kind == "staging":
+            pool = self.pools.get(msg.pool)
+            if pool is None:
+                raise P.ProtocolError(f"attach the KV pool {msg.pool!r} before a staging area that uses it")
             area = StagingArea.attach(msg.handle)
+            handled = torch.tensor([float(w[0]) for w in area.jobs], dtype=torch.float64)  # earlier jobs are stale
+            fields = [f for f, _, _ in area.spec.fields()]
+            self.loops[msg.name] = _C.DoorbellLoop(
+                [[slot[f] for f in fields] for slot in area.slots], fields, list(JOB_FIELDS), list(DONE_FIELDS),
+                list(WATCH_FIELDS), [pool.k_cache(i) for i in range(pool.spec.num_layers)],
+                [pool.v_cache(i) for i in range(pool.spec.num_layers)], pool.spec.kv_layout, handled, WATCH_MARGIN_S)
             self.staging[msg.name] = area
             self.staging_pool[msg.name] = msg.pool
             self.peers[msg.name] = peer
-            self.handled[msg.name] = [float(w[0]) for w in area.jobs]  # jobs announced before this are stale
+            self.handled[msg.name] = handled.numpy()
         else:
             raise P.ProtocolError(f"Attach.kind must be 'kv_pool' or 'staging', got {msg.kind!r}")
         return P.Reply(msg.seq, True)

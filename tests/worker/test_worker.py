@@ -92,6 +92,8 @@ def test_malformed_messages_get_error_replies(worker):
                        "num_rows": 1, "num_pages": 1, "append_kv": False, "sm_scale": 1.0}), "unknown pool"),
         (orjson.dumps({"op": "attach", "seq": 6, "name": "x", "kind": "kv_pool",
                        "handle": {"spec": {}, "segment": {}}}), "Error"),
+        (orjson.dumps({"op": "attach", "seq": 7, "name": "s", "kind": "staging", "pool": "nope",
+                       "handle": {"spec": {}, "segment": {}}}), "attach the KV pool 'nope' before"),
     ]
     for payload, words in bad:
         raw.send(payload)
