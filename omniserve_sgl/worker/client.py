@@ -232,20 +232,21 @@ class CPUAttentionClient:
                 s["kv_last_page_len"][:n].copy_(kv_last_page_len)
                 self._staged_meta[slot] = (meta, versions)
             scale = 1.0 / math.sqrt(spec.head_dim) if sm_scale is None else float(sm_scale)
-            msg = P.Attend(self._next_seq(), self._pool_name, self._staging_name, slot, layer, n, nnz,
-                           k_new is not None, scale, method)
+            seq = self._next_seq()
             words = self.staging.jobs[slot]
             words[1:] = (layer, n, nnz, k_new is not None, METHODS.index(method) if method in METHODS else -1, scale)
-            words[0] = msg.seq  # the doorbell: last, after the inputs and the job words
-            self._awaiting.add(msg.seq)
+            words[0] = seq  # the doorbell: last, after the inputs and the job words
+            self._awaiting.add(seq)
             if self.staging.watch[slot][0] < time.perf_counter() + WATCH_MARGIN_S:
-                self.sock.send(P.encode(msg))  # the worker is not polling the doorbells: wake it
+                # The worker is not polling the doorbells: wake it.
+                self.sock.send(P.encode(P.Attend(seq, self._pool_name, self._staging_name, slot, layer, n, nnz,
+                                                 k_new is not None, scale, method)))
                 self.job_messages += 1
         except BaseException:
             self._free_slots.append(slot)
             self._staged_meta.pop(slot, None)
             raise
-        return Job(msg.seq, slot, n)
+        return Job(seq, slot, n)
 
     def poll(self, job: Job) -> bool:
         """Whether ``job``'s result has arrived (never blocks)."""
@@ -272,16 +273,17 @@ class CPUAttentionClient:
                 pass
             watch[1] = 0.0
         if done[0] >= job.seq and done[1]:  # finished and fine (the worker writes seq after ok and time)
-            reply = P.Reply(job.seq, True, kernel_us=float(done[2]))
+            kernel_us, error = float(done[2]), None
             self._awaiting.discard(job.seq)
             self._replies.pop(job.seq, None)
         else:  # failed (the reply has the message), or not done yet: block on ZeroMQ
             reply = self._await(job.seq, timeout)
+            kernel_us, error = reply.kernel_us, None if reply.ok else reply.error
         s = self.staging.slots[job.slot]
         try:
-            if not reply.ok:
-                raise WorkerError(reply.error)
-            self.last_kernel_us = reply.kernel_us
+            if error is not None:
+                raise WorkerError(error)
+            self.last_kernel_us = kernel_us
             n = job.num_rows
             out = s["out"][:n].clone() if out is None else out.copy_(s["out"][:n])
             lse = s["lse"][:n].clone() if lse is None else lse.copy_(s["lse"][:n])
