@@ -132,6 +132,8 @@ class Worker:
             msg = P.decode(data)
             seq = msg.seq
             if isinstance(msg, P.Attend):
+                if msg.staging in self.loops:  # its doorbell was rung before the message was sent
+                    self.run_doorbells(0.0)
                 handled = self.handled.get(msg.staging)
                 if handled is not None and 0 <= msg.slot < len(handled) and msg.seq <= handled[msg.slot]:
                     return None
