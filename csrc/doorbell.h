@@ -32,7 +32,8 @@ class DoorbellLoop {
     double* job;
     double* done;
     double* watch;
-    std::vector<torch::Tensor> t;  // q, k, v, out, lse, kv_indptr, kv_indices, kv_last_page_len
+    std::vector<torch::Tensor> words;  // job, done, watch: held so their memory stays mapped
+    std::vector<torch::Tensor> t;      // q, k, v, out, lse, kv_indptr, kv_indices, kv_last_page_len
   };
   const std::vector<torch::Tensor>& views(int64_t slot, int64_t rows, int64_t pages);
   void publish_polling_until(double until);

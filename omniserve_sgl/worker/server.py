@@ -246,6 +246,7 @@ class Worker:
 
     def close(self) -> None:
         self._views.clear()
+        self.loops.clear()  # they hold views of the segments
         for seg in [*self.pools.values(), *self.staging.values()]:
             seg.close()
         self.sock.close(0)
