@@ -174,7 +174,8 @@ class CPUAttentionClient:
         except BaseException:
             area.close()
             raise
-        if self.staging is not None:
+        if self.staging is not None:  # replaced: the worker unmaps it too
+            self._request(P.Detach(self._next_seq(), self._staging_name), timeout)
             self.staging.close()
         self.staging, self._staging_name = area, name
         self._free_slots = list(range(num_slots - 1, -1, -1))

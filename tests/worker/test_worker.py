@@ -257,3 +257,35 @@ def test_no_job_or_result_is_missed_where_polling_stops():
     finally:
         client.close()
         pool.close()
+
+
+def test_two_clients_share_a_spinning_worker():
+    """A second client on the same worker (its own pool and staging area, replaced once): jobs of
+    both, interleaved and in flight together, are each answered with their own results."""
+    spec = BEKVPoolSpec(num_layers=1, num_kv_heads=1, head_dim=16, num_pages=8, page_size=4)
+    pools = [BEKVPool.create(spec), BEKVPool.create(spec)]
+    a = CPUAttentionClient.start(threads=1, spin_us=2000)
+    b = CPUAttentionClient(a.endpoint, spin_us=2000)
+    try:
+        for client, pool in zip((a, b), pools):
+            client.attach_pool(pool)
+            client.create_staging(num_slots=1, max_rows=2, max_pages=8, num_qo_heads=2)
+            pool.allocator.allocate("s", 6)
+            pool.k_cache(0).normal_()
+            pool.v_cache(0).normal_()
+        b.create_staging(num_slots=2, max_rows=2, max_pages=8, num_qo_heads=2)  # replaces b's first area
+        metas = [pool.allocator.kv_metadata(["s"]) for pool in pools]
+        for _ in range(50):
+            qs = [torch.randn(1, 2, 16).bfloat16() for _ in range(2)]
+            jobs = [c.submit_decode(0, q, *m) for c, q, m in zip((a, b), qs, metas)]
+            for client, job, q, meta, pool in zip((a, b), jobs, qs, metas, pools):
+                out, lse = client.wait(job, timeout=30)
+                ref_out, ref_lse = ops.paged_decode_attention(q, pool.k_cache(0), pool.v_cache(0), *meta,
+                                                              kv_layout=spec.kv_layout)
+                assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+        assert b.ping() < 5 and a.alive()
+    finally:
+        b.close()
+        a.close()
+        for pool in pools:
+            pool.close()
