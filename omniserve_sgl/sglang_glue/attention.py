@@ -79,10 +79,10 @@ def install(backend) -> None:
             ls = step.ls_idx
             out[ls] = inner_forward(q3[ls].reshape(len(ls), -1), k3[ls], v3[ls], layer, step.ls_fb,
                                     save_kv_cache, **kwargs).reshape(len(ls), -1)
-        if step.be_out is None:
-            step.be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device="cpu")
+        if step.be_out is None:  # on q's device: the result is copied there straight from the pinned slot
+            step.be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
         rt.wait(job, step.be_out)
-        out[be] = step.be_out.reshape(len(be), -1).to(out.device)
+        out[be] = step.be_out.reshape(len(be), -1)
         return out
 
     backend.init_forward_metadata = types.MethodType(init_forward_metadata, backend)
