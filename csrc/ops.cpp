@@ -46,7 +46,11 @@ TORCH_LIBRARY_IMPL(omniserve, CompositeExplicitAutograd, m) {
 // Importing the module runs the registrations above; the doorbell loop is a plain Python class of
 // the worker (it holds state across calls, which an op cannot).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<omniserve::DoorbellLoop>(m, "DoorbellLoop")
+  auto loop = pybind11::class_<omniserve::DoorbellLoop>(m, "DoorbellLoop");
+  loop.attr("IDLE") = static_cast<int64_t>(omniserve::DoorbellLoop::kIdle);  // what serve() returns first
+  loop.attr("REPLY") = static_cast<int64_t>(omniserve::DoorbellLoop::kReply);
+  loop.attr("PYTHON") = static_cast<int64_t>(omniserve::DoorbellLoop::kPython);
+  loop
       .def(pybind11::init<const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::string>&,
                           const std::vector<std::string>&, const std::vector<std::string>&,
                           const std::vector<std::string>&, std::vector<torch::Tensor>, std::vector<torch::Tensor>,

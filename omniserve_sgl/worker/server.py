@@ -37,7 +37,7 @@ logger = logging.getLogger("omniserve.worker")
 
 PARENT_CHECK_S = 0.2  # how often an idle worker checks that its parent is alive
 SLICE_S = 100e-6  # the longest the C++ doorbell loop spins before the socket is served again
-IDLE, REPLY, PYTHON = 0, 1, 2  # what DoorbellLoop.serve() returns (csrc/doorbell.cpp)
+IDLE, REPLY = _C.DoorbellLoop.IDLE, _C.DoorbellLoop.REPLY  # what DoorbellLoop.serve() returns first
 
 
 class Worker:
