@@ -81,9 +81,9 @@ void DoorbellLoop::publish_polling_until(double until) {
 
 // Polls the slots' doorbells and runs each new "kernel" job (append the new K/V, attend, publish
 // the done words, seq last) until `until` (time.perf_counter() seconds); a job run extends `until`
-// to spin_s from then and publishes it in the watch words. A pass that starts at or after `until`
-// is the last, so a job announced while the worker said it polls is always seen. Returns early,
-// after at most `slice_s`, so the caller can serve its socket, and whenever a job needs it:
+// to spin_s from then and publishes it in the watch words, before the done words. A pass that
+// starts at or after `until` is the last, so a job announced while the worker said it polls is
+// always seen. Returns early, after at most `slice_s`, so the caller can serve its socket, and whenever a job needs it:
 //   (kReply, slot, seq, kernel_us, until): the job ran but its client does not watch the done words;
 //   (kPython, slot, seq, 0, until): a job this loop does not run (another method, words out of
 //     range, or an op that raised): not marked handled, the caller runs it and sends the error;
@@ -119,15 +119,17 @@ std::tuple<int64_t, int64_t, double, double, double> DoorbellLoop::serve(double 
         return {kPython, i, seq, 0.0, until};
       }
       handled[i] = seq;
+      // Published before the done words: a client that submits its next job as soon as it sees
+      // this one done then finds the worker polling and sends no ZeroMQ message.
+      if (spin_s > 0) {
+        until = now_s() + spin_s;
+        publish_polling_until(until);
+      }
       store(&s.done[1], 1.0);
       store(&s.done[2], kernel_us);
       store(&s.done[0], seq);
       std::atomic_thread_fence(std::memory_order_seq_cst);  // done[0] visible before watch[1] is read
       const double after = now_s();
-      if (spin_s > 0) {
-        until = after + spin_s;
-        publish_polling_until(until);
-      }
       // The client skips the ZeroMQ reply only while it will poll the done words for a while yet.
       if (!(load(&s.watch[1]) > after + margin_s_)) return {kReply, i, seq, kernel_us, until};
     }
