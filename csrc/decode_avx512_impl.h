@@ -56,7 +56,7 @@ inline __m512 exp2_neg(__m512 x) {
 
 // Lane t of the result = the sum of the 16 lanes of v[t]: three rounds of pairwise shuffles and
 // adds (45 ops for 16 sums, against about 8 per sum for separate horizontal reductions).
-inline __m512 sum_lanes16(const __m512* v) {
+__attribute__((always_inline)) inline __m512 sum_lanes16(const __m512* v) {
   __m512 w[8], z[4];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3)
     w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -85,7 +85,54 @@ struct Prefetch {
       _mm_prefetch(v[t] + b, _MM_HINT_T1);
     }
   }
+  template <int kRowBytes>  // row_bytes known at compile time: unrolled
+  inline void row_fixed(int t) const {
+    for (int b = 0; b < kRowBytes; b += 64) {
+      _mm_prefetch(k[t] + b, _MM_HINT_T1);
+      _mm_prefetch(v[t] + b, _MM_HINT_T1);
+    }
+  }
 };
+
+#if OMNI_BF16_DOT
+// bf16 scores of GB heads for a head_dim FD known at compile time: the heads' q (FD / 32 vectors
+// each) stay in registers for the whole tile and the loops unroll. With D a runtime value, q was
+// reloaded for every token and the loop overhead outweighed the dot products.
+template <int GB, int FD>
+inline void scores_bf16_fixed(const uint16_t* qh, const char* const* krow, int n, const Prefetch& pf,
+                              __m512 (*part)[kTile]) {
+  constexpr int C = FD / 32;
+  __m512bh qv[GB][C];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(qh + g * FD + 32 * c);
+  for (int t = 0; t < n; ++t) {
+    if (t < pf.n) pf.row_fixed<2 * FD>(t);
+    __m512bh kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(krow[t] + 64 * c);
+    for (int g = 0; g < GB; ++g) {
+      __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[g][0], kv[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_dpbf16_ps(acc, qv[g][c], kv[c]);
+      part[g][t] = acc;
+    }
+  }
+}
+#endif
+
+// Runs scores_bf16_fixed when D is 64 or 128 and the GB heads' q fit in 16 registers; false if not.
+template <DType DT, int GB>
+inline bool scores_fixed_d(const uint16_t* qh, const char* const* krow, int n, int D, const Prefetch& pf,
+                           __m512 (*part)[kTile]) {
+#if OMNI_BF16_DOT
+  if constexpr (DT == DType::kBFloat16) {
+    if constexpr (GB * 2 <= 16)
+      if (D == 64) return scores_bf16_fixed<GB, 64>(qh, krow, n, pf, part), true;
+    if constexpr (GB * 4 <= 16)
+      if (D == 128) return scores_bf16_fixed<GB, 128>(qh, krow, n, pf, part), true;
+  }
+#endif
+  (void)qh, (void)krow, (void)n, (void)D, (void)pf, (void)part;
+  return false;
+}
 
 // Scores s[g][t] = q_g . k_t * sm_scale * log2(e) of GB heads (a compile-time count, so the
 // accumulators stay in registers) over one tile of n tokens. qf holds the heads' q in fp32,
@@ -94,7 +141,8 @@ struct Prefetch {
 template <DType DT, int GB>
 inline void scores_block(const float* qf, const uint16_t* qh, float scale, const char* const* krow, int n,
                          int D, const Prefetch& pf, __m512 (*part)[kTile], float (*s)[kTile]) {
-  for (int t = 0; t < n; ++t) {
+  const bool fixed = scores_fixed_d<DT, GB>(qh, krow, n, D, pf, part);
+  for (int t = 0; t < (fixed ? 0 : n); ++t) {
     if (t < pf.n) pf.row(t);
     const char* kt = krow[t];
     __m512 acc[GB];
