@@ -212,7 +212,7 @@ def bench_handoff(threads: int, spin_us: float = 0.0, rows: int = 32, ctx: int =
 
 def pin_process(cores: list[int]) -> None:
     """Pins every thread of this process to ``cores``: os.sched_setaffinity(0) pins the calling thread
-    only, and the OpenMP threads the kernel rows started would spin on the worker's core."""
+    only, and the OpenMP threads the kernel rows started could otherwise run on the worker's core."""
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cores)
