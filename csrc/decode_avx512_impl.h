@@ -79,15 +79,9 @@ struct Prefetch {
   int n;          // rows (0: none)
   int row_bytes;  // bytes per row, a multiple of 32
 
+  template <int kRowBytes = 0>  // row_bytes when known at compile time: the loop unrolls
   inline void row(int t) const {
-    for (int b = 0; b < row_bytes; b += 64) {
-      _mm_prefetch(k[t] + b, _MM_HINT_T1);
-      _mm_prefetch(v[t] + b, _MM_HINT_T1);
-    }
-  }
-  template <int kRowBytes>  // row_bytes known at compile time: unrolled
-  inline void row_fixed(int t) const {
-    for (int b = 0; b < kRowBytes; b += 64) {
+    for (int b = 0; b < (kRowBytes ? kRowBytes : row_bytes); b += 64) {
       _mm_prefetch(k[t] + b, _MM_HINT_T1);
       _mm_prefetch(v[t] + b, _MM_HINT_T1);
     }
@@ -106,7 +100,7 @@ inline void scores_bf16_fixed(const uint16_t* qh, const char* const* krow, int n
   for (int g = 0; g < GB; ++g)
     for (int c = 0; c < C; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(qh + g * FD + 32 * c);
   for (int t = 0; t < n; ++t) {
-    if (t < pf.n) pf.row_fixed<2 * FD>(t);
+    if (t < pf.n) pf.row<2 * FD>(t);
     __m512bh kv[C];
     for (int c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(krow[t] + 64 * c);
     for (int g = 0; g < GB; ++g) {
@@ -124,10 +118,18 @@ inline bool scores_fixed_d(const uint16_t* qh, const char* const* krow, int n, i
                            __m512 (*part)[kTile]) {
 #if OMNI_BF16_DOT
   if constexpr (DT == DType::kBFloat16) {
-    if constexpr (GB * 2 <= 16)
-      if (D == 64) return scores_bf16_fixed<GB, 64>(qh, krow, n, pf, part), true;
-    if constexpr (GB * 4 <= 16)
-      if (D == 128) return scores_bf16_fixed<GB, 128>(qh, krow, n, pf, part), true;
+    if constexpr (GB * 2 <= 16) {
+      if (D == 64) {
+        scores_bf16_fixed<GB, 64>(qh, krow, n, pf, part);
+        return true;
+      }
+    }
+    if constexpr (GB * 4 <= 16) {
+      if (D == 128) {
+        scores_bf16_fixed<GB, 128>(qh, krow, n, pf, part);
+        return true;
+      }
+    }
   }
 #endif
   (void)qh, (void)krow, (void)n, (void)D, (void)pf, (void)part;

@@ -83,7 +83,8 @@ void DoorbellLoop::publish_polling_until(double until) {
 // the done words, seq last) until `until` (time.perf_counter() seconds); a job run extends `until`
 // to spin_s from then and publishes it in the watch words, before the done words. A pass that
 // starts at or after `until` is the last, so a job announced while the worker said it polls is
-// always seen. Returns early, after at most `slice_s`, so the caller can serve its socket, and whenever a job needs it:
+// always seen. Returns early, after at most `slice_s`, so the caller can serve its socket, and
+// whenever a job needs it:
 //   (kReply, slot, seq, kernel_us, until): the job ran but its client does not watch the done words;
 //   (kPython, slot, seq, 0, until): a job this loop does not run (another method, words out of
 //     range, or an op that raised): not marked handled, the caller runs it and sends the error;
