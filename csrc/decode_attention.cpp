@@ -20,47 +20,52 @@ namespace {
 
 constexpr int64_t kMinChunkTokens = 256;  // below this, merge overhead beats the extra parallelism
 constexpr int64_t kItemsPerThread = 4;    // spare items so dynamic scheduling evens out ragged lengths
+constexpr float kLn2 = 0.69314718055994530942f;
 
-DecodeChunkFn pick_kernel(DType dtype, const std::string& backend) {
+struct Kernel {
+  DecodeChunkFn fn;
+  bool reads_qf;  // false for the bf16 dot-product kernel, which reads q's own bits
+};
+
+Kernel pick_kernel(DType dtype, const std::string& backend) {
   TORCH_CHECK_VALUE(backend == "auto" || backend == "avx512" || backend == "avx512_bf16" || backend == "portable",
                     "backend must be one of auto, avx512_bf16, avx512, portable; got \"", backend, "\"");
-  if (backend == "portable") return decode_chunk_portable(dtype);
+  if (backend == "portable") return {decode_chunk_portable(dtype), true};
 #if defined(__x86_64__)
-  DecodeChunkFn fn = decode_chunk_avx512(dtype, backend != "avx512");
-  if (fn != nullptr) return fn;
+  bool bf16_dot = false;
+  DecodeChunkFn fn = decode_chunk_avx512(dtype, backend != "avx512", &bf16_dot);
+  if (fn != nullptr) return {fn, !bf16_dot};
 #endif
   TORCH_CHECK_VALUE(backend == "auto", "backend \"", backend, "\" needs AVX-512, which this CPU lacks");
-  return decode_chunk_portable(dtype);
+  return {decode_chunk_portable(dtype), true};
 }
 
 // Per (sequence, query head): the LSE-weighted sum of the sequence's chunk outputs (items
-// first_item[b] .. first_item[b + 1] - 1, each [H_q, D] with base-2 LSEs [H_q]).
-template <typename T>
+// first_item[b] .. first_item[b + 1] - 1, each [H_q, D] with base-2 LSEs [H_q]) into out [B, H_q, D]
+// fp32, and the natural-log LSE into lse [B, H_q].
 void merge_chunks(const std::vector<int64_t>& first_item, int64_t batch, int hq, int D, const float* o_part,
-                  const float* lse2_part, T* out, float* lse) {
-  constexpr float kLn2 = 0.69314718055994530942f;
-  at::parallel_for(0, batch * hq, 16, [&](int64_t begin, int64_t end) {
+                  const float* lse2_part, float* out, float* lse) {
+  at::parallel_for(0, batch * hq, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {  // row == b * H_q + h
       const int64_t b = row / hq, h = row % hq;
       const int64_t i0 = first_item[b], i1 = first_item[b + 1];
-      T* o = out + row * D;
+      float* o = out + row * D;
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t i = i0; i < i1; ++i) mx = std::max(mx, lse2_part[i * hq + h]);
+      for (int d = 0; d < D; ++d) o[d] = 0.f;
       if (mx == -std::numeric_limits<float>::infinity()) {  // empty sequence
-        for (int d = 0; d < D; ++d) o[d] = T(0.f);
         lse[row] = -std::numeric_limits<float>::infinity();
         continue;
       }
-      float acc[kMaxHeadDim] = {0.f};
       float wsum = 0.f;
       for (int64_t i = i0; i < i1; ++i) {
         const float w = std::exp2(lse2_part[i * hq + h] - mx);
         wsum += w;
         const float* op = o_part + (i * hq + h) * D;
-        for (int d = 0; d < D; ++d) acc[d] += w * op[d];
+        for (int d = 0; d < D; ++d) o[d] += w * op[d];
       }
       const float inv = 1.f / wsum;
-      for (int d = 0; d < D; ++d) o[d] = T(acc[d] * inv);
+      for (int d = 0; d < D; ++d) o[d] *= inv;
       lse[row] = (mx + std::log2(wsum)) * kLn2;
     }
   });
@@ -91,7 +96,7 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
                     sm_scale);
   const std::vector<int64_t> seq_lens = check_paged_metadata(kv_indptr, kv_indices, kv_last_page_len, batch, c);
   const DType dtype = dtype_of(q_in, "q");
-  const DecodeChunkFn kernel = pick_kernel(dtype, backend);
+  const Kernel kernel = pick_kernel(dtype, backend);
   const torch::Tensor q = q_in.contiguous();
 
   // Caller-owned outputs (FlashInfer's run(out=, lse=)) save an allocation and a copy per layer.
@@ -131,39 +136,43 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
 
   // The kernels read q in fp32, pre-scaled by sm_scale * log2(e) (scores are kept in base 2).
   const float sm_scale_log2 = static_cast<float>(sm_scale * 1.44269504088896340736);
-  const torch::Tensor qf = q.to(torch::kFloat32) * sm_scale_log2;  // out of place: q may be the caller's fp32 tensor
+  const torch::Tensor qf =  // out of place: q may be the caller's fp32 tensor
+      kernel.reads_qf ? q.to(torch::kFloat32) * sm_scale_log2 : torch::Tensor();
   DecodeParams prm;
   prm.kv = paged_kv_view(k_cache, v_cache, c, layout, kv_indices.data_ptr<int32_t>());
   prm.q = q.data_ptr();
-  prm.qf = qf.data_ptr<float>();
+  prm.qf = kernel.reads_qf ? qf.data_ptr<float>() : nullptr;
   prm.num_qo_heads = static_cast<int>(hq);
   prm.num_kv_heads = hkv;
   prm.head_dim = static_cast<int>(c.head_dim);
   prm.sm_scale_log2 = sm_scale_log2;
 
-  const int D = prm.head_dim, H = prm.num_qo_heads;
-  std::vector<float> o_part(items.size() * H * D);
-  std::vector<float> lse2_part(items.size() * H);
-  std::atomic<int64_t> next{0};
+  // With one chunk per sequence (short contexts) there is nothing to merge: the chunk outputs are
+  // the result, written straight into an fp32 `out` or converted in one vectorized copy.
   const int64_t n_items = static_cast<int64_t>(items.size());
+  bool one_chunk_each = true;
+  for (int64_t b = 0; b < batch; ++b) one_chunk_each &= first_item[b + 1] - first_item[b] == 1;
+  const auto f32 = q.options().dtype(torch::kFloat32);
+  const torch::Tensor o_part =
+      one_chunk_each && dtype == DType::kFloat32 ? out : torch::empty({n_items, hq, c.head_dim}, f32);
+  const torch::Tensor lse2_part = one_chunk_each ? lse : torch::empty({n_items, hq}, f32);
+  const int D = prm.head_dim, H = prm.num_qo_heads;
+  float* const o_ptr = o_part.data_ptr<float>();
+  float* const lse2_ptr = lse2_part.data_ptr<float>();
+  std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < n_items; i = next++)
-      kernel(prm, items[i], o_part.data() + i * H * D, lse2_part.data() + i * H);
+    for (int64_t i = next++; i < n_items; i = next++) kernel.fn(prm, items[i], o_ptr + i * H * D, lse2_ptr + i * H);
   });
 
-  switch (dtype) {
-    case DType::kFloat32:
-      merge_chunks(first_item, batch, H, D, o_part.data(), lse2_part.data(), out.data_ptr<float>(),
-                   lse.data_ptr<float>());
-      break;
-    case DType::kFloat16:
-      merge_chunks(first_item, batch, H, D, o_part.data(), lse2_part.data(),
-                   reinterpret_cast<c10::Half*>(out.data_ptr()), lse.data_ptr<float>());
-      break;
-    case DType::kBFloat16:
-      merge_chunks(first_item, batch, H, D, o_part.data(), lse2_part.data(),
-                   reinterpret_cast<c10::BFloat16*>(out.data_ptr()), lse.data_ptr<float>());
-      break;
+  if (one_chunk_each) {
+    for (int64_t i = 0; i < batch * hq; ++i) lse2_ptr[i] *= kLn2;  // lse2_part is lse: base 2 -> natural log
+    if (dtype != DType::kFloat32) out.copy_(o_part.view_as(out));
+  } else if (dtype == DType::kFloat32) {
+    merge_chunks(first_item, batch, H, D, o_ptr, lse2_ptr, out.data_ptr<float>(), lse.data_ptr<float>());
+  } else {
+    torch::Tensor merged = torch::empty(out.sizes(), f32);
+    merge_chunks(first_item, batch, H, D, o_ptr, lse2_ptr, merged.data_ptr<float>(), lse.data_ptr<float>());
+    out.copy_(merged);
   }
   return {out, lse};
 }

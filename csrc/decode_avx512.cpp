@@ -28,13 +28,16 @@
 
 namespace omniserve {
 
-DecodeChunkFn decode_chunk_avx512(DType dtype, bool with_bf16_dot) {
+DecodeChunkFn decode_chunk_avx512(DType dtype, bool with_bf16_dot, bool* bf16_dot) {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  *bf16_dot = false;
   if (!avx512) return nullptr;
-  if (with_bf16_dot && dtype == DType::kBFloat16 && __builtin_cpu_supports("avx512bf16"))
+  if (with_bf16_dot && dtype == DType::kBFloat16 && __builtin_cpu_supports("avx512bf16")) {
+    *bf16_dot = true;
     return avx512_bf16::select(dtype);
+  }
   return avx512::select(dtype);
 }
 

@@ -256,7 +256,7 @@ inline void tile_scores(const float* qf, const uint16_t* qh, float scale, const 
   const Prefetch none{nullptr, nullptr, 0, 0};
   for (int g0 = 0; g0 < G; g0 += kHeadBlock) {
 #define OMNI_CALL(GB) \
-  scores_block<DT, GB>(qf + g0 * D, qh + g0 * D, scale, krow, n, D, g0 == 0 ? pf : none, part, s + g0)
+  scores_block<DT, GB>(qf ? qf + g0 * D : qf, qh + g0 * D, scale, krow, n, D, g0 == 0 ? pf : none, part, s + g0)
     OMNI_HEAD_BLOCK_SWITCH(G - g0, OMNI_CALL)
 #undef OMNI_CALL
   }
@@ -278,7 +278,7 @@ void decode_chunk(const DecodeParams& prm, const DecodeChunk& c, float* o, float
   const int D = prm.head_dim, Hq = prm.num_qo_heads, Hkv = prm.num_kv_heads;
   const int G = Hq / Hkv;
   constexpr int eb = elem_bytes<DT>();
-  const float* qf = prm.qf + (int64_t)c.b * Hq * D;
+  const float* qf = prm.qf ? prm.qf + (int64_t)c.b * Hq * D : nullptr;  // null for the bf16 dot kernel
   const uint16_t* qh = static_cast<const uint16_t*>(prm.q) + (int64_t)c.b * Hq * D;  // read by vdpbf16ps only
   const char* kbase = static_cast<const char*>(prm.kv.k);
   const char* vbase = static_cast<const char*>(prm.kv.v);
@@ -327,7 +327,7 @@ void decode_chunk(const DecodeParams& prm, const DecodeChunk& c, float* o, float
       }
       const Prefetch pf{kpf, vpf, n_next < n ? n_next : n, row_bytes};
       const int q0 = h * G;  // the group's first query head
-      tile_scores<DT>(qf + q0 * D, qh + q0 * D, prm.sm_scale_log2, krow, n, G, D, pf, part, s);
+      tile_scores<DT>(qf ? qf + q0 * D : qf, qh + q0 * D, prm.sm_scale_log2, krow, n, G, D, pf, part, s);
       for (int g = 0; g < G; ++g) {
         float& mg = m[q0 + g];
         const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[g]);

@@ -27,7 +27,7 @@ struct PagedKV {
 struct DecodeParams {
   PagedKV kv;
   const void* q;       // [B, H_q, D], contiguous, the caller's dtype
-  const float* qf;     // [B, H_q, D] fp32, q * sm_scale_log2
+  const float* qf;     // [B, H_q, D] fp32, q * sm_scale_log2; null for the bf16 dot-product kernel
   int num_qo_heads;    // H_q
   int num_kv_heads;    // H_kv
   int head_dim;        // D, a multiple of 16, at most kMaxHeadDim
@@ -54,8 +54,9 @@ using DecodeChunkFn = void (*)(const DecodeParams&, const DecodeChunk&, float* o
 
 DecodeChunkFn decode_chunk_portable(DType dtype);
 #if defined(__x86_64__)
-// nullptr when the CPU lacks AVX-512 (F/BW/VL/DQ); with_bf16_dot asks for AVX512_BF16 dot products.
-DecodeChunkFn decode_chunk_avx512(DType dtype, bool with_bf16_dot);
+// nullptr when the CPU lacks AVX-512 (F/BW/VL/DQ); with_bf16_dot asks for AVX512_BF16 dot products
+// and *bf16_dot says whether the returned kernel uses them (it then reads q, never qf).
+DecodeChunkFn decode_chunk_avx512(DType dtype, bool with_bf16_dot, bool* bf16_dot);
 #endif
 
 }  // namespace omniserve

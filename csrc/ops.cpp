@@ -14,9 +14,8 @@ namespace omniserve {
 // Which decode kernel "auto" runs on this CPU: "avx512_bf16", "avx512" or "portable".
 std::string decode_backend() {
 #if defined(__x86_64__)
-  if (decode_chunk_avx512(DType::kBFloat16, true) != decode_chunk_avx512(DType::kBFloat16, false))
-    return "avx512_bf16";
-  if (decode_chunk_avx512(DType::kFloat32, false) != nullptr) return "avx512";
+  bool bf16_dot = false;
+  if (decode_chunk_avx512(DType::kBFloat16, true, &bf16_dot) != nullptr) return bf16_dot ? "avx512_bf16" : "avx512";
 #endif
   return "portable";
 }

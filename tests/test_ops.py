@@ -85,6 +85,24 @@ def test_empty_sequence_gives_zeros_and_minus_inf(gen):
     assert torch.isfinite(lse[0]).all() and torch.isfinite(lse[2]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_empty_sequence_beside_a_split_one(gen, dtype):
+    # As many chunks as sequences (2 threads split 500 tokens in two), but not one each: the
+    # merge must still run.
+    k, v, indptr, indices, last = random_paged_kv([0, 500], 16, 2, 64, dtype, gen=gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out, lse = ops.paged_decode_attention(q, k, v, indptr, indices, last)
+    finally:
+        torch.set_num_threads(before)
+    ref_out, ref_lse = reference_decode(q, k, v, indptr, indices, last)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
+    torch.testing.assert_close(out[1].double(), ref_out[1], atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(lse[1].double(), ref_lse[1], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_append_writes_the_last_slot(gen, layout):
     lens = [1, 16, 17, 40]
@@ -143,9 +161,10 @@ def test_merge_state_reference_and_empty_states(gen):
     torch.testing.assert_close(s[mask].double(), torch.log(wa + wb)[mask], atol=1e-5, rtol=1e-5)
 
 
-def test_caller_owned_outputs_are_written_in_place(gen):
-    k, v, indptr, indices, last = random_paged_kv([40, 3], 16, 2, 64, torch.bfloat16, gen=gen)
-    q = torch.randn(2, 4, 64, generator=gen).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_caller_owned_outputs_are_written_in_place(gen, dtype):
+    k, v, indptr, indices, last = random_paged_kv([40, 3], 16, 2, 64, dtype, gen=gen)
+    q = torch.randn(2, 4, 64, generator=gen).to(dtype)
     out, lse = torch.empty_like(q), torch.empty(2, 4)
     got_out, got_lse = ops.paged_decode_attention(q, k, v, indptr, indices, last, out=out, lse=lse)
     assert got_out.data_ptr() == out.data_ptr() and got_lse.data_ptr() == lse.data_ptr()
