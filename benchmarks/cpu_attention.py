@@ -121,14 +121,14 @@ def kv_bytes(batch, ctx, shape, itemsize=2):
     return 2 * batch * ctx * shape[1] * shape[2] * itemsize
 
 
-def bench_kernel(batch, ctx, shape, sdpa: bool, nhd: bool = False) -> dict:
+def bench_kernel(batch, ctx, shape, sdpa: bool, nhd: bool = False, page_size: int = 16) -> dict:
     """The kernel on an HND cache (and on an NHD one with ``nhd``), and SDPA on contiguous K/V, each
     reading its K and V from memory (see make_case)."""
-    q, k, v, indptr, tables, last = make_case(batch, ctx, shape)
+    q, k, v, indptr, tables, last = make_case(batch, ctx, shape, page_size=page_size)
     nxt = cycling(tables)
     t = timeit(lambda: ops.paged_decode_attention(q, k, v, indptr, nxt(), last, kv_layout="HND"))
     nbytes = kv_bytes(batch, ctx, shape)
-    row = {"batch": batch, "ctx": ctx, "kernel_ms": t * 1e3, "kernel_gbps": nbytes / t / 1e9}
+    row = {"batch": batch, "ctx": ctx, "page_size": page_size, "kernel_ms": t * 1e3, "kernel_gbps": nbytes / t / 1e9}
     row["pattern_read_gbps"] = nbytes / pattern_read_seconds(k, v, tables) / 1e9
     row["pct_of_pattern_read"] = 100 * row["kernel_gbps"] / row["pattern_read_gbps"]
     del k, v
@@ -153,6 +153,18 @@ def bench_kernel(batch, ctx, shape, sdpa: bool, nhd: bool = False) -> dict:
         ts = timeit(run_sdpa, min_time=0.2, min_iters=2)
         row.update(sdpa_ms=ts * 1e3, sdpa_gbps=nbytes / ts / 1e9, speedup_vs_sdpa=ts / t)
     return row
+
+
+def bench_page_sizes(shape, batch=64, ctx=1024, page_sizes=(16, 32, 64)) -> list[dict]:
+    """The kernel at each BE pool page size (--omniserve-cpu-page-size), each row against the read
+    bandwidth measured right before it."""
+    rows = []
+    for ps in page_sizes:
+        gbps = read_bandwidth()
+        row = {"read_bw_gbps": gbps, **bench_kernel(batch, ctx, shape, sdpa=False, page_size=ps)}
+        row["pct_of_read_bw"] = 100 * row["kernel_gbps"] / gbps
+        rows.append(row)
+    return rows
 
 
 def bench_threads(shape, batch=16, ctx=4096) -> dict:
@@ -273,6 +285,8 @@ def main() -> None:
             rows.append(row)
             print(f"{name:13s} B={batch:3d} ctx={ctx:6d}: {row['kernel_gbps']:5.1f} GB/s "
                   f"({row['pct_of_read_bw']:3.0f}% of read BW, {row['pct_of_pattern_read']:3.0f}% of page-pattern read)" + (f", {row['speedup_vs_sdpa']:.1f}x SDPA" if "sdpa_ms" in row else ""))
+    pages = bench_page_sizes(SHAPES["smollm2-135m"])
+    print("page sizes: " + ", ".join(f"{r['page_size']}: {r['pct_of_read_bw']:.0f}%" for r in pages))
     scaling = bench_threads(SHAPES["llama3-8b"])
     print(f"threads: {scaling}")
     linear = [bench_kernel(16, c, SHAPES["smollm2-135m"], sdpa=False) for c in (512, 2048, 8192)]
@@ -284,7 +298,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
                     "read_bandwidth_gbps": machine_gbps, "kernel": ops.decode_backend(),
                     "torch": torch.__version__},
-        "kernel": rows, "thread_scaling": scaling, "linearity": linear, "handoff": handoff,
+        "kernel": rows, "page_sizes": pages, "thread_scaling": scaling, "linearity": linear, "handoff": handoff,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_attention.json").write_text(json.dumps(result, indent=2))
@@ -313,6 +327,17 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['shape']} ({hq}/{hkv}/{d}) | {row['batch']} | {row['ctx']} | {row['read_bw_gbps']:.1f} | "
                      f"{row['kernel_ms']:.2f} | {row['kernel_gbps']:.1f} | {row['pct_of_read_bw']:.0f}% | "
                      f"{row['pattern_read_gbps']:.1f} | {row['pct_of_pattern_read']:.0f}% | {row['nhd_gbps']:.1f} | {sd} |")
+    lines += [
+        "",
+        ("BE KV pool page size (--omniserve-cpu-page-size), smollm2-135m, B=64, ctx 1024: each page is a jump in "
+         "memory, and at page size 16 its K (or V) is 6 KB:"),
+        "",
+        "| page size | read BW GB/s | kernel GB/s | % of read BW | page-pattern read GB/s | % of page-pattern read |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["page_sizes"]:
+        lines.append(f"| {row['page_size']} | {row['read_bw_gbps']:.1f} | {row['kernel_gbps']:.1f} | "
+                     f"{row['pct_of_read_bw']:.0f}% | {row['pattern_read_gbps']:.1f} | {row['pct_of_pattern_read']:.0f}% |")
     s = r["thread_scaling"]
     lin = ", ".join(f"ctx {x['ctx']}: {x['kernel_ms']:.2f} ms" for x in r["linearity"])
     lines += [

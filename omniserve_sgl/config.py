@@ -21,7 +21,7 @@ class OmniServeConfig:
         cpu_kv_gb: size of the BE KV pool in host memory, GiB (``--omniserve-cpu-kv-gb``).
         cpu_threads: OpenMP threads of the CPU attention worker; ``None`` = half the cores, >= 1.
         cpu_cores: cores the worker's threads are pinned to, e.g. ``"4-7"`` (``None`` = no pinning).
-        page_size: tokens per page of the BE KV pool.
+        page_size: tokens per page of the BE KV pool (``--omniserve-cpu-page-size``), >= 1.
         cpu_attention: ``"kernel"`` (omniserve's AVX-512 decode kernel) or ``"sdpa"`` (torch SDPA
             per request, the exact math of SGLang's torch_native backend; slower).
         metrics: export omniserve's Prometheus metrics (SGLang's ``--enable-metrics``).
@@ -43,6 +43,8 @@ class OmniServeConfig:
             raise ValueError(f"--omniserve-cpu-kv-gb must be > 0, got {self.cpu_kv_gb}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--omniserve-cpu-threads must be >= 1, got {self.cpu_threads}")
+        if self.page_size < 1:
+            raise ValueError(f"--omniserve-cpu-page-size must be >= 1, got {self.page_size}")
         if not self.cpu_spin_us >= 0:
             raise ValueError(f"--omniserve-cpu-spin-us must be >= 0, got {self.cpu_spin_us}")
         if self.cpu_attention not in ("kernel", "sdpa"):

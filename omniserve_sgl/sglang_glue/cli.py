@@ -22,6 +22,10 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        "attention on a CPU worker, batched with LS requests layer by layer.")
     group.add_argument("--omniserve-cpu-kv-gb", type=float, default=_DEFAULTS.cpu_kv_gb,
                        help="Host memory for the BE KV pool, GiB (default %(default)s).")
+    group.add_argument("--omniserve-cpu-page-size", type=int, default=_DEFAULTS.page_size,
+                       help="Tokens per page of the BE KV pool (default %(default)s). Each page is a jump in "
+                       "memory for the CPU kernel: for models with few, small KV heads, larger pages read "
+                       "faster (benchmarks/results/cpu_attention.md measures 16, 32 and 64).")
     group.add_argument("--omniserve-cpu-threads", type=int, default=None,
                        help="Threads of the CPU attention worker (default: half the cores).")
     group.add_argument("--omniserve-cpu-attention", choices=("kernel", "sdpa"), default=_DEFAULTS.cpu_attention,
@@ -58,7 +62,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
     if getattr(args, "omniserve", False):
         try:
             config = OmniServeConfig(True, args.omniserve_cpu_kv_gb, args.omniserve_cpu_threads,
-                                     args.omniserve_cpu_cores, cpu_attention=args.omniserve_cpu_attention,
+                                     args.omniserve_cpu_cores, page_size=args.omniserve_cpu_page_size,
+                                     cpu_attention=args.omniserve_cpu_attention,
                                      metrics=bool(getattr(args, "enable_metrics", False)),
                                      cpu_spin_us=args.omniserve_cpu_spin_us)
         except ValueError as e:

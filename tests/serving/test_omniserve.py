@@ -3,12 +3,14 @@ served from the BE KV pool and the CPU attention worker, and give the same token
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import requests
 
+from omniserve_sgl.kv import BEKVPoolSpec
 from omniserve_sgl.launch import SGLangServer
 from tests.serving.conftest import flush_cache, generate, metric, worker_processes
 
@@ -37,8 +39,15 @@ def test_be_output_equals_ls_output_token_for_token(model_path, plain_server, pr
 def test_be_output_with_the_cpu_kernel_equals_ls_output_in_float32(model_path, prompts):
     """With the default kernel and the model in float32, no probability is rounded to bf16 on either
     side, so greedy BE output is LS output token for token (here 32 tokens of 3 prompts). The hand-off
-    busy-polls shared memory here (--omniserve-cpu-spin-us), the path where ZeroMQ is skipped."""
-    with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--omniserve-cpu-spin-us", "500") as server:
+    busy-polls shared memory here (--omniserve-cpu-spin-us), the path where ZeroMQ is skipped, and the
+    BE KV pool has pages of 64 tokens, not 16."""
+    with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--omniserve-cpu-spin-us", "500",
+                      "--omniserve-cpu-page-size", "64", "--omniserve-cpu-kv-gb", "1", "--enable-metrics") as server:
+        cfg = json.loads((model_path / "config.json").read_text())
+        spec = BEKVPoolSpec.from_budget(1 << 30, cfg["num_hidden_layers"], cfg["num_key_value_heads"],
+                                        cfg["hidden_size"] // cfg["num_attention_heads"], page_size=64,
+                                        dtype="float32")
+        assert metric(server, "omniserve_be_pool_pages_capacity") == spec.num_pages
         for text in ["The capital of France is", *prompts[:2]]:
             flush_cache(server)
             ls = generate(server, text, 32, "ls")["output_ids"]

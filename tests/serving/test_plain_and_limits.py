@@ -25,7 +25,7 @@ def test_flags_show_in_help():
     out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True,
                          text=True, timeout=300, check=True).stdout
     for flag in ("--omniserve", "--omniserve-cpu-kv-gb", "--omniserve-cpu-threads", "--omniserve-cpu-cores",
-                 "--omniserve-cpu-attention"):
+                 "--omniserve-cpu-attention", "--omniserve-cpu-page-size", "--omniserve-cpu-spin-us"):
         assert flag in out
 
 
@@ -34,6 +34,14 @@ def test_unsupported_configuration_is_refused(model_path):
                           "--omniserve", "--tp-size", "2"], capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode != 0
     assert "does not support tensor parallelism" in res.stderr + res.stdout
+
+
+def test_bad_flag_value_is_refused_with_what_to_fix(model_path):
+    res = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+                          "--omniserve", "--omniserve-cpu-page-size", "0"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode != 0
+    assert "--omniserve-cpu-page-size must be >= 1, got 0" in res.stderr + res.stdout
 
 
 def test_mla_model_is_refused_before_loading(model_path, tmp_path):
