@@ -134,7 +134,8 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
   }
   first_item[batch] = static_cast<int64_t>(items.size());
 
-  // The kernels read q in fp32, pre-scaled by sm_scale * log2(e) (scores are kept in base 2).
+  // All kernels but the bf16 dot-product one read q in fp32, pre-scaled by sm_scale * log2(e) (scores
+  // are kept in base 2).
   const float sm_scale_log2 = static_cast<float>(sm_scale * 1.44269504088896340736);
   const torch::Tensor qf =  // out of place: q may be the caller's fp32 tensor
       kernel.reads_qf ? q.to(torch::kFloat32) * sm_scale_log2 : torch::Tensor();
