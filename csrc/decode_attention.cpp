@@ -168,12 +168,10 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
   if (one_chunk_each) {
     for (int64_t i = 0; i < batch * hq; ++i) lse2_ptr[i] *= kLn2;  // lse2_part is lse: base 2 -> natural log
     if (dtype != DType::kFloat32) out.copy_(o_part.view_as(out));
-  } else if (dtype == DType::kFloat32) {
-    merge_chunks(first_item, batch, H, D, o_ptr, lse2_ptr, out.data_ptr<float>(), lse.data_ptr<float>());
   } else {
-    torch::Tensor merged = torch::empty(out.sizes(), f32);
+    const torch::Tensor merged = dtype == DType::kFloat32 ? out : torch::empty(out.sizes(), f32);
     merge_chunks(first_item, batch, H, D, o_ptr, lse2_ptr, merged.data_ptr<float>(), lse.data_ptr<float>());
-    out.copy_(merged);
+    if (dtype != DType::kFloat32) out.copy_(merged);
   }
   return {out, lse};
 }
