@@ -139,7 +139,8 @@ inline bool scores_fixed_d(const uint16_t* qh, const char* const* krow, int n, i
 // Scores s[g][t] = q_g . k_t * sm_scale * log2(e) of GB heads (a compile-time count, so the
 // accumulators stay in registers) over one tile of n tokens. qf holds the heads' q in fp32,
 // already scaled (null for the bf16 dot kernel, which never reads it); qh holds q's own bf16 bits
-// for vdpbf16ps, scaled after the dot product so q is not rounded twice. part[g][t] holds each dot product's 16 lane partials until the tile's sums.
+// for vdpbf16ps, scaled after the dot product so q is not rounded twice. part[g][t] holds each
+// dot product's 16 lane partials until the tile's sums.
 template <DType DT, int GB>
 inline void scores_block(const float* qf, const uint16_t* qh, float scale, const char* const* krow, int n,
                          int D, const Prefetch& pf, __m512 (*part)[kTile], float (*s)[kTile]) {
