@@ -53,7 +53,7 @@ class CPUAttentionClient:
     def __init__(self, endpoint: str, process: subprocess.Popen | None = None, spin_us: float = 0.0):
         self.endpoint = endpoint
         self.process = process
-        self.spin_s = spin_us * 1e-6  # how long wait() busy-polls the done words before blocking
+        self.spin_s = spin_us * 1e-6  # see start()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -72,8 +72,10 @@ class CPUAttentionClient:
         # their identity) and their versions: every layer of a decode step shares the step's
         # metadata, so it is copied once per slot and step, not once per layer.
         self._staged_meta: dict[int, tuple] = {}
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # see _row_views
         self.last_kernel_us = 0.0
         self.job_messages = 0  # jobs announced over ZeroMQ too (the worker was not polling doorbells)
+        self.result_messages = 0  # results wait() took from a ZeroMQ reply (it was not polling done words)
 
     # lifecycle ------------------------------------------------------------------------------
     @classmethod
@@ -87,8 +89,9 @@ class CPUAttentionClient:
             cores: CPU cores for the worker, e.g. ``"2-5"`` (default: inherited affinity).
             endpoint: ZeroMQ address (default: a fresh ``ipc://`` socket in the temp directory).
             spin_us: microseconds each side busy-polls shared memory for the other before blocking
-                on ZeroMQ: the worker after a job, the client in :meth:`wait`. Worth it only when
-                the worker has cores of its own; 0 (the default) never spins.
+                on ZeroMQ: the worker after a job, the client in :meth:`wait` (beyond twice the
+                previous job's kernel time). Worth it only when the worker has cores of its own; 0
+                (the default) never spins.
 
         Raises:
             WorkerDiedError: the worker exited during start-up (its stderr is in the message).
@@ -180,6 +183,7 @@ class CPUAttentionClient:
         self.staging, self._staging_name = area, name
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._staged_meta = {}
+        self._views = {}
         return area
 
     # jobs -----------------------------------------------------------------------------------
@@ -218,19 +222,19 @@ class CPUAttentionClient:
         if (k_new is None) != (v_new is None):
             raise ValueError("give both k_new and v_new, or neither")
         slot = self._free_slots.pop()
-        s = self.staging.slots[slot]
+        views = self._row_views(slot, n)
         try:
-            s["q"][:n].copy_(q)
+            views["q"].copy_(q)
             if k_new is not None:
-                s["k"][:n].copy_(k_new)
-                s["v"][:n].copy_(v_new)
+                views["k"].copy_(k_new)
+                views["v"].copy_(v_new)
             meta = (kv_indptr, kv_indices, kv_last_page_len)
             versions = tuple(t._version for t in meta)  # bumped by every in-place change
             staged = self._staged_meta.get(slot)
             if staged is None or staged[1] != versions or any(a is not b for a, b in zip(staged[0], meta)):
-                s["kv_indptr"][: n + 1].copy_(kv_indptr)
-                s["kv_indices"][:nnz].copy_(kv_indices)
-                s["kv_last_page_len"][:n].copy_(kv_last_page_len)
+                views["kv_indptr"].copy_(kv_indptr)
+                self.staging.slots[slot]["kv_indices"][:nnz].copy_(kv_indices)
+                views["kv_last_page_len"].copy_(kv_last_page_len)
                 self._staged_meta[slot] = (meta, versions)
             scale = 1.0 / math.sqrt(spec.head_dim) if sm_scale is None else float(sm_scale)
             seq = self._next_seq()
@@ -268,8 +272,11 @@ class CPUAttentionClient:
         """
         done, watch = self.staging.done[job.slot], self.staging.watch[job.slot]
         if self.spin_s and done[0] < job.seq:
-            # While this word is ahead of the clock, the worker writes done words and sends no reply.
-            watch[1] = spin_until = time.perf_counter() + self.spin_s
+            # Polls for twice the previous job's kernel time (the layers of a decode step are alike)
+            # plus spin_s: with spin_s alone, every job whose kernel outlasted it waited for a
+            # ZeroMQ reply. While this word is ahead of the clock, the worker writes done words and
+            # sends no reply.
+            watch[1] = spin_until = time.perf_counter() + self.spin_s + 2e-6 * self.last_kernel_us
             while done[0] < job.seq and time.perf_counter() < spin_until:
                 pass
             watch[1] = 0.0
@@ -279,18 +286,29 @@ class CPUAttentionClient:
             self._replies.pop(job.seq, None)
         else:  # failed (the reply has the message), or not done yet: block on ZeroMQ
             reply = self._await(job.seq, timeout)
+            self.result_messages += reply.ok
             kernel_us, error = reply.kernel_us, None if reply.ok else reply.error
-        s = self.staging.slots[job.slot]
         try:
             if error is not None:
                 raise WorkerError(error)
             self.last_kernel_us = kernel_us
-            n = job.num_rows
-            out = s["out"][:n].clone() if out is None else out.copy_(s["out"][:n])
-            lse = s["lse"][:n].clone() if lse is None else lse.copy_(s["lse"][:n])
+            views = self._row_views(job.slot, job.num_rows)
+            out = views["out"].clone() if out is None else out.copy_(views["out"])
+            lse = views["lse"].clone() if lse is None else lse.copy_(views["lse"])
             return out, lse
         finally:
             self._free_slots.append(job.slot)
+
+    def _row_views(self, slot: int, n: int) -> dict[str, torch.Tensor]:
+        """Slot ``slot``'s per-row tensors cut to ``n`` rows, cached: the layers of a decode step
+        cut the same views, and cutting them took several microseconds per job."""
+        views = self._views.get((slot, n))
+        if views is None:
+            s = self.staging.slots[slot]
+            views = {name: s[name][:n] for name in ("q", "k", "v", "out", "lse", "kv_last_page_len")}
+            views["kv_indptr"] = s["kv_indptr"][: n + 1]
+            self._views[(slot, n)] = views
+        return views
 
     # transport ------------------------------------------------------------------------------
     def _next_seq(self) -> int:
