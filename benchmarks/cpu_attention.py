@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +48,24 @@ def timeit(fn, min_time: float = 0.5, min_iters: int = 3) -> float:
         if len(times) >= 200:
             break
     return statistics.median(times)
+
+
+class StealMeter:
+    """Share of CPU time the hypervisor gave to other guests ("steal" in /proc/stat, via psutil) while
+    the ``with`` block ran, in percent; 0 on bare metal. This VM's figures move with it."""
+
+    def __enter__(self):
+        self._start = psutil.cpu_times()
+        return self
+
+    def __exit__(self, *exc):
+        end = psutil.cpu_times()
+        total = _cpu_total(end) - _cpu_total(self._start)
+        self.pct = 100 * (end.steal - self._start.steal) / total if total > 0 else 0.0
+
+
+def _cpu_total(t) -> float:
+    return sum(t) - t.guest - t.guest_nice  # Linux counts guest time inside user time already
 
 
 def read_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -160,9 +179,10 @@ def bench_page_sizes(shape, batch=64, ctx=1024, page_sizes=(16, 32, 64)) -> list
     bandwidth measured right before it."""
     rows = []
     for ps in page_sizes:
-        gbps = read_bandwidth()
-        row = {"read_bw_gbps": gbps, **bench_kernel(batch, ctx, shape, sdpa=False, page_size=ps)}
-        row["pct_of_read_bw"] = 100 * row["kernel_gbps"] / gbps
+        with StealMeter() as steal:
+            gbps = read_bandwidth()
+            row = {"read_bw_gbps": gbps, **bench_kernel(batch, ctx, shape, sdpa=False, page_size=ps)}
+        row.update(pct_of_read_bw=100 * row["kernel_gbps"] / gbps, steal_pct=steal.pct)
         rows.append(row)
     return rows
 
@@ -203,13 +223,14 @@ def bench_handoff(threads: int, spin_us: float = 0.0, rows: int = 32, ctx: int =
         k_new = torch.randn(rows, hkv, d).bfloat16()
         out, lse = torch.empty_like(q), torch.empty(rows, hq)  # as the SGLang glue passes its buffers
         overhead, round_trip = [], []
-        for i in range(steps):
-            t = time.perf_counter()
-            client.wait(client.submit_decode(i % 2, q, *meta, k_new=k_new, v_new=k_new), out=out, lse=lse)
-            rt = (time.perf_counter() - t) * 1e6
-            if i >= 20:
-                round_trip.append(rt)
-                overhead.append(rt - client.last_kernel_us)
+        with StealMeter() as steal:
+            for i in range(steps):
+                t = time.perf_counter()
+                client.wait(client.submit_decode(i % 2, q, *meta, k_new=k_new, v_new=k_new), out=out, lse=lse)
+                rt = (time.perf_counter() - t) * 1e6
+                if i >= 20:
+                    round_trip.append(rt)
+                    overhead.append(rt - client.last_kernel_us)
         ping = [client.ping() * 1e6 for _ in range(200)]
         copies = staging_copies(client.staging.slots[0], q, k_new)
     finally:
@@ -219,7 +240,9 @@ def bench_handoff(threads: int, spin_us: float = 0.0, rows: int = 32, ctx: int =
     return {"rows": rows, "ctx": ctx, "spin_us": spin_us, "worker_threads": 1 if split else threads,
             "overhead_us_p50": quantile(overhead, 0.5), "overhead_us_p99": quantile(overhead, 0.99),
             "round_trip_us_p50": quantile(round_trip, 0.5), "ping_us_p50": quantile(ping, 0.5),
-            "data_copies_us_p50": copies, "job_messages": client.job_messages, "jobs": steps}
+            "data_copies_us_p50": copies, "job_messages": client.job_messages,
+            "result_messages": client.result_messages, "jobs": steps,
+            "steal_pct": steal.pct}
 
 
 def pin_process(cores: list[int]) -> None:
@@ -253,7 +276,8 @@ def median_run(bench, runs: int = 5) -> dict:
     """The run of ``runs`` whose p50 overhead is the median (this VM's neighbours come and go within
     seconds), with every run's p50 in ``overhead_us_p50_runs``."""
     results = sorted((bench() for _ in range(runs)), key=lambda r: r["overhead_us_p50"])
-    return {**results[runs // 2], "overhead_us_p50_runs": [r["overhead_us_p50"] for r in results]}
+    return {**results[runs // 2], "overhead_us_p50_runs": [r["overhead_us_p50"] for r in results],
+            "steal_pct_runs": [r["steal_pct"] for r in results]}
 
 
 def quantile(xs: list[float], p: float) -> float:
@@ -279,9 +303,11 @@ def main() -> None:
         for batch, ctx in grid:
             # This VM's bandwidth drifts within a run: each row is compared with a measurement taken
             # right before it.
-            row_gbps = read_bandwidth()
-            row = {"shape": name, "read_bw_gbps": row_gbps, **bench_kernel(batch, ctx, shape, sdpa=ctx <= 4096, nhd=True)}
-            row["pct_of_read_bw"] = 100 * row["kernel_gbps"] / row_gbps
+            with StealMeter() as steal:
+                row_gbps = read_bandwidth()
+                row = {"shape": name, "read_bw_gbps": row_gbps,
+                       **bench_kernel(batch, ctx, shape, sdpa=ctx <= 4096, nhd=True)}
+            row.update(pct_of_read_bw=100 * row["kernel_gbps"] / row_gbps, steal_pct=steal.pct)
             rows.append(row)
             print(f"{name:13s} B={batch:3d} ctx={ctx:6d}: {row['kernel_gbps']:5.1f} GB/s "
                   f"({row['pct_of_read_bw']:3.0f}% of read BW, {row['pct_of_pattern_read']:3.0f}% of page-pattern read)" + (f", {row['speedup_vs_sdpa']:.1f}x SDPA" if "sdpa_ms" in row else ""))
@@ -314,11 +340,13 @@ def markdown(r: dict) -> str:
          f"`{m['kernel']}`, torch {m['torch']}. bf16 KV, page size 16, scattered pages, HND layout (the BE KV pool's); "
          "the NHD column is the same kernel on an NHD cache. Each case cycles through 1 GiB of copies of its K/V, so K "
          "and V come from memory, not from the caches. Page-pattern read: the same pages read in the kernel's order "
-         "by a loop that computes nothing (benchmarks/page_read.cpp), the ceiling of this access pattern."),
+         "by a loop that computes nothing (benchmarks/page_read.cpp), the ceiling of this access pattern. Host steal: "
+         "the share of CPU time the hypervisor gave to other guests while the row ran (0 on bare metal)."),
         "",
         ("| shape (H_q/H_kv/D) | batch | context | read BW GB/s | kernel ms | kernel GB/s | % of read BW | "
-         "page-pattern read GB/s | % of page-pattern read | NHD GB/s | SDPA ms | SDPA % of read BW | x SDPA |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+         "page-pattern read GB/s | % of page-pattern read | NHD GB/s | SDPA ms | SDPA % of read BW | x SDPA | "
+         "host steal % |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["kernel"]:
         hq, hkv, d = SHAPES[row["shape"]]
@@ -326,18 +354,21 @@ def markdown(r: dict) -> str:
               f"{row['speedup_vs_sdpa']:.1f}" if "sdpa_ms" in row else "- | - | -")
         lines.append(f"| {row['shape']} ({hq}/{hkv}/{d}) | {row['batch']} | {row['ctx']} | {row['read_bw_gbps']:.1f} | "
                      f"{row['kernel_ms']:.2f} | {row['kernel_gbps']:.1f} | {row['pct_of_read_bw']:.0f}% | "
-                     f"{row['pattern_read_gbps']:.1f} | {row['pct_of_pattern_read']:.0f}% | {row['nhd_gbps']:.1f} | {sd} |")
+                     f"{row['pattern_read_gbps']:.1f} | {row['pct_of_pattern_read']:.0f}% | {row['nhd_gbps']:.1f} | {sd} | "
+                     f"{row['steal_pct']:.0f} |")
     lines += [
         "",
         ("BE KV pool page size (--omniserve-cpu-page-size), smollm2-135m, B=64, ctx 1024: each page is a jump in "
          "memory, and at page size 16 its K (or V) is 6 KB:"),
         "",
-        "| page size | read BW GB/s | kernel GB/s | % of read BW | page-pattern read GB/s | % of page-pattern read |",
-        "|---|---|---|---|---|---|",
+        ("| page size | read BW GB/s | kernel GB/s | % of read BW | page-pattern read GB/s | % of page-pattern read | "
+         "host steal % |"),
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["page_sizes"]:
         lines.append(f"| {row['page_size']} | {row['read_bw_gbps']:.1f} | {row['kernel_gbps']:.1f} | "
-                     f"{row['pct_of_read_bw']:.0f}% | {row['pattern_read_gbps']:.1f} | {row['pct_of_pattern_read']:.0f}% |")
+                     f"{row['pct_of_read_bw']:.0f}% | {row['pattern_read_gbps']:.1f} | {row['pct_of_pattern_read']:.0f}% | "
+                     f"{row['steal_pct']:.0f} |")
     s = r["thread_scaling"]
     lin = ", ".join(f"ctx {x['ctx']}: {x['kernel_ms']:.2f} ms" for x in r["linearity"])
     lines += [
@@ -346,18 +377,19 @@ def markdown(r: dict) -> str:
         f"Linearity (smollm2-135m, B=16): {lin}.",
         "",
         ("Worker hand-off, decode step of 32 BE rows (smollm2-135m, ctx 1024); overhead = round trip minus kernel; "
-         "the median of 5 runs (every run's p50 in brackets):"),
+         "the median of 5 runs (every run's p50 in brackets, with the share of CPU time the host stole during it):"),
         "",
         ("| mode | worker threads | overhead p50 us | overhead p99 us | of which data copies us | round trip p50 us | "
-        "jobs sent over ZeroMQ | empty ZeroMQ ping p50 us |"),
-        "|---|---|---|---|---|---|---|---|",
+        "jobs sent over ZeroMQ | results sent over ZeroMQ | empty ZeroMQ ping p50 us |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for h in r["handoff"]:
         mode = f"busy-poll {h['spin_us']:.0f} us, worker on its own core" if h["spin_us"] else "block on ZeroMQ"
-        runs = ", ".join(f"{x:.0f}" for x in h["overhead_us_p50_runs"])
+        runs = ", ".join(f"{x:.0f} @{st:.0f}%" for x, st in zip(h["overhead_us_p50_runs"], h["steal_pct_runs"]))
         lines.append(f"| {mode} | {h['worker_threads']} | {h['overhead_us_p50']:.0f} ({runs}) | {h['overhead_us_p99']:.0f} | "
                      f"{h['data_copies_us_p50']:.0f} | {h['round_trip_us_p50']:.0f} | "
-                     f"{h['job_messages']} of {h['jobs']} | {h['ping_us_p50']:.0f} |")
+                     f"{h['job_messages']} of {h['jobs']} | {h['result_messages']} of {h['jobs']} | "
+                     f"{h['ping_us_p50']:.0f} |")
     lines.append("")
     return "\n".join(lines)
 
