@@ -25,8 +25,9 @@ class OmniServeConfig:
         cpu_attention: ``"kernel"`` (omniserve's AVX-512 decode kernel) or ``"sdpa"`` (torch SDPA
             per request, the exact math of SGLang's torch_native backend; slower).
         metrics: export omniserve's Prometheus metrics (SGLang's ``--enable-metrics``).
-        cpu_spin_us: microseconds the worker (after a job) and the scheduler (waiting for one)
-            busy-poll shared memory before blocking on ZeroMQ; for workers on cores of their own.
+        cpu_spin_us: microseconds the worker (after a job) and the scheduler (waiting for one,
+            beyond twice the previous job's kernel time) busy-poll shared memory before blocking
+            on ZeroMQ; for workers on cores of their own.
     """
 
     enabled: bool = False

@@ -35,7 +35,8 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        help="Pin the CPU attention worker to these cores, e.g. 8-15 (default: no pinning).")
     group.add_argument("--omniserve-cpu-spin-us", type=float, default=_DEFAULTS.cpu_spin_us,
                        help="Microseconds the CPU worker and the scheduler busy-poll shared memory for each "
-                       "other before blocking on ZeroMQ; shortens the per-layer hand-off when the worker has "
+                       "other before blocking on ZeroMQ (the scheduler beyond twice the previous job's kernel "
+                       "time); shortens the per-layer hand-off when the worker has "
                        "cores of its own (--omniserve-cpu-cores). Default %(default)s: never spin.")
 
 
