@@ -132,6 +132,7 @@ class CPUAttentionClient:
                 self.process.kill()
                 self.process.wait()
         if self.staging is not None:
+            self._views = {}
             self.staging.close()
             self.staging = None
         self.sock.close(0)
@@ -179,11 +180,11 @@ class CPUAttentionClient:
             raise
         if self.staging is not None:  # replaced: the worker unmaps it too
             self._request(P.Detach(self._next_seq(), self._staging_name), timeout)
+            self._views = {}  # views keep a segment mapped
             self.staging.close()
         self.staging, self._staging_name = area, name
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._staged_meta = {}
-        self._views = {}
         return area
 
     # jobs -----------------------------------------------------------------------------------

@@ -291,8 +291,9 @@ def test_jobs_longer_than_the_spin_come_back_through_shared_memory():
 
 
 def test_two_clients_share_a_spinning_worker():
-    """A second client on the same worker (its own pool and staging area, replaced once): jobs of
-    both, interleaved and in flight together, are each answered with their own results."""
+    """A second client on the same worker (its own pool and staging area, replaced once before any
+    job and once between jobs): jobs of both, interleaved and in flight together, are each answered
+    with their own results."""
     spec = BEKVPoolSpec(num_layers=1, num_kv_heads=1, head_dim=16, num_pages=8, page_size=4)
     pools = [BEKVPool.create(spec), BEKVPool.create(spec)]
     a = CPUAttentionClient.start(threads=1, spin_us=2000)
@@ -306,7 +307,9 @@ def test_two_clients_share_a_spinning_worker():
             pool.v_cache(0).normal_()
         b.create_staging(num_slots=2, max_rows=2, max_pages=8, num_qo_heads=2)  # replaces b's first area
         metas = [pool.allocator.kv_metadata(["s"]) for pool in pools]
-        for _ in range(50):
+        for i in range(50):
+            if i == 25:  # the client's cached slot views and staged metadata go with the old area
+                b.create_staging(num_slots=1, max_rows=2, max_pages=8, num_qo_heads=2)
             qs = [torch.randn(1, 2, 16).bfloat16() for _ in range(2)]
             jobs = [c.submit_decode(0, q, *m) for c, q, m in zip((a, b), qs, metas)]
             for client, job, q, meta, pool in zip((a, b), jobs, qs, metas, pools):
