@@ -26,17 +26,6 @@ inline double load(const double* w) {
 }
 inline void store(double* w, double x) { __atomic_store(w, &x, __ATOMIC_RELEASE); }
 
-// A pause between polls leaves the core's pipeline to whatever shares it (a hyperthread sibling,
-// or the client's vCPU on a host core's sibling) and avoids the pipeline flush a spinning load
-// takes when the awaited store arrives.
-inline void spin_pause() {
-#if defined(__x86_64__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
 const std::vector<std::string> kFields = {"job", "done", "watch", "q", "k", "v", "out", "lse",
                                           "kv_indptr", "kv_indices", "kv_last_page_len"};
 const std::vector<std::string> kJobFields = {"seq", "layer", "num_rows", "num_pages", "append_kv", "method",
@@ -146,7 +135,6 @@ std::tuple<int64_t, int64_t, double, double, double> DoorbellLoop::serve(double 
       if (!(load(&s.watch[1]) > after + margin_s_)) return {kReply, i, seq, kernel_us, until};
     }
     if (t >= until || t >= slice_end) return {kIdle, -1, 0.0, 0.0, until};
-    spin_pause();
   }
 }
 
