@@ -33,11 +33,11 @@ from pathlib import Path
 import orjson
 from tqdm import tqdm
 
+from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.bench.loadgen import RequestStyle, poisson_arrivals, run_mix
+from omniserve_sgl.bench.slo import SLO, be_tokens_per_s, derive_slo, lost, ls_summary, tpot
 from omniserve_sgl.default_model import ensure_default_model
-from omniserve_sgl.launch import SGLangServer
-from omniserve_sgl.loadgen import RequestStyle, poisson_arrivals, run_mix
 from omniserve_sgl.service_class import BE, LS
-from omniserve_sgl.slo import SLO, be_tokens_per_s, derive_slo, lost, ls_summary, tpot
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from omniserve_sgl.workload import sharegpt_documents, sharegpt_prompts
+    from omniserve_sgl.bench.workload import sharegpt_documents, sharegpt_prompts
 
     model = args.model_path or model_path(profile)
     tok = AutoTokenizer.from_pretrained(model)

@@ -22,13 +22,17 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = f"{MODEL_NAME}.Q4_1.gguf"
 
 
+def cache_dir() -> Path:
+    """omniserve-sgl's data cache: ``$XDG_CACHE_HOME/omniserve-sgl`` (``~/.cache`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omniserve-sgl"
+
+
 def model_dir() -> Path:
     """Where the converted model lives: ``$OMNISERVE_MODEL_DIR`` if set, else
-    ``$XDG_CACHE_HOME/omniserve-sgl/SmolLM2-135M-Instruct`` (``~/.cache`` by default)."""
+    ``<cache_dir()>/SmolLM2-135M-Instruct``."""
     if os.environ.get("OMNISERVE_MODEL_DIR"):
         return Path(os.environ["OMNISERVE_MODEL_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "omniserve-sgl" / MODEL_NAME
+    return cache_dir() / MODEL_NAME
 
 
 def gguf_path() -> Path:

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/python -m omniserve_sgl.demo "$@"
+exec .venv/bin/python -m omniserve_sgl.bench.demo "$@"

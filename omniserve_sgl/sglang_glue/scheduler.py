@@ -14,6 +14,7 @@ import torch
 from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
 
 from omniserve_sgl import config
+from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, DecodePlan
 from omniserve_sgl.service_class import BE, class_of_custom_params
 from omniserve_sgl.sglang_glue.rows import select_rows
@@ -111,21 +112,12 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     """
     if _runtime is None:
         return original(self, prefill_delayer_single_pass, running_batch)
-    queue = sorted(self.waiting_queue, key=is_be)  # stable: LS first
-    free, admitting = _runtime.pages.free_pages, False
-    held = []
-    for req in queue:
-        if _needs_pool(req):
-            need = _runtime.pages.pages_for(_be_tokens(req))
-            if admitting or need > free:
-                held.append(req)
-            else:
-                free -= need
-                admitting = True
-    held_ids = {id(r) for r in held}
-    self.waiting_queue[:] = [r for r in queue if id(r) not in held_ids]
-    hidden = [r for r in queue if is_be(r) and id(r) not in held_ids]
-    hidden += [r for r in running_batch.reqs if is_be(r)]
+    queue = list(self.waiting_queue)
+    offered, held = admission_round(
+        queue, is_be, lambda r: _runtime.pages.pages_for(_be_tokens(r)) if _needs_pool(r) else None,
+        _runtime.pages.free_pages)
+    self.waiting_queue[:] = offered
+    hidden = [r for r in offered if is_be(r)] + [r for r in running_batch.reqs if is_be(r)]
     saved = [(r, r.sampling_params.max_new_tokens) for r in hidden]
     for r, _ in saved:
         r.sampling_params.max_new_tokens = len(r.output_ids) + 1
@@ -134,7 +126,7 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     finally:
         for r, n in saved:
             r.sampling_params.max_new_tokens = n
-        order = {id(r): i for i, r in enumerate(queue)}
+        order = {id(r): i for i, r in enumerate(sorted(queue, key=is_be))}  # LS first, each class in order
         self.waiting_queue[:] = sorted(list(self.waiting_queue) + held,
                                        key=lambda r: order.get(id(r), len(order)))
     new_batch = result[0]

@@ -1,20 +1,50 @@
-"""Real SGLang servers on the default model, shared by the serving tests."""
+"""Real SGLang servers on the default model, one alive at a time: each module starts the servers
+it needs (a module-scoped fixture, or a ``with SGLangServer(...)`` inside a test), and the root
+conftest fails a test during which two were alive."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import pytest
 import requests
 from transformers import AutoTokenizer
 
+from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.bench.workload import sharegpt_prompts
 from omniserve_sgl.default_model import ensure_default_model
-from omniserve_sgl.launch import SGLangServer
-from omniserve_sgl.workload import sharegpt_prompts
+
+# Prompts whose greedy outputs the exactness tests compare across servers.
+EXACT_TEXTS_FROM_SHAREGPT = 2
+FIRST_EXACT_TEXT = "The capital of France is"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the tests need to know of the default model, read from its config.json."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model_path: Path) -> ModelShape:
+        cfg = json.loads((model_path / "config.json").read_text())
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim)
 
 
 @pytest.fixture(scope="session")
-def model_path():
+def model_path() -> Path:
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def model(model_path) -> ModelShape:
+    return ModelShape.of(model_path)
 
 
 @pytest.fixture(scope="session")
@@ -28,17 +58,39 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def omni_server(model_path):
-    """``--omniserve`` with omniserve's CPU decode kernel and metrics on."""
-    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", "0.2", "--enable-metrics") as s:
-        yield s
+def exact_texts(prompts) -> list[str]:
+    return [FIRST_EXACT_TEXT, *prompts[:EXACT_TEXTS_FROM_SHAREGPT]]
 
 
-@pytest.fixture(scope="module")
-def plain_server(model_path):
-    """SGLang without ``--omniserve`` (the package installed)."""
-    with SGLangServer(model_path, "--enable-metrics") as s:
-        yield s
+@dataclass(frozen=True)
+class PlainRun:
+    """What plain SGLang (the package installed, ``--omniserve`` off) answered.
+
+    Attributes:
+        outputs: greedy 32-token output ids for each of ``exact_texts``.
+        marked: ``/generate`` answers to requests marked ``be`` and ``gold`` (8 and 2 tokens).
+        workers: CPU attention worker processes below the server.
+        metrics: the ``/metrics`` text.
+    """
+
+    outputs: dict[str, list[int]]
+    marked: dict[str, dict]
+    workers: list
+    metrics: str
+
+
+@pytest.fixture(scope="session")
+def plain_run(model_path, exact_texts) -> PlainRun:
+    """One plain SGLang server, used for every comparison with it and stopped before the fixture
+    returns, so the test's own server is the only one alive."""
+    with SGLangServer(model_path, "--enable-metrics") as plain:
+        outputs = {}
+        for text in exact_texts:
+            flush_cache(plain)
+            outputs[text] = generate(plain, text, 32)["output_ids"]
+        marked = {"be": generate(plain, FIRST_EXACT_TEXT, 8, "be"), "gold": generate(plain, "Hi", 2, "gold")}
+        return PlainRun(outputs, marked, worker_processes(plain),
+                        requests.get(f"{plain.url}/metrics", timeout=30).text)
 
 
 def flush_cache(server) -> None:

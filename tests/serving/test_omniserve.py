@@ -1,59 +1,30 @@
-"""``--omniserve`` on a real SGLang server (CPU device, SmolLM2-135M-Instruct): BE requests are
-served from the BE KV pool and the CPU attention worker, and give the same tokens as LS."""
+"""``--omniserve`` on a real SGLang server (CPU device, the default model): BE requests are served
+from the BE KV pool and the CPU attention worker through every API, and SGLang's own benchmark
+client drives BE traffic. One server for the whole module."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import requests
 
-from omniserve_sgl.kv import BEKVPoolSpec
-from omniserve_sgl.launch import SGLangServer
+from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.bench.workload import sharegpt_json
 from tests.serving.conftest import flush_cache, generate, metric, worker_processes
 
 CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
 
-def test_be_output_equals_ls_output_token_for_token(model_path, plain_server, prompts):
-    """With ``--omniserve-cpu-attention sdpa`` the worker computes BE attention with the math of
-    SGLang's torch_native backend, so greedy BE output is LS output exactly, and LS output under
-    --omniserve is plain SGLang's."""
-    texts = ["The capital of France is", *prompts[:2]]
-    plain = []
-    for text in texts:
-        flush_cache(plain_server)
-        plain.append(generate(plain_server, text, 32)["output_ids"])
-    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-attention", "sdpa") as server:
-        for text, want in zip(texts, plain):
-            flush_cache(server)
-            ls = generate(server, text, 32, "ls")["output_ids"]
-            flush_cache(server)
-            be = generate(server, text, 32, "be")["output_ids"]
-            assert len(be) == 32
-            assert be == ls == want
-
-
-def test_be_output_with_the_cpu_kernel_equals_ls_output_in_float32(model_path, prompts):
-    """With the default kernel and the model in float32, no probability is rounded to bf16 on either
-    side, so greedy BE output is LS output token for token (here 32 tokens of 3 prompts). The hand-off
-    busy-polls shared memory here (--omniserve-cpu-spin-us), the path where ZeroMQ is skipped, and the
-    BE KV pool has pages of 64 tokens, not 16."""
-    with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--omniserve-cpu-spin-us", "500",
-                      "--omniserve-cpu-page-size", "64", "--omniserve-cpu-kv-gb", "1", "--enable-metrics") as server:
-        cfg = json.loads((model_path / "config.json").read_text())
-        spec = BEKVPoolSpec.from_budget(1 << 30, cfg["num_hidden_layers"], cfg["num_key_value_heads"],
-                                        cfg["hidden_size"] // cfg["num_attention_heads"], page_size=64,
-                                        dtype="float32")
-        assert metric(server, "omniserve_be_pool_pages_capacity") == spec.num_pages
-        for text in ["The capital of France is", *prompts[:2]]:
-            flush_cache(server)
-            ls = generate(server, text, 32, "ls")["output_ids"]
-            flush_cache(server)
-            be = generate(server, text, 32, "be")["output_ids"]
-            assert len(be) == 32 and be == ls
+@pytest.fixture(scope="module")
+def omni_server(model_path):
+    """``--omniserve`` with omniserve's CPU decode kernel and metrics on."""
+    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", "0.2", "--enable-metrics") as s:
+        yield s
 
 
 def test_be_output_with_the_cpu_kernel_starts_like_ls(omni_server):
@@ -67,15 +38,15 @@ def test_be_output_with_the_cpu_kernel_starts_like_ls(omni_server):
     assert len(be) == 16 and be == ls
 
 
-def test_cpu_attention_counter_grows_with_be_traffic_only(omni_server, model_path):
+def test_cpu_attention_counter_grows_with_be_traffic_only(omni_server, model):
     before = metric(omni_server, CPU_TOKENS)
     generate(omni_server, "Tell me about the sea.", 8)  # unmarked: LS
     generate(omni_server, "Tell me about the sea.", 8, "ls")
     assert metric(omni_server, CPU_TOKENS) == before
     generate(omni_server, "Tell me about the sea.", 8, "be")
     grown = metric(omni_server, CPU_TOKENS) - before
-    # 7 decode steps on the worker (the first token comes from the GPU-path prefill) x 30 layers.
-    assert grown == 7 * 30
+    # 7 decode steps on the worker (the first token comes from the GPU-path prefill), every layer.
+    assert grown == 7 * model.num_layers
 
 
 def test_worker_process_runs_while_serving(omni_server):
@@ -142,7 +113,7 @@ def test_openai_completions_and_chat_as_be(omni_server):
 def test_frontend_program_as_be(omni_server):
     import sglang as sgl
 
-    from omniserve_sgl.frontend import OmniServeEndpoint
+    from omniserve_sgl import OmniServeEndpoint
 
     @sgl.function
     def qa(s, question):
@@ -159,3 +130,21 @@ def test_frontend_program_as_be(omni_server):
     assert metric(omni_server, CPU_TOKENS) > before
     ls_state = qa.run(question="What is 2 + 2?", backend=OmniServeEndpoint(omni_server.url, service_class="ls"))
     assert ls_state["answer"] == states[0]["answer"]
+
+
+def test_sglang_benchmark_client_drives_be_traffic(omni_server, tmp_path, model):
+    """``python -m sglang.bench_serving`` on ShareGPT with the class header: every request completes
+    and its decode attention runs on the CPU worker."""
+    before = metric(omni_server, CPU_TOKENS)
+    out = tmp_path / "bench.jsonl"
+    res = subprocess.run([sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
+                          "--base-url", omni_server.url, "--dataset-name", "sharegpt",
+                          "--dataset-path", str(sharegpt_json()), "--num-prompts", "4",
+                          "--sharegpt-output-len", "8", "--header", "x-omniserve-class=be",
+                          "--warmup-requests", "0", "--output-file", str(out), "--disable-tqdm"],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["completed"] == 4
+    # Each request decodes its output after the first token on the worker, in every layer.
+    assert metric(omni_server, CPU_TOKENS) - before == (result["total_output_tokens"] - 4) * model.num_layers

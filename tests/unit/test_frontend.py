@@ -17,7 +17,7 @@ import sglang as sgl
 import sglang.utils
 from sglang.lang.backend import runtime_endpoint
 
-from omniserve_sgl.frontend import (
+from omniserve_sgl.sglang_glue.frontend import (
     SERVICE_CLASS_HEADER,
     SERVICE_CLASS_KEY,
     SERVICE_CLASSES,

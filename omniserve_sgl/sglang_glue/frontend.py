@@ -135,7 +135,7 @@ _GENERATE_SENDERS = {
 if _GENERATE_SENDERS - set(_POSTING_METHODS):
     raise ImportError(
         "sglang's RuntimeEndpoint no longer posts through http_request in "
-        f"{sorted(_GENERATE_SENDERS - set(_POSTING_METHODS))}; omniserve_sgl.frontend needs updating"
+        f"{sorted(_GENERATE_SENDERS - set(_POSTING_METHODS))}; omniserve_sgl.sglang_glue.frontend needs updating"
     )
 
 

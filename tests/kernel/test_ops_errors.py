@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from omniserve_sgl import ops
-from tests.conftest import random_paged_kv
+from tests.kernel.conftest import random_paged_kv
 
 
 @pytest.fixture

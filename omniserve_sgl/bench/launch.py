@@ -26,7 +26,10 @@ class SGLangServer:
     """A running SGLang server. ``url`` is its base URL; ``log`` its combined stdout/stderr file.
 
     On a machine without CUDA the server runs on SGLang's CPU device (``SGLANG_USE_CPU_ENGINE=1
-    --device cpu``) with a 16K-token KV cache, as SGLang's CPU path needs.
+    --device cpu``) with a 16K-token KV cache, as SGLang's CPU path needs. It always runs with
+    ``--sleep-on-idle``: an idle SGLang scheduler otherwise busy-polls a whole core, which on a
+    small machine is taken from whatever runs beside it (the CPU attention worker, another test).
+    The scheduler then blocks on its ZeroMQ sockets while idle and wakes on the next request.
     """
 
     def __init__(self, model_path: str | Path, *args: str, port: int | None = None,
@@ -34,7 +37,7 @@ class SGLangServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-               "--port", str(self.port), "--log-level", "warning", *args]
+               "--port", str(self.port), "--log-level", "warning", "--sleep-on-idle", *args]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         if not _has_cuda():
             full_env["SGLANG_USE_CPU_ENGINE"] = "1"

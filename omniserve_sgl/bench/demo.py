@@ -2,7 +2,7 @@
 real ShareGPT prompts as LS and BE requests at once, and print per-class TTFT/TPOT, BE tokens/s
 and a few generated texts.
 
-    python -m omniserve_sgl.demo [--num-ls 8] [--num-be 16] [--max-new-tokens 48]
+    python -m omniserve_sgl.bench.demo [--num-ls 8] [--num-be 16] [--max-new-tokens 48]
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import time
 import aiohttp
 import requests
 
+from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.bench.loadgen import RequestRecord, RequestStyle, send
+from omniserve_sgl.bench.slo import percentile, tpot
+from omniserve_sgl.bench.workload import sharegpt_prompts
 from omniserve_sgl.default_model import ensure_default_model
-from omniserve_sgl.launch import SGLangServer
-from omniserve_sgl.loadgen import RequestRecord, RequestStyle, send
-from omniserve_sgl.slo import percentile, tpot
-from omniserve_sgl.workload import sharegpt_prompts
 
 
 async def send_all(url: str, jobs: list[tuple[str, str]], max_new_tokens: int) -> list[tuple[str, RequestRecord]]:

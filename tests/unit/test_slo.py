@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from omniserve_sgl.loadgen import RequestRecord, RequestStyle, poisson_arrivals
-from omniserve_sgl.slo import SLO, be_tokens_per_s, derive_slo, lost, ls_summary, percentile, tpot
+from omniserve_sgl.bench.loadgen import RequestRecord, RequestStyle, poisson_arrivals
+from omniserve_sgl.bench.slo import SLO, be_tokens_per_s, derive_slo, lost, ls_summary, percentile, tpot
 
 
 def rec(cls="ls", ttft=0.1, latency=1.0, n=10, success=True, max_new=10, token_times=()):

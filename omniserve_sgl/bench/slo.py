@@ -1,5 +1,5 @@
 """SLO attainment, latency percentiles and throughput from client-side request records
-(:class:`omniserve_sgl.loadgen.RequestRecord`). Attainment is SGLang's own definition
+(:class:`omniserve_sgl.bench.loadgen.RequestRecord`). Attainment is SGLang's own definition
 (``sglang.benchmark.goodput.calculate_goodput``): a request meets the SLOs when it succeeded and
 its TTFT and TPOT are both within them; requests that failed count as misses."""
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from sglang.benchmark.goodput import calculate_goodput
 
-from omniserve_sgl.loadgen import RequestRecord
+from omniserve_sgl.bench.loadgen import RequestRecord
 from omniserve_sgl.service_class import BE, LS
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omniserve_sgl import ops
-from tests.conftest import TOL, backends, random_paged_kv, reference_decode
+from tests.kernel.conftest import TOL, backends, random_paged_kv, reference_decode
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -1,0 +1,214 @@
+"""The SGLang glue's logic without a server: BE admission rounds, row selection, the hooks that
+reorder or filter rows, the tokenizer's class marking on SGLang's own request object, and the
+command line on SGLang's own parser."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+
+import pytest
+import torch
+
+from omniserve_sgl import config
+from omniserve_sgl.admission import admission_round
+from omniserve_sgl.service_class import class_of_custom_params, parse_service_class
+
+
+@dataclasses.dataclass(frozen=True)
+class Req:
+    name: str
+    be: bool = False
+    pages: int | None = None  # pool pages still to reserve
+
+
+def _round(queue, free):
+    offered, held = admission_round(queue, lambda r: r.be, lambda r: r.pages, free)
+    return [r.name for r in offered], [r.name for r in held]
+
+
+def test_admission_puts_ls_first_and_offers_one_new_be_request_per_round():
+    q = [Req("b1", True, 2), Req("l1"), Req("b2", True, 1), Req("l2")]
+    assert _round(q, free=10) == (["l1", "l2", "b1"], ["b2"])
+
+
+def test_admission_holds_be_requests_that_do_not_fit_without_blocking_later_ones():
+    q = [Req("big", True, 8), Req("small", True, 3), Req("l1")]
+    assert _round(q, free=5) == (["l1", "small"], ["big"])
+    assert _round(q, free=2) == (["l1"], ["big", "small"])
+
+
+def test_admission_offers_be_requests_that_need_no_pages_beside_the_new_one():
+    q = [Req("reserved", True, None), Req("new", True, 1), Req("next", True, 1)]
+    assert _round(q, free=1) == (["reserved", "new"], ["next"])
+    assert _round([], free=0) == ([], [])
+
+
+def test_select_rows_keeps_the_rows_in_the_asked_order_and_shares_the_rest():
+    from omniserve_sgl.sglang_glue.rows import select_rows
+
+    batch = types.SimpleNamespace(seq_lens=torch.tensor([5, 6, 7, 8]), rids=["a", "b", "c", "d"],
+                                  scalar=torch.tensor(3), absent=None, config=object())
+    view = select_rows(batch, [3, 1], ("seq_lens", "scalar", "absent", "missing"), ("rids",))
+    assert view.seq_lens.tolist() == [8, 6] and view.rids == ["d", "b"]
+    assert view.scalar is batch.scalar and view.absent is None and view.config is batch.config
+    assert batch.seq_lens.tolist() == [5, 6, 7, 8] and batch.rids == ["a", "b", "c", "d"]
+
+
+def _reqs(*offloaded):
+    return [types.SimpleNamespace(rid=i, omniserve_be=o, omniserve_offloaded=o) for i, o in enumerate(offloaded)]
+
+
+def test_retraction_keeps_offloaded_be_requests_and_takes_ls_ones_in_sglangs_order():
+    from omniserve_sgl.sglang_glue import scheduler
+
+    reqs = _reqs(False, True, False, True)
+    order = scheduler.retraction_order(lambda rs: [2, 3, 0, 1], reqs)
+    assert order == [3, 1, 2, 0]  # SGLang retracts from the end: LS 0 first, then LS 2
+
+
+def test_next_decode_step_counts_gpu_kv_for_ls_rows_only():
+    from omniserve_sgl.sglang_glue import scheduler
+
+    batch = types.SimpleNamespace(reqs=_reqs(True, False, True, False))
+    seen = []
+    scheduler.decode_tokens_needed(lambda self, rows: seen.append(rows) or len(rows), batch)
+    scheduler.decode_tokens_needed(lambda self, rows: seen.append(rows) or len(rows), batch, [0, 1, 2])
+    assert seen == [[1, 3], [1]]
+
+
+def test_a_batch_of_offloaded_be_requests_only_retracts_nothing():
+    from omniserve_sgl.sglang_glue import scheduler
+
+    def sglang_retract(self):
+        raise AssertionError("SGLang's retraction must not run")
+
+    reqs = _reqs(True, True)
+    for r in reqs:
+        r.output_ids, r.origin_input_ids = [1, 2], [3]
+        r.sampling_params = types.SimpleNamespace(max_new_tokens=8)
+    retracted, _ratio, _ = scheduler.retract_decode(sglang_retract, types.SimpleNamespace(reqs=reqs))
+    assert retracted == []
+    mixed = types.SimpleNamespace(reqs=_reqs(True, False))
+    assert scheduler.retract_decode(lambda self: "sglang", mixed) == "sglang"
+
+
+@pytest.mark.parametrize("value,want", [("be", "be"), (" BE ", "be"), ("Ls", "ls")])
+def test_service_class_names_are_normalised(value, want):
+    assert parse_service_class(value) == want
+    assert class_of_custom_params({"omniserve_class": value}) == want
+
+
+@pytest.mark.parametrize("value", ["gold", "", None, 1, ["be"]])
+def test_unknown_service_classes_name_the_allowed_ones(value):
+    with pytest.raises(ValueError, match="use one of ls, be"):
+        class_of_custom_params({"omniserve_class": value})
+    assert class_of_custom_params({"other": 1}) == class_of_custom_params(None) == "ls"
+
+
+@pytest.fixture
+def omniserve_on(monkeypatch):
+    """This process's config says --omniserve (restored afterwards)."""
+    monkeypatch.setenv(config.ENV_VAR, "")
+    config.OmniServeConfig(enabled=True).export()
+
+
+def _request(obj, header=None):
+    from omniserve_sgl.sglang_glue import tokenizer
+
+    http = types.SimpleNamespace(headers={} if header is None else {"x-omniserve-class": header})
+    tokenizer.generate_request(None, obj, http)
+    return obj
+
+
+def test_tokenizer_marks_sglangs_request_from_body_or_header(omniserve_on):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    body = _request(GenerateReqInput(text="hi", sampling_params={"custom_params": {"omniserve_class": "BE"}}))
+    assert body.sampling_params["custom_params"] == {"omniserve_class": "be"}
+    assert body.custom_labels == {"omniserve_class": "be"}
+    header = _request(GenerateReqInput(text="hi", sampling_params={"max_new_tokens": 3}), header="be")
+    assert header.sampling_params == {"max_new_tokens": 3, "custom_params": {"omniserve_class": "be"}}
+    wins = _request(GenerateReqInput(text="hi", sampling_params={"custom_params": {"omniserve_class": "ls"}}),
+                    header="be")
+    assert wins.sampling_params["custom_params"]["omniserve_class"] == "ls"
+    batch = _request(GenerateReqInput(text=["a", "b"], sampling_params=[{}, {"custom_params": {"k": 1}}]),
+                     header="be")
+    assert [p["custom_params"] for p in batch.sampling_params] == [
+        {"omniserve_class": "be"}, {"k": 1, "omniserve_class": "be"}]
+    plain = _request(GenerateReqInput(text="hi", sampling_params={}))
+    assert plain.sampling_params == {} and plain.custom_labels == {"omniserve_class": "ls"}
+
+
+@pytest.mark.parametrize("params,header,words", [
+    ({"custom_params": {"omniserve_class": "gold"}}, None, "unknown omniserve_class 'gold'"),
+    ({}, "urgent", "unknown omniserve_class 'urgent'"),
+    ({"custom_params": "be"}, None, "custom_params must be a JSON object, got str"),
+])
+def test_tokenizer_refuses_bad_markers_with_what_to_send(omniserve_on, params, header, words):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    with pytest.raises(ValueError, match=words):
+        _request(GenerateReqInput(text="hi", sampling_params=params), header=header)
+
+
+def test_tokenizer_leaves_requests_alone_without_omniserve(monkeypatch):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    req = _request(GenerateReqInput(text="hi", sampling_params={"custom_params": {"omniserve_class": "gold"}}))
+    assert req.sampling_params == {"custom_params": {"omniserve_class": "gold"}} and req.custom_labels is None
+
+
+def _parse(argv):
+    from sglang.srt.server_args import ServerArgs
+
+    from omniserve_sgl.sglang_glue import cli
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    cli.add_cli_args(None, parser)
+    return parser.parse_args(["--model-path", "unused", *argv])
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--tp-size", "2"], "does not support tensor parallelism (--tp-size > 1)"),
+    (["--dp-size", "2", "--enable-mixed-chunk"], "data parallelism / DP attention (--dp-size > 1), --enable-mixed-chunk"),
+    (["--omniserve-cpu-page-size", "0"], "--omniserve-cpu-page-size must be >= 1, got 0"),
+    (["--omniserve-cpu-kv-gb", "-1"], "--omniserve-cpu-kv-gb must be > 0, got -1.0"),
+    (["--omniserve-cpu-threads", "0"], "--omniserve-cpu-threads must be >= 1, got 0"),
+    (["--omniserve-cpu-spin-us", "nan"], "--omniserve-cpu-spin-us must be >= 0, got nan"),
+])
+def test_unsupported_or_bad_settings_are_refused_before_sglang_builds_its_args(monkeypatch, argv, words):
+    from omniserve_sgl.sglang_glue import cli
+
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+
+    def sglang_from_cli_args(cls, args):
+        raise AssertionError("refused configurations must not reach SGLang")
+
+    with pytest.raises(SystemExit, match=words.replace("(", r"\(").replace(")", r"\)")):
+        cli.from_cli_args(sglang_from_cli_args, None, _parse(["--omniserve", *argv]))
+    assert config.ENV_VAR not in os.environ
+
+
+def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_children(monkeypatch):
+    from omniserve_sgl.sglang_glue import cli
+
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    built = []
+    args = _parse(["--omniserve", "--omniserve-cpu-kv-gb", "0.5", "--omniserve-cpu-page-size", "64",
+                   "--enable-metrics"])
+    monkeypatch.setattr(cli, "_refuse_mla", lambda server_args: None)  # needs a real model's config
+    cli.from_cli_args(lambda cls, a: built.append(a) or a, None, args)
+    assert built == [args]
+    assert args.disable_overlap_schedule and args.disable_decode_cuda_graph and args.disable_prefill_cuda_graph
+    assert "omniserve_class" in args.tokenizer_metrics_allowed_custom_labels
+    assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True)
+
+    plain = _parse([])
+    monkeypatch.delenv(config.ENV_VAR)
+    assert cli.from_cli_args(lambda cls, a: "sglang's", None, plain) == "sglang's"
+    assert not plain.disable_overlap_schedule and not config.current().enabled
