@@ -75,10 +75,6 @@ class BERuntime:
     def capacity_tokens(self) -> int:
         return self.pool.capacity_tokens
 
-    def can_reserve(self, num_tokens: int) -> bool:
-        """Whether a request of ``num_tokens`` tokens (prompt + output) can be admitted now."""
-        return self.pages.can_allocate(num_tokens)
-
     def reserve(self, rid: object, num_tokens: int) -> None:
         """Reserves pool pages for ``rid``'s whole length. Raises BEPoolFullError if they are not free."""
         self.pages.allocate(rid, 0, reserve_tokens=num_tokens)

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from omniserve_sgl.bench.launch import SGLangServer
 from omniserve_sgl.bench.workload import sharegpt_prompts
 from omniserve_sgl.default_model import ensure_default_model
+from omniserve_sgl.kv import BEKVPoolSpec
 
 # Prompts whose greedy outputs the exactness tests compare across servers.
 EXACT_TEXTS_FROM_SHAREGPT = 2
@@ -35,6 +36,11 @@ class ModelShape:
         cfg = json.loads((model_path / "config.json").read_text())
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim)
+
+    def be_pool_gb(self, num_pages: int, page_size: int = 16) -> str:
+        """``--omniserve-cpu-kv-gb`` for a bf16 BE KV pool of exactly ``num_pages`` pages."""
+        page = BEKVPoolSpec(self.num_layers, self.num_kv_heads, self.head_dim, 1, page_size).bytes_per_page
+        return repr((num_pages + 0.5) * page / (1 << 30))
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,11 @@ from tests.serving.conftest import generate, metric
 CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
 
-def test_full_be_pool_makes_be_requests_wait_then_complete(model_path):
-    # 0.004 GiB holds 11 pages of 16 tokens: two of these ~64-token requests at a time, the third waits.
-    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", "0.004", "--enable-metrics") as server:
+def test_full_be_pool_makes_be_requests_wait_then_complete(model_path, model):
+    # 11 pages of 16 tokens: two of these ~64-token requests at a time, the third waits.
+    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(11),
+                      "--enable-metrics") as server:
+        assert metric(server, "omniserve_be_pool_pages_capacity") == 11
         seen_waiting = []
         done = threading.Event()
 

@@ -57,6 +57,7 @@ def test_reservation_is_counted_and_never_fails_within_it():
     assert not a.can_allocate(24)  # 6 pages: only 5 are neither held nor reserved
     a.allocate("r2", 20)
     assert a.free_pages == 0
+    assert a.can_extend("r1", 20) and not a.can_extend("r1", 21) and not a.can_extend("r2", 1)
     for _ in range(20):
         a.extend("r1", 1)  # within its reservation: always succeeds
     assert a.reserved_pages == 0 and a.used_pages == 10

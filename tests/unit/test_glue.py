@@ -162,7 +162,8 @@ def test_tokenizer_leaves_requests_alone_without_omniserve(monkeypatch):
     assert req.sampling_params == {"custom_params": {"omniserve_class": "gold"}} and req.custom_labels is None
 
 
-def _parse(argv):
+def _parse(argv, model_path="unused"):
+    """``argv`` read by SGLang's own parser with omniserve's flags added."""
     from sglang.srt.server_args import ServerArgs
 
     from omniserve_sgl.sglang_glue import cli
@@ -170,7 +171,7 @@ def _parse(argv):
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     cli.add_cli_args(None, parser)
-    return parser.parse_args(["--model-path", "unused", *argv])
+    return parser.parse_args(["--model-path", str(model_path), *argv])
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -195,20 +196,24 @@ def test_unsupported_or_bad_settings_are_refused_before_sglang_builds_its_args(m
 
 
 def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_children(monkeypatch):
+    """Through SGLang's own ``ServerArgs.from_cli_args`` on the default model's config."""
+    from sglang.srt.server_args import ServerArgs
+
+    from omniserve_sgl.default_model import ensure_default_model
     from omniserve_sgl.sglang_glue import cli
 
     monkeypatch.delenv(config.ENV_VAR, raising=False)
-    built = []
-    args = _parse(["--omniserve", "--omniserve-cpu-kv-gb", "0.5", "--omniserve-cpu-page-size", "64",
-                   "--enable-metrics"])
-    monkeypatch.setattr(cli, "_refuse_mla", lambda server_args: None)  # needs a real model's config
-    cli.from_cli_args(lambda cls, a: built.append(a) or a, None, args)
-    assert built == [args]
-    assert args.disable_overlap_schedule and args.disable_decode_cuda_graph and args.disable_prefill_cuda_graph
-    assert "omniserve_class" in args.tokenizer_metrics_allowed_custom_labels
-    assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True)
-
-    plain = _parse([])
-    monkeypatch.delenv(config.ENV_VAR)
-    assert cli.from_cli_args(lambda cls, a: "sglang's", None, plain) == "sglang's"
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    sglang_from_cli_args = ServerArgs.from_cli_args.__func__
+    argv = ["--device", "cpu", "--enable-metrics"]
+    plain = cli.from_cli_args(sglang_from_cli_args, ServerArgs, _parse(argv, ensure_default_model()))
     assert not plain.disable_overlap_schedule and not config.current().enabled
+
+    args = _parse([*argv, "--omniserve", "--omniserve-cpu-kv-gb", "0.5", "--omniserve-cpu-page-size", "64"],
+                  ensure_default_model())
+    server_args = cli.from_cli_args(sglang_from_cli_args, ServerArgs, args)
+    assert isinstance(server_args, ServerArgs)
+    assert server_args.disable_overlap_schedule
+    assert server_args.disable_decode_cuda_graph and server_args.disable_prefill_cuda_graph
+    assert "omniserve_class" in server_args.tokenizer_metrics_allowed_custom_labels
+    assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True)
