@@ -6,20 +6,27 @@ Life of a BE request here: :meth:`BERuntime.reserve` at admission (pages for its
 so it never stalls mid-decode), :meth:`store_prefill` once its prompt's KV exists on the GPU,
 then per decode step :meth:`plan_decode` and, per layer, :meth:`submit` / :meth:`wait`, and
 finally :meth:`release`.
+
+Worker faults: the pool is this process's memory (the worker only maps it), so a worker that
+exits or hangs loses nothing. :meth:`wait` replaces it (a new process mapping the same pool) and
+runs the job in flight again: appending a token's K/V to its slot twice writes the same values.
+After three starts within a minute BE serving stops (:class:`BEUnavailableError`).
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from omniserve_sgl.config import OmniServeConfig
 from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
-from omniserve_sgl.worker import CPUAttentionClient, Job
+from omniserve_sgl.worker import CPUAttentionClient, Job, WorkerDiedError, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,29 @@ class DecodePlan:
     rows: list = field(default_factory=list)
 
 
+@dataclass
+class PendingJob:
+    """One layer's BE attention in flight, with what it takes to run it again on a new worker."""
+
+    plan: DecodePlan
+    layer: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    sm_scale: float
+    job: Job
+
+
+class BEUnavailableError(RuntimeError):
+    """The CPU attention worker failed and could not be replaced; BE serving is off (LS goes on)."""
+
+
+# A worker that needs more starts than this within RESTART_WINDOW_S is given up on.
+MAX_STARTS_PER_WINDOW = 3
+RESTART_WINDOW_S = 60.0
+MIN_JOB_TIMEOUT_S = 2.0
+
+
 class BERuntime:
     """Owns the BE KV pool and the CPU attention worker of one scheduler process.
 
@@ -46,6 +76,10 @@ class BERuntime:
         dtype: KV dtype (the GPU KV cache's), one of bf16/fp16/fp32.
         max_rows: most BE rows in one decode step (SGLang's max running requests).
 
+    Attributes:
+        worker_restarts: workers started to replace one that exited or hung.
+        unavailable: why BE serving stopped (the worker could not be replaced), else ``None``.
+
     Raises:
         ValueError: the pool budget is below one page, or an unsupported dtype.
         omniserve_sgl.worker.WorkerDiedError, TimeoutError: the worker did not start.
@@ -55,20 +89,82 @@ class BERuntime:
                  num_qo_heads: int, dtype: torch.dtype, max_rows: int):
         spec = BEKVPoolSpec.from_budget(config.cpu_kv_bytes, num_layers, num_kv_heads, head_dim,
                                         page_size=config.page_size, dtype=dtype)
+        self.config, self.max_rows = config, max_rows
         self.pool = BEKVPool.create(spec)
         self.pages = self.pool.allocator
-        self.client = CPUAttentionClient.start(threads=config.worker_threads, cores=config.cpu_cores,
-                                               spin_us=config.cpu_spin_us)
-        self.client.attach_pool(self.pool)
-        # Two slots: the synchronous path uses one; piggybacking will keep more jobs in flight.
-        self.client.create_staging(2, max_rows, spec.num_pages, num_qo_heads)
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.method = config.cpu_attention
         self.attention_tokens = 0  # token-layer attentions computed by the worker
+        self.worker_restarts = 0
+        self.unavailable: str | None = None
+        self._starts: collections.deque[float] = collections.deque()  # monotonic times of recent starts
+        self._slowest_kernel_s = 0.0
+        self.client: CPUAttentionClient | None = self._start_worker()
         atexit.register(self.close)
         logger.info("omniserve: BE KV pool %.2f GiB (%d pages of %d tokens, %d layers), CPU attention "
                     "worker pid %d with %d threads", spec.total_bytes / (1 << 30), spec.num_pages,
                     spec.page_size, num_layers, self.client.process.pid, config.worker_threads)
+
+    # worker -------------------------------------------------------------------------------------
+    def _start_worker(self) -> CPUAttentionClient:
+        """A new worker process with the pool mapped and its staging slots made."""
+        cfg = self.config
+        self._starts.append(time.monotonic())
+        client = CPUAttentionClient.start(threads=cfg.worker_threads, cores=cfg.cpu_cores, spin_us=cfg.cpu_spin_us)
+        try:
+            client.attach_pool(self.pool)
+            # Two slots: the synchronous path uses one; piggybacking will keep more jobs in flight.
+            client.create_staging(2, self.max_rows, self.pool.spec.num_pages, self.num_qo_heads)
+        except BaseException:
+            client.kill()
+            raise
+        return client
+
+    def check_worker(self) -> None:
+        """Replaces the worker now if it has exited (a cheap check, for every scheduler step).
+
+        Raises:
+            BEUnavailableError: it could not be replaced.
+        """
+        if self.unavailable is None and self.client is not None and not self.client.alive():
+            self._replace_worker("exited")
+
+    def _replace_worker(self, what: str) -> None:
+        """Kills the current worker (dead or hung), then starts another, up to
+        ``MAX_STARTS_PER_WINDOW`` starts within ``RESTART_WINDOW_S``.
+
+        Raises:
+            BEUnavailableError: no worker could be had; :attr:`unavailable` says why.
+        """
+        if self.unavailable is not None:
+            raise BEUnavailableError(self.unavailable)
+        ended = self.client.kill()
+        reason = f"the CPU attention worker (pid {self.client.process.pid}) {what} ({ended})"
+        self.client = None
+        while True:
+            now = time.monotonic()
+            while self._starts and now - self._starts[0] > RESTART_WINDOW_S:
+                self._starts.popleft()
+            if len(self._starts) >= MAX_STARTS_PER_WINDOW:
+                self.unavailable = (f"omniserve: BE serving is off: {reason}, and {len(self._starts)} workers "
+                                    f"were started within {RESTART_WINDOW_S:.0f} s")
+                logger.error("%s", self.unavailable)
+                raise BEUnavailableError(self.unavailable)
+            logger.warning("omniserve: %s; starting a new worker", reason)
+            try:
+                self.client = self._start_worker()
+            except (WorkerError, TimeoutError, OSError) as e:
+                reason = f"a new CPU attention worker failed to start ({e})"
+                continue
+            self.worker_restarts += 1
+            return
+
+    def job_timeout(self) -> float:
+        """Seconds a job may take before its worker counts as hung (``--omniserve-cpu-job-timeout``,
+        else 10x the slowest job so far and at least 2 s)."""
+        if self.config.cpu_job_timeout is not None:
+            return self.config.cpu_job_timeout
+        return max(MIN_JOB_TIMEOUT_S, 10 * self._slowest_kernel_s)
 
     # admission ----------------------------------------------------------------------------------
     @property
@@ -115,26 +211,51 @@ class BERuntime:
         return DecodePlan(list(rids), *self.pages.kv_metadata(rids), rows=list(rows))
 
     def submit(self, plan: DecodePlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               sm_scale: float | None) -> Job:
+               sm_scale: float | None) -> PendingJob:
         """Queues layer ``layer`` of ``plan``'s rows on the worker: append ``k``/``v`` ``[B, H_kv, D]``
-        (the new token) to the pool, then decode attention of ``q`` ``[B, H_q, D]``. Returns at once."""
-        scale = 1.0 / math.sqrt(self.head_dim) if sm_scale is None else sm_scale
-        self.attention_tokens += len(plan.rids)
-        return self.client.submit_decode(layer, q, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
-                                         k, v, scale, self.method)
-
-    def wait(self, job: Job, out: torch.Tensor) -> torch.Tensor:
-        """Blocks until ``job`` is done and copies its output ``[B, H_q, D]`` into ``out`` (any device).
+        (the new token) to the pool, then decode attention of ``q`` ``[B, H_q, D]``. Returns at once;
+        the tensors must stay unchanged until :meth:`wait` returns (a new worker may need them).
 
         Raises:
-            omniserve_sgl.worker.WorkerError: the job failed; WorkerDiedError: the worker exited.
+            BEUnavailableError: BE serving is off.
         """
-        self.client.wait(job, out=out)
-        return out
+        if self.unavailable is not None:
+            raise BEUnavailableError(self.unavailable)
+        scale = 1.0 / math.sqrt(self.head_dim) if sm_scale is None else sm_scale
+        self.attention_tokens += len(plan.rids)
+        pending = PendingJob(plan, layer, q, k, v, scale, None)
+        pending.job = self._submit(pending)
+        return pending
+
+    def _submit(self, p: PendingJob) -> Job:
+        return self.client.submit_decode(p.layer, p.q, p.plan.kv_indptr, p.plan.kv_indices, p.plan.kv_last_page_len,
+                                         p.k, p.v, p.sm_scale, self.method)
+
+    def wait(self, pending: PendingJob, out: torch.Tensor) -> torch.Tensor:
+        """Blocks until the job is done and copies its output ``[B, H_q, D]`` into ``out`` (any
+        device). A worker that exits meanwhile (noticed within 0.1 s) or takes longer than
+        :meth:`job_timeout` is replaced and the job runs again on the new one.
+
+        Raises:
+            omniserve_sgl.worker.WorkerError: the job failed (bad input; the worker goes on).
+            BEUnavailableError: the worker failed and could not be replaced.
+        """
+        while True:
+            try:
+                self.client.wait(pending.job, timeout=self.job_timeout(), out=out)
+                self._slowest_kernel_s = max(self._slowest_kernel_s, self.client.last_kernel_us * 1e-6)
+                return out
+            except WorkerDiedError:
+                self._replace_worker("exited")
+            except TimeoutError:
+                self._replace_worker(f"took over {self.job_timeout():.1f} s for one job (--omniserve-cpu-job-timeout)")
+            pending.job = self._submit(pending)
 
     def close(self) -> None:
         """Stops the worker and frees the pool (idempotent)."""
         if self.client is not None:
             self.client.close()
             self.client = None
+        if self.pool is not None:
             self.pool.close()
+            self.pool = None

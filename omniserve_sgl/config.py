@@ -28,6 +28,9 @@ class OmniServeConfig:
         cpu_spin_us: microseconds the worker (after a job) and the scheduler (waiting for one,
             beyond twice the previous job's kernel time) busy-poll shared memory before blocking
             on ZeroMQ; for workers on cores of their own.
+        cpu_job_timeout: seconds a CPU attention job may take before its worker counts as hung
+            and is replaced (``--omniserve-cpu-job-timeout``); ``None`` = 10x the slowest job
+            seen so far, and at least 2 s.
     """
 
     enabled: bool = False
@@ -38,6 +41,7 @@ class OmniServeConfig:
     cpu_attention: str = "kernel"
     metrics: bool = False
     cpu_spin_us: float = 0.0
+    cpu_job_timeout: float | None = None
 
     def __post_init__(self):
         if not self.cpu_kv_gb > 0:
@@ -48,6 +52,8 @@ class OmniServeConfig:
             raise ValueError(f"--omniserve-cpu-page-size must be >= 1, got {self.page_size}")
         if not self.cpu_spin_us >= 0:
             raise ValueError(f"--omniserve-cpu-spin-us must be >= 0, got {self.cpu_spin_us}")
+        if self.cpu_job_timeout is not None and not self.cpu_job_timeout > 0:
+            raise ValueError(f"--omniserve-cpu-job-timeout must be > 0 seconds, got {self.cpu_job_timeout}")
         if self.cpu_attention not in ("kernel", "sdpa"):
             raise ValueError(f"--omniserve-cpu-attention must be kernel or sdpa, got {self.cpu_attention!r}")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 class BEMetrics:
     """``omniserve_cpu_attention_tokens_total`` (counter: token-layer attentions computed by the CPU
-    worker), ``omniserve_be_pool_pages_{used,reserved,capacity}`` and
+    worker), ``omniserve_worker_restarts_total`` (counter: workers started to replace one that
+    exited or hung), ``omniserve_be_pool_pages_{used,reserved,capacity}`` and
     ``omniserve_be_waiting_requests`` (BE requests queued for admission: the BE KV pool is full,
     or another BE request takes this prefill batch's one BE slot)."""
 
@@ -20,6 +21,8 @@ class BEMetrics:
 
         self.cpu_attention_tokens = Counter(
             "omniserve_cpu_attention_tokens", "Token-layer attentions computed by the CPU attention worker")
+        self.worker_restarts = Counter(
+            "omniserve_worker_restarts", "CPU attention workers started to replace one that exited or hung")
         gauge = {"multiprocess_mode": "mostrecent"}
         self.pages_used = Gauge("omniserve_be_pool_pages_used", "BE KV pool pages holding KV", **gauge)
         self.pages_reserved = Gauge("omniserve_be_pool_pages_reserved",
@@ -27,12 +30,14 @@ class BEMetrics:
         self.pages_capacity = Gauge("omniserve_be_pool_pages_capacity", "BE KV pool size in pages", **gauge)
         self.waiting = Gauge("omniserve_be_waiting_requests",
                              "BE requests queued for admission (BE KV pool full, or one BE prefill per batch)", **gauge)
-        self._counted = 0
+        self._counted = self._restarts = 0
 
     def update(self, runtime, waiting: int | None = None) -> None:
         """Publishes ``runtime``'s counters and pool occupancy (``waiting`` when known)."""
         self.cpu_attention_tokens.inc(runtime.attention_tokens - self._counted)
         self._counted = runtime.attention_tokens
+        self.worker_restarts.inc(runtime.worker_restarts - self._restarts)
+        self._restarts = runtime.worker_restarts
         self.pages_used.set(runtime.pages.used_pages)
         self.pages_reserved.set(runtime.pages.reserved_pages)
         self.pages_capacity.set(runtime.pages.num_pages)

@@ -21,9 +21,6 @@ from omniserve_sgl import _C  # noqa: F401  (registers torch.ops.omniserve)
 
 _ops = torch.ops.omniserve
 
-KV_LAYOUTS = ("NHD", "HND")
-BACKENDS = ("auto", "avx512_bf16", "avx512", "portable")
-
 
 def paged_decode_attention(
     q: torch.Tensor,

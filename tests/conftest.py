@@ -84,6 +84,18 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 @pytest.fixture(autouse=True)
+def _environment_unchanged():
+    """A test that leaves omniserve's config in this process's environment would hand it to every
+    server started later (its children inherit the environment)."""
+    from omniserve_sgl.config import ENV_VAR
+
+    before = os.environ.get(ENV_VAR)
+    yield
+    if os.environ.get(ENV_VAR) != before:
+        pytest.fail(f"the test left {ENV_VAR}={os.environ.get(ENV_VAR)!r} in the environment")
+
+
+@pytest.fixture(autouse=True)
 def _one_server_at_a_time(request):
     yield
     if msg := _watch.overlaps.get(request.node.nodeid):

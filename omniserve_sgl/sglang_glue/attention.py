@@ -14,6 +14,7 @@ import types
 
 import torch
 
+from omniserve_sgl.be_runtime import BEUnavailableError
 from omniserve_sgl.sglang_glue import scheduler
 from omniserve_sgl.sglang_glue.rows import select_rows
 
@@ -43,6 +44,18 @@ class _Step:
         self.ls_idx = torch.tensor(ls_rows, dtype=torch.int64, device=device)
         self.ls_fb = _ls_view(fb, ls_rows) if ls_rows else None
         self.be_out: torch.Tensor | None = None
+        self.be_failed = False  # the worker failed for good: BE rows get zeros, their requests end
+
+
+def _be_call(step: _Step, fn, *args):
+    """``fn(*args)`` on the BE runtime; when the worker has failed for good, the step's BE requests
+    are ended and the step goes on for its LS rows."""
+    try:
+        return fn(*args)
+    except BEUnavailableError as e:
+        step.be_failed = True
+        scheduler.abort_decode_plan(str(e))
+        return None
 
 
 def install(backend) -> None:
@@ -73,7 +86,8 @@ def install(backend) -> None:
         bs, hq, hkv, d = forward_batch.batch_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q3, k3, v3 = q.reshape(bs, hq, d), k.reshape(bs, hkv, d), v.reshape(bs, hkv, layer.v_head_dim)
         be = step.be_idx
-        job = rt.submit(step.plan, layer.layer_id, q3[be], k3[be], v3[be], layer.scaling)
+        job = None if step.be_failed else _be_call(step, rt.submit, step.plan, layer.layer_id, q3[be], k3[be],
+                                                      v3[be], layer.scaling)
         out = q.new_empty(bs, hq * layer.v_head_dim)
         if step.ls_fb is not None:
             ls = step.ls_idx
@@ -81,7 +95,10 @@ def install(backend) -> None:
                                     save_kv_cache, **kwargs).reshape(len(ls), -1)
         if step.be_out is None:  # on q's device: the result is copied there straight from the pinned slot
             step.be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
-        rt.wait(job, step.be_out)
+        if job is not None:
+            _be_call(step, rt.wait, job, step.be_out)
+        if step.be_failed:
+            step.be_out.zero_()
         out[be] = step.be_out.reshape(len(be), -1)
         return out
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-from omniserve_sgl.config import OmniServeConfig
+from omniserve_sgl.config import ENV_VAR, OmniServeConfig
 from omniserve_sgl.service_class import SERVICE_CLASS_KEY
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        "other before blocking on ZeroMQ (the scheduler beyond twice the previous job's kernel "
                        "time); shortens the per-layer hand-off when the worker has "
                        "cores of its own (--omniserve-cpu-cores). Default %(default)s: never spin.")
+    group.add_argument("--omniserve-cpu-job-timeout", type=float, default=None,
+                       help="Seconds one CPU attention job may take before the worker counts as hung and is "
+                       "replaced, its job run again (default: 10x the slowest job so far, at least 2 s).")
 
 
 # Configurations the first version does not handle: (flag value check, message).
@@ -66,7 +70,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
                                      args.omniserve_cpu_cores, page_size=args.omniserve_cpu_page_size,
                                      cpu_attention=args.omniserve_cpu_attention,
                                      metrics=bool(getattr(args, "enable_metrics", False)),
-                                     cpu_spin_us=args.omniserve_cpu_spin_us)
+                                     cpu_spin_us=args.omniserve_cpu_spin_us,
+                                     cpu_job_timeout=args.omniserve_cpu_job_timeout)
         except ValueError as e:
             raise SystemExit(f"omniserve: {e}") from None
         refused = [what for check, what in _REFUSED if check(args)]
@@ -86,6 +91,7 @@ def from_cli_args(original, cls, args: argparse.Namespace):
         server_args = original(cls, args)
         _refuse_mla(server_args)
         return server_args
+    os.environ.pop(ENV_VAR, None)  # a config inherited from the caller's environment must not turn it on
     return original(cls, args)
 
 

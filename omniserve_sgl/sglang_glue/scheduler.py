@@ -9,13 +9,15 @@ for the KV, in :class:`omniserve_sgl.be_runtime.BERuntime`.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 import torch
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import NewTokenRatioTracker
 
 from omniserve_sgl import config
 from omniserve_sgl.admission import admission_round
-from omniserve_sgl.be_runtime import BERuntime, DecodePlan
+from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
 from omniserve_sgl.service_class import BE, class_of_custom_params
 from omniserve_sgl.sglang_glue.rows import select_rows
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 _runtime: BERuntime | None = None  # one scheduler, hence one runtime, per process
 _metrics = None  # BEMetrics with --enable-metrics
 _pending_plan: DecodePlan | None = None  # the BE rows of the decode step being prepared
+_plan_reqs: list = []  # their Reqs
 
 
 def runtime() -> BERuntime | None:
@@ -43,6 +46,36 @@ def take_decode_plan() -> DecodePlan | None:
     global _pending_plan
     plan, _pending_plan = _pending_plan, None
     return plan
+
+
+# worker faults ----------------------------------------------------------------------------------
+def _check_worker() -> str | None:
+    """Replaces a worker that exited (see ``BERuntime.check_worker``); returns why BE serving is
+    off when it could not be replaced."""
+    try:
+        _runtime.check_worker()
+    except BEUnavailableError:
+        pass
+    if _metrics is not None:
+        _metrics.update(_runtime)
+    return _runtime.unavailable
+
+
+def _abort_be(req, why: str) -> None:
+    """Ends a BE request with HTTP 503 and ``why``: at once if it has not started, else after
+    this step (as SGLang's own aborts of running requests)."""
+    if req.finished() or req.to_finish is not None:
+        return
+    if req.output_ids:
+        req.to_finish = FINISH_ABORT(why, HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailable")
+    else:
+        req.set_finish_with_abort(why, HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailable")
+
+
+def abort_decode_plan(why: str) -> None:
+    """The worker failed for good during the decode step in flight: its BE requests end after it."""
+    for req in _plan_reqs:
+        _abort_be(req, why)
 
 
 # start-up ---------------------------------------------------------------------------------------
@@ -78,6 +111,9 @@ def refuse_oversized_be(_result, _self, req):
     could never be admitted, so it is refused at once with a message instead of waiting forever."""
     if not is_be(req) or req.finished() or _runtime is None:
         return
+    if _runtime.unavailable is not None:
+        _abort_be(req, _runtime.unavailable)
+        return
     need = _be_tokens(req)
     if need > _runtime.capacity_tokens:
         req.set_finish_with_abort(
@@ -112,6 +148,10 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     """
     if _runtime is None:
         return original(self, prefill_delayer_single_pass, running_batch)
+    if (why := _check_worker()) is not None:
+        for req in [*self.waiting_queue, *running_batch.reqs]:
+            if is_be(req):
+                _abort_be(req, why)
     queue = list(self.waiting_queue)
     offered, held = admission_round(
         queue, is_be, lambda r: _runtime.pages.pages_for(_be_tokens(r)) if _needs_pool(r) else None,
@@ -219,8 +259,8 @@ def alloc_decode(original, batch, token_per_req: int):
     """AROUND ``mem_cache.allocation.alloc_for_decode``: only LS rows get GPU KV slots. Offloaded BE
     rows get slot 0 (SGLang's padding slot, never written: the attention split keeps BE rows away
     from the GPU KV cache) and their next token is placed in the BE KV pool instead."""
-    global _pending_plan
-    _pending_plan = None
+    global _pending_plan, _plan_reqs
+    _pending_plan, _plan_reqs = None, []
     be_rows, ls_rows = [], []
     for i, r in enumerate(batch.reqs):
         (be_rows if is_offloaded(r) else ls_rows).append(i)
@@ -240,7 +280,7 @@ def alloc_decode(original, batch, token_per_req: int):
     for req in be_reqs:
         req.kv.kv_allocated_len += 1
         req.kv.kv_committed_len += 1
-    _pending_plan = _runtime.plan_decode([r.rid for r in be_reqs], be_rows)
+    _pending_plan, _plan_reqs = _runtime.plan_decode([r.rid for r in be_reqs], be_rows), be_reqs
     if _metrics is not None:
         _metrics.update(_runtime)
     return out_cache_loc

@@ -143,6 +143,15 @@ class CPUAttentionClient:
             except OSError:
                 pass
 
+    def kill(self) -> str:
+        """Ends a dead or hung worker at once (SIGKILL, no shutdown message), releases this side's
+        shared memory and sockets, and says how the worker ended, e.g. ``"exit status -9"``."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.close(timeout=0.0)
+        return f"exit status {self.process.returncode}" if self.process is not None else "not started by this client"
+
     def alive(self) -> bool:
         return self.process is None or self.process.poll() is None
 

@@ -14,7 +14,8 @@ def test_flags_show_in_help():
     out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True,
                          text=True, timeout=300, check=True).stdout
     for flag in ("--omniserve", "--omniserve-cpu-kv-gb", "--omniserve-cpu-threads", "--omniserve-cpu-cores",
-                 "--omniserve-cpu-attention", "--omniserve-cpu-page-size", "--omniserve-cpu-spin-us"):
+                 "--omniserve-cpu-attention", "--omniserve-cpu-page-size", "--omniserve-cpu-spin-us",
+                 "--omniserve-cpu-job-timeout"):
         assert flag in out
 
 

@@ -109,9 +109,16 @@ def test_unknown_service_classes_name_the_allowed_ones(value):
 
 
 @pytest.fixture
-def omniserve_on(monkeypatch):
-    """This process's config says --omniserve (restored afterwards)."""
+def no_config(monkeypatch):
+    """No omniserve config in this process's environment; whatever the test exports is undone
+    (setenv records the variable's state, so the undo also removes one that was absent)."""
     monkeypatch.setenv(config.ENV_VAR, "")
+    monkeypatch.delenv(config.ENV_VAR)
+
+
+@pytest.fixture
+def omniserve_on(no_config):
+    """This process's config says --omniserve (undone afterwards)."""
     config.OmniServeConfig(enabled=True).export()
 
 
@@ -154,10 +161,9 @@ def test_tokenizer_refuses_bad_markers_with_what_to_send(omniserve_on, params, h
         _request(GenerateReqInput(text="hi", sampling_params=params), header=header)
 
 
-def test_tokenizer_leaves_requests_alone_without_omniserve(monkeypatch):
+def test_tokenizer_leaves_requests_alone_without_omniserve(no_config):
     from sglang.srt.managers.io_struct import GenerateReqInput
 
-    monkeypatch.delenv(config.ENV_VAR, raising=False)
     req = _request(GenerateReqInput(text="hi", sampling_params={"custom_params": {"omniserve_class": "gold"}}))
     assert req.sampling_params == {"custom_params": {"omniserve_class": "gold"}} and req.custom_labels is None
 
@@ -181,11 +187,11 @@ def _parse(argv, model_path="unused"):
     (["--omniserve-cpu-kv-gb", "-1"], "--omniserve-cpu-kv-gb must be > 0, got -1.0"),
     (["--omniserve-cpu-threads", "0"], "--omniserve-cpu-threads must be >= 1, got 0"),
     (["--omniserve-cpu-spin-us", "nan"], "--omniserve-cpu-spin-us must be >= 0, got nan"),
+    (["--omniserve-cpu-job-timeout", "0"], "--omniserve-cpu-job-timeout must be > 0 seconds, got 0.0"),
 ])
-def test_unsupported_or_bad_settings_are_refused_before_sglang_builds_its_args(monkeypatch, argv, words):
+def test_unsupported_or_bad_settings_are_refused_before_sglang_builds_its_args(no_config, argv, words):
     from omniserve_sgl.sglang_glue import cli
 
-    monkeypatch.delenv(config.ENV_VAR, raising=False)
 
     def sglang_from_cli_args(cls, args):
         raise AssertionError("refused configurations must not reach SGLang")
@@ -195,17 +201,18 @@ def test_unsupported_or_bad_settings_are_refused_before_sglang_builds_its_args(m
     assert config.ENV_VAR not in os.environ
 
 
-def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_children(monkeypatch):
-    """Through SGLang's own ``ServerArgs.from_cli_args`` on the default model's config."""
+def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_children(no_config, monkeypatch):
+    """Through SGLang's own ``ServerArgs.from_cli_args`` on the default model's config; a server
+    without ``--omniserve`` drops a config inherited from its caller's environment."""
     from sglang.srt.server_args import ServerArgs
 
     from omniserve_sgl.default_model import ensure_default_model
     from omniserve_sgl.sglang_glue import cli
 
-    monkeypatch.delenv(config.ENV_VAR, raising=False)
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     sglang_from_cli_args = ServerArgs.from_cli_args.__func__
     argv = ["--device", "cpu", "--enable-metrics"]
+    config.OmniServeConfig(enabled=True).export()  # stale, from the caller
     plain = cli.from_cli_args(sglang_from_cli_args, ServerArgs, _parse(argv, ensure_default_model()))
     assert not plain.disable_overlap_schedule and not config.current().enabled
 
