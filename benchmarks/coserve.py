@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     ap.add_argument("--rates", default=None, help="comma-separated LS rates (requests/s); default: the profile's")
     ap.add_argument("--duration", type=float, default=None, help="measurement window per run, s")
+    ap.add_argument("--be-max-new-tokens", type=int, default=None, help="output tokens per BE request")
     ap.add_argument("--ttft-slo", type=float, default=None, help="fixed TTFT SLO, s (default: derived)")
     ap.add_argument("--tpot-slo", type=float, default=None, help="fixed TPOT SLO, s (default: derived)")
     ap.add_argument("--model-path", default=None, help="override the profile's model")
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
         profile = dataclasses.replace(profile, ls_rates=tuple(float(x) for x in args.rates.split(",")))
     if args.duration:
         profile = dataclasses.replace(profile, duration_s=args.duration)
+    if args.be_max_new_tokens is not None:
+        profile = dataclasses.replace(profile, be_max_new_tokens=args.be_max_new_tokens)
     systems = [s.strip() for s in args.systems.split(",")]
     if unknown := set(systems) - set(SYSTEMS):
         ap.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")

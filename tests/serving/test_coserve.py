@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).parents[2] / "benchmarks" / "coserve.py"
 
 def test_short_run_writes_rows_report_and_plots(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--profile", "quick", "--systems", "ls-only,fcfs",
-                          "--rates", "2", "--duration", "6", "--out", str(tmp_path)],
+                          "--rates", "2", "--duration", "6", "--be-max-new-tokens", "16", "--out", str(tmp_path)],
                          check=False, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "SLOs from ls-only at 2 LS/s" in out.stdout
