@@ -53,7 +53,7 @@ class PendingJob:
     k: torch.Tensor
     v: torch.Tensor
     sm_scale: float
-    job: Job
+    job: Job | None
 
 
 class BEUnavailableError(RuntimeError):

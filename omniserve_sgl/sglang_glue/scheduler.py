@@ -56,8 +56,6 @@ def _check_worker() -> str | None:
         _runtime.check_worker()
     except BEUnavailableError:
         pass
-    if _metrics is not None:
-        _metrics.update(_runtime)
     return _runtime.unavailable
 
 

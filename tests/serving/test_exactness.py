@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from omniserve_sgl.bench.launch import SGLangServer
 from omniserve_sgl.kv import BEKVPoolSpec
@@ -86,4 +87,24 @@ def test_a_worker_killed_mid_decode_changes_no_output(f32_server, prompts):
     assert metric(server, "omniserve_worker_restarts_total") == restarts + 1
     [new_worker] = worker_processes(server)
     assert new_worker.pid != worker.pid
+    assert metric(server, "omniserve_be_pool_pages_used") == 0
+
+
+def test_a_worker_that_keeps_dying_turns_be_serving_off_and_ls_goes_on(f32_server):
+    """The last test on this server: each kill is noticed and replaced until the restart budget
+    (three starts within a minute) is spent; then BE requests get HTTP 503 saying why, LS ones are
+    served as before."""
+    server = f32_server
+    for _ in range(5):
+        [worker] = worker_processes(server)
+        os.kill(worker.pid, signal.SIGKILL)
+        r = requests.post(f"{server.url}/generate", timeout=120, json={
+            "text": "Count to five:", "sampling_params": {"max_new_tokens": 4, "custom_params": {"omniserve_class": "be"}}})
+        if r.status_code != 200:
+            break
+        assert len(r.json()["output_ids"]) == 4
+    assert r.status_code == 503, r.text
+    assert f"the CPU attention worker (pid {worker.pid}) exited (exit status -9)" in r.text
+    assert "BE serving is off" in r.text
+    assert len(generate(server, "Count to five:", 4, "ls")["output_ids"]) == 4
     assert metric(server, "omniserve_be_pool_pages_used") == 0

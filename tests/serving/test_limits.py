@@ -1,5 +1,6 @@
 """Limits: a full BE KV pool makes BE requests wait, not fail, and one longer than the pool is
-refused; under GPU KV pressure SGLang retracts LS requests, never offloaded BE ones."""
+refused; under GPU KV pressure SGLang retracts LS requests, never offloaded BE ones. One server
+for both: a BE KV pool of 11 pages, and SGLang's retraction test mode."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
 from omniserve_sgl.bench.launch import SGLangServer
@@ -15,63 +17,68 @@ from tests.serving.conftest import generate, metric
 CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
 
-def test_full_be_pool_makes_be_requests_wait_then_complete(model_path, model):
-    # 11 pages of 16 tokens: two of these ~64-token requests at a time, the third waits.
+@pytest.fixture(scope="module")
+def server(model_path, model):
+    """11 BE KV pool pages of 16 tokens; SGLang retracts a decode request every 3 steps."""
+    env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
     with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(11),
-                      "--enable-metrics") as server:
-        assert metric(server, "omniserve_be_pool_pages_capacity") == 11
-        seen_waiting = []
-        done = threading.Event()
-
-        def watch():
-            while not done.is_set():
-                seen_waiting.append(metric(server, "omniserve_be_waiting_requests"))
-                time.sleep(0.2)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        results = [None] * 3
-
-        def run(i):
-            results[i] = generate(server, f"Count from {i} to ten:", 56, "be")
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        ls = generate(server, "LS requests are not held back:", 4, "ls")  # while BE requests wait
-        for t in threads:
-            t.join()
-        done.set()
-        watcher.join()
-        assert len(ls["output_ids"]) == 4
-        assert all(len(r["output_ids"]) == 56 for r in results)
-        assert max(seen_waiting) >= 1
-        assert metric(server, "omniserve_be_pool_pages_used") == 0
-
-        too_long = requests.post(f"{server.url}/generate", timeout=120, json={
-            "text": "x", "sampling_params": {"max_new_tokens": 500, "custom_params": {"omniserve_class": "be"}}})
-        assert too_long.status_code == 400
-        assert "--omniserve-cpu-kv-gb" in too_long.text
+                      "--enable-metrics", env=env) as s:
+        yield s
 
 
-def test_retraction_takes_ls_requests_and_leaves_offloaded_be_decoding(model_path, model):
+def test_full_be_pool_makes_be_requests_wait_then_complete(server):
+    # Two of these ~64-token requests fit in the 11 pages at a time; the third waits.
+    assert metric(server, "omniserve_be_pool_pages_capacity") == 11
+    seen_waiting = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen_waiting.append(metric(server, "omniserve_be_waiting_requests"))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    results = [None] * 3
+
+    def run(i):
+        results[i] = generate(server, f"Count from {i} to ten:", 56, "be")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    ls = generate(server, "LS requests are not held back:", 4, "ls")  # while BE requests wait
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert len(ls["output_ids"]) == 4
+    assert all(len(r["output_ids"]) == 56 for r in results)
+    assert max(seen_waiting) >= 1
+    assert metric(server, "omniserve_be_pool_pages_used") == 0
+
+    too_long = requests.post(f"{server.url}/generate", timeout=120, json={
+        "text": "x", "sampling_params": {"max_new_tokens": 500, "custom_params": {"omniserve_class": "be"}}})
+    assert too_long.status_code == 400
+    assert "--omniserve-cpu-kv-gb" in too_long.text
+
+
+def test_retraction_takes_ls_requests_and_leaves_offloaded_be_decoding(server, model):
     """SGLang's retraction test mode retracts a decode request every 3 steps. BE requests whose KV is
     in the BE KV pool hold no GPU KV, so retracting them would free nothing and redo their decode:
     only LS requests are retracted, and every BE decode step runs exactly once."""
-    env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
-    with SGLangServer(model_path, "--omniserve", "--enable-metrics", env=env) as server:
-        before = metric(server, CPU_TOKENS)
-        jobs = [(f"Story {i}: once upon a time", 40, "ls") for i in range(3)]
-        jobs += [(f"List {i}: the colors are", 12, "be") for i in range(3)]
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            futures = []
-            for text, n, cls in jobs:
-                futures.append(pool.submit(generate, server, text, n, cls))
-                time.sleep(0.3 if cls == "ls" else 0.0)  # LS in the batch before BE arrives
-            outs = [f.result() for f in futures]
-        assert [len(o["output_ids"]) for o in outs] == [n for _, n, _ in jobs]
-        assert metric(server, "sglang:num_retracted_requests_total") > 0
-        # 11 decode steps on the worker per BE request (its first token comes from the prefill), every layer.
-        assert metric(server, CPU_TOKENS) - before == 3 * 11 * model.num_layers
-        assert metric(server, "omniserve_be_pool_pages_used") == 0
+    before = metric(server, CPU_TOKENS)
+    jobs = [(f"Story {i}: once upon a time", 40, "ls") for i in range(3)]
+    jobs += [(f"List {i}: the colors are", 12, "be") for i in range(3)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = []
+        for text, n, cls in jobs:
+            futures.append(pool.submit(generate, server, text, n, cls))
+            time.sleep(0.3 if cls == "ls" else 0.0)  # LS in the batch before BE arrives
+        outs = [f.result() for f in futures]
+    assert [len(o["output_ids"]) for o in outs] == [n for _, n, _ in jobs]
+    assert metric(server, "sglang:num_retracted_requests_total") > 0
+    # 11 decode steps on the worker per BE request (its first token comes from the prefill), every layer.
+    assert metric(server, CPU_TOKENS) - before == 3 * 11 * model.num_layers
+    assert metric(server, "omniserve_be_pool_pages_used") == 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import shutil
 import types
 
 import pytest
@@ -224,3 +226,25 @@ def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_chil
     assert server_args.disable_decode_cuda_graph and server_args.disable_prefill_cuda_graph
     assert "omniserve_class" in server_args.tokenizer_metrics_allowed_custom_labels
     assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True)
+
+
+def test_mla_model_is_refused_before_loading(no_config, monkeypatch, tmp_path):
+    """A DeepSeek-V2 (MLA) config with no weights at all: refused from its config alone."""
+    from sglang.srt.server_args import ServerArgs
+
+    from omniserve_sgl.default_model import ensure_default_model
+    from omniserve_sgl.sglang_glue import cli
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_default_model() / f, tmp_path / f)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 49152,
+        "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "first_k_dense_replace": 2, "kv_lora_rank": 32, "q_lora_rank": None,
+        "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "max_position_embeddings": 2048}))
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = _parse(["--device", "cpu", "--omniserve"], tmp_path)
+    with pytest.raises(SystemExit, match=r"does not support MLA models yet \(DeepseekV2ForCausalLM\)"):
+        cli.from_cli_args(ServerArgs.from_cli_args.__func__, ServerArgs, args)
