@@ -18,15 +18,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-LAYERS = {"kernel": "kernel", "worker": "worker", "unit": "unit", "serving": "serving"}
+LAYERS = ("kernel", "worker", "unit", "serving")  # directories under tests/, and their markers
 TESTS = Path(__file__).parent
 SERVER_MARK = "sglang.launch_server"
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        layer = LAYERS.get(item.path.relative_to(TESTS).parts[0])
-        if layer is None:
+        layer = item.path.relative_to(TESTS).parts[0]
+        if layer not in LAYERS:
             raise pytest.UsageError(f"{item.nodeid}: tests live in one of tests/{{{','.join(LAYERS)}}}/")
         item.add_marker(layer)
 
