@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,10 @@ class CPUAttentionClient:
     Not thread-safe: use it from one thread (the SGLang scheduler's).
     """
 
-    def __init__(self, endpoint: str, process: subprocess.Popen | None = None, spin_us: float = 0.0):
+    def __init__(self, endpoint: str, process: subprocess.Popen | None = None, spin_us: float = 0.0,
+                 token: str | None = None):
         self.endpoint = endpoint
+        self.token = token
         self.process = process
         self.spin_s = spin_us * 1e-6  # see start()
         self.ctx = zmq.Context()
@@ -74,30 +77,45 @@ class CPUAttentionClient:
         self._staged_meta: dict[int, tuple] = {}
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # see _row_views
         self.last_kernel_us = 0.0
+        self._private_dir: str | None = None  # the endpoint's directory, made by start()
         self.job_messages = 0  # jobs announced over ZeroMQ too (the worker was not polling doorbells)
         self.result_messages = 0  # results wait() took from a ZeroMQ reply (it was not polling done words)
+        if token is not None and process is None:  # a second client of a running worker
+            self._request(P.Hello(self._next_seq(), token), timeout=30.0)
 
     # lifecycle ------------------------------------------------------------------------------
     @classmethod
     def start(cls, threads: int | None = None, cores: str | None = None, endpoint: str | None = None,
-              startup_timeout: float = 60.0, spin_us: float = 0.0) -> CPUAttentionClient:
+              startup_timeout: float = 60.0, spin_us: float = 0.0, keep_endpoint: bool = False) -> CPUAttentionClient:
         """Spawns ``python -m omniserve_sgl.worker`` as a child of this process and waits until it
-        answers a ping. The worker exits by itself if this process dies.
+        answers. The worker exits by itself if this process dies.
+
+        Only this client can use the worker: its ``ipc://`` socket is made in a new directory that
+        only this user can enter (mode 0700), the worker gets a random token in its environment and
+        answers a peer only after that peer's Hello with it, and once connected the socket file and
+        its directory are removed (a connected ipc socket works on without them), so nothing is
+        left on disk even if every process is killed.
 
         Args:
             threads: kernel threads (default: one per core it may run on).
             cores: CPU cores for the worker, e.g. ``"2-5"`` (default: inherited affinity).
-            endpoint: ZeroMQ address (default: a fresh ``ipc://`` socket in the temp directory).
+            endpoint: ZeroMQ address (default: a fresh ``ipc://`` socket in a private directory).
             spin_us: microseconds each side busy-polls shared memory for the other before blocking
                 on ZeroMQ: the worker after a job, the client in :meth:`wait` (beyond twice the
                 previous job's kernel time). Worth it only when the worker has cores of its own; 0
                 (the default) never spins.
+            keep_endpoint: leave the default socket file in place, for a second client that is
+                given ``endpoint`` and ``token``.
 
         Raises:
             WorkerDiedError: the worker exited during start-up (its stderr is in the message).
             TimeoutError: no answer within ``startup_timeout`` seconds.
         """
-        endpoint = endpoint or f"ipc://{tempfile.gettempdir()}/omniserve-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
+        private_dir = None
+        if endpoint is None:
+            private_dir = tempfile.mkdtemp(prefix=f"omniserve-{os.getpid()}-")  # mode 0700
+            endpoint = f"ipc://{private_dir}/worker.sock"
+        token = secrets.token_hex(16)
         cmd = [sys.executable, "-m", "omniserve_sgl.worker", "--endpoint", endpoint, "--parent-pid", str(os.getpid())]
         if threads:
             cmd += ["--threads", str(threads)]
@@ -105,19 +123,33 @@ class CPUAttentionClient:
             cmd += ["--cores", cores]
         if spin_us:
             cmd += ["--spin-us", str(spin_us)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        client = cls(endpoint, proc, spin_us)
-        deadline = time.monotonic() + startup_timeout
-        while True:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env={**os.environ, P.TOKEN_ENV: token})
+        client = cls(endpoint, proc, spin_us, token)
+        client._private_dir = private_dir
+        try:
+            client._request(P.Hello(client._next_seq(), token), timeout=startup_timeout)
+        except TimeoutError:
+            client.kill()
+            raise TimeoutError(f"CPU attention worker did not answer within {startup_timeout} s") from None
+        except BaseException:
+            client.kill()
+            raise
+        if private_dir is not None and not keep_endpoint:
+            client._remove_endpoint()
+        return client
+
+    def _remove_endpoint(self) -> None:
+        """Removes the socket file and its private directory (idempotent)."""
+        if self.endpoint.startswith("ipc://"):
             try:
-                client.ping(timeout=0.5)
-                client._awaiting.clear()  # pings that timed out: their late answers are dropped
-                client._replies.clear()
-                return client
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    client.close()
-                    raise TimeoutError(f"CPU attention worker did not answer within {startup_timeout} s") from None
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+        if self._private_dir is not None:
+            try:
+                os.rmdir(self._private_dir)
+            except OSError:
+                pass
 
     def close(self, timeout: float = 5.0) -> None:
         """Shuts the worker down (if this client started it) and releases shared memory."""
@@ -137,11 +169,8 @@ class CPUAttentionClient:
             self.staging = None
         self.sock.close(0)
         self.ctx.term()
-        if self.process is not None and self.endpoint.startswith("ipc://"):  # in case the worker was killed
-            try:
-                os.unlink(self.endpoint[len("ipc://"):])
-            except OSError:
-                pass
+        if self.process is not None:  # in case the worker was killed before it removed them
+            self._remove_endpoint()
 
     def kill(self) -> str:
         """Ends a dead or hung worker at once (SIGKILL, no shutdown message), releases this side's

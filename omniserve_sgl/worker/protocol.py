@@ -63,6 +63,16 @@ class Attend:
 
 
 @dataclass
+class Hello:
+    """The first message of a client: the token its worker was started with (``TOKEN_ENV``). A
+    worker started with a token answers nothing else from a peer before that peer's Hello."""
+
+    seq: int
+    token: str
+    op: str = "hello"
+
+
+@dataclass
 class Ping:
     seq: int
     op: str = "ping"
@@ -85,7 +95,9 @@ class Reply:
     op: str = "reply"
 
 
-_TYPES = {cls.__dataclass_fields__["op"].default: cls for cls in (Attach, Detach, Attend, Ping, Shutdown, Reply)}
+TOKEN_ENV = "OMNISERVE_WORKER_TOKEN"  # the worker's token, set in its environment by the client that starts it
+_TYPES = {cls.__dataclass_fields__["op"].default: cls
+          for cls in (Attach, Detach, Attend, Hello, Ping, Shutdown, Reply)}
 _PY_TYPES = {"int": int, "str": str, "bool": bool, "float": (int, float), "dict": dict}
 # Per message class: its field names, and (name, annotation, accepted types) of the checked fields.
 _SCHEMA = {

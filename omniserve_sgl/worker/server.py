@@ -13,6 +13,7 @@ exits on a Shutdown message, on SIGTERM, or when its parent process is gone."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -41,8 +42,10 @@ IDLE, REPLY = _C.DoorbellLoop.IDLE, _C.DoorbellLoop.REPLY  # what DoorbellLoop.s
 
 
 class Worker:
-    def __init__(self, endpoint: str, parent_pid: int | None, spin_s: float = 0.0):
+    def __init__(self, endpoint: str, parent_pid: int | None, spin_s: float = 0.0, token: str | None = None):
         self.endpoint = endpoint
+        self.token = token  # when set, a peer must say it (Hello) before anything else is done
+        self.greeted: set[bytes] = set()
         self.parent_pid = parent_pid
         self.spin_s = spin_s
         self.ctx = zmq.Context()
@@ -131,6 +134,13 @@ class Worker:
         try:
             msg = P.decode(data)
             seq = msg.seq
+            greeted = self.token is None or peer in self.greeted
+            if not greeted and not (isinstance(msg, P.Hello) and hmac.compare_digest(msg.token, self.token)):
+                return P.Reply(seq, False, "this CPU attention worker answers only the scheduler that started "
+                               "it: send Hello with its token first")
+            if isinstance(msg, P.Hello):
+                self.greeted.add(peer)
+                return P.Reply(seq, True)
             if isinstance(msg, P.Attend):
                 if msg.staging in self.loops:  # its doorbell was rung before the message was sent
                     self.run_doorbells(0.0)
@@ -289,4 +299,4 @@ def run_worker(endpoint: str, parent_pid: int | None = None, threads: int | None
         torch.set_num_threads(threads)
     logger.info("CPU attention worker on %s: %d threads, kernel %s", endpoint, torch.get_num_threads(),
                 ops.decode_backend())
-    Worker(endpoint, parent_pid, spin_us * 1e-6).serve()
+    Worker(endpoint, parent_pid, spin_us * 1e-6, os.environ.pop(P.TOKEN_ENV, None)).serve()

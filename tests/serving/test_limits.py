@@ -1,18 +1,24 @@
 """Limits: a full BE KV pool makes BE requests wait, not fail, and one longer than the pool is
-refused; under GPU KV pressure SGLang retracts LS requests, never offloaded BE ones. One server
-for both: a BE KV pool of 11 pages, and SGLang's retraction test mode."""
+refused; under GPU KV pressure SGLang retracts LS requests, never offloaded BE ones; a server
+killed with SIGKILL leaves nothing behind. One server for all: a BE KV pool of 11 pages, and
+SGLang's retraction test mode."""
 
 from __future__ import annotations
 
+import glob
+import os
+import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import requests
 
 from omniserve_sgl.bench.launch import SGLangServer
-from tests.serving.conftest import generate, metric
+from tests.serving.conftest import generate, metric, worker_processes
 
 CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
@@ -21,8 +27,10 @@ CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 def server(model_path, model):
     """11 BE KV pool pages of 16 tokens; SGLang retracts a decode request every 3 steps."""
     env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
+    shm_before = set(os.listdir("/dev/shm"))
     with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(11),
                       "--enable-metrics", env=env) as s:
+        s.shm_before = shm_before
         yield s
 
 
@@ -82,3 +90,23 @@ def test_retraction_takes_ls_requests_and_leaves_offloaded_be_decoding(server, m
     # 11 decode steps on the worker per BE request (its first token comes from the prefill), every layer.
     assert metric(server, CPU_TOKENS) - before == 3 * 11 * model.num_layers
     assert metric(server, "omniserve_be_pool_pages_used") == 0
+
+
+def test_sigkill_of_the_whole_server_leaves_nothing_behind(server):
+    """The last test on this server: SIGKILL to every process of the server at once (no handler
+    runs). The BE KV pool and staging areas are memfds, freed with their last holder; the worker's
+    socket file and directory were removed once it was connected; no worker process lives on.
+    (SGLang itself leaves a multiprocessing semaphore and its load-snapshot segment in /dev/shm
+    after a SIGKILL; the test removes those.)"""
+    generate(server, "One more BE request:", 4, "be")
+    [worker] = worker_processes(server)
+    scheduler_pid = worker.ppid()
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(30)
+    _, alive = psutil.wait_procs([worker], timeout=30)
+    assert not alive
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"omniserve-{scheduler_pid}-*"))
+    left = set(os.listdir("/dev/shm")) - server.shm_before
+    for name in left:
+        os.unlink(os.path.join("/dev/shm", name))
+    assert not [name for name in left if "omniserve" in name], left

@@ -18,6 +18,7 @@ import zmq
 from omniserve_sgl import ops
 from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
 from omniserve_sgl.worker import CPUAttentionClient, WorkerError
+from omniserve_sgl.worker import protocol as P
 
 DRIVER = textwrap.dedent("""
     # Drives a worker from this (second) process: several layers, several jobs in flight.
@@ -68,7 +69,7 @@ def test_round_trip_driven_from_a_second_process():
 def worker(request):
     """A worker blocking on ZeroMQ, and one busy-polling the slots' doorbells (spin_us=2000)."""
     pool = BEKVPool.create(BEKVPoolSpec(num_layers=2, num_kv_heads=1, head_dim=16, num_pages=8, page_size=4))
-    client = CPUAttentionClient.start(threads=1, spin_us=request.param)
+    client = CPUAttentionClient.start(threads=1, spin_us=request.param, keep_endpoint=True)
     client.attach_pool(pool)
     client.create_staging(num_slots=2, max_rows=4, max_pages=8, num_qo_heads=2)
     yield client, pool
@@ -82,6 +83,8 @@ def test_malformed_messages_get_error_replies(worker):
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(client.endpoint)
+    raw.send(P.encode(P.Hello(0, client.token)))  # a peer with the token, sending nonsense after it
+    assert raw.poll(10_000) and orjson.loads(raw.recv())["ok"] is True
     bad = [
         (b"\x00\xffnot json", "not valid JSON"),
         (b"[1, 2]", "JSON object"),
@@ -302,8 +305,8 @@ def test_two_clients_share_a_spinning_worker():
     with their own results."""
     spec = BEKVPoolSpec(num_layers=1, num_kv_heads=1, head_dim=16, num_pages=8, page_size=4)
     pools = [BEKVPool.create(spec), BEKVPool.create(spec)]
-    a = CPUAttentionClient.start(threads=1, spin_us=2000)
-    b = CPUAttentionClient(a.endpoint, spin_us=2000)
+    a = CPUAttentionClient.start(threads=1, spin_us=2000, keep_endpoint=True)
+    b = CPUAttentionClient(a.endpoint, spin_us=2000, token=a.token)
     try:
         for client, pool in zip((a, b), pools):
             client.attach_pool(pool)
@@ -329,3 +332,41 @@ def test_two_clients_share_a_spinning_worker():
         a.close()
         for pool in pools:
             pool.close()
+
+
+def test_only_the_client_that_started_the_worker_is_answered():
+    """The socket lives in a directory only this user can enter, and the worker answers a peer only
+    after a Hello with the token it was started with: another process that reaches the socket,
+    without the token or with a wrong one, gets nothing done."""
+    a = CPUAttentionClient.start(threads=1, keep_endpoint=True)
+    try:
+        path = a.endpoint[len("ipc://"):]
+        assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+        intruder = textwrap.dedent(f"""
+            import zmq
+            from omniserve_sgl.worker import protocol as P
+            sock = zmq.Context().socket(zmq.DEALER)
+            sock.connect({a.endpoint!r})
+            for msg in (P.Ping(1), P.Shutdown(2), P.Hello(3, "0" * 32), P.Detach(4, "any"), P.Hello(5, "é")):
+                sock.send(P.encode(msg))
+                assert sock.poll(10000), "no reply"
+                reply = P.decode(sock.recv())
+                assert reply.seq == msg.seq and not reply.ok, reply
+                print(reply.error)
+        """)
+        out = subprocess.run([sys.executable, "-c", intruder], check=False, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "send Hello with its token first" in out.stdout
+        assert a.ping() < 5 and a.alive()  # the Shutdown was not obeyed
+    finally:
+        a.close()
+
+
+def test_no_socket_file_is_left_once_the_client_is_connected():
+    a = CPUAttentionClient.start(threads=1)
+    try:
+        path = a.endpoint[len("ipc://"):]
+        assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+        assert a.ping() < 5  # the connection outlives the file
+    finally:
+        a.close()
