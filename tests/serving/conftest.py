@@ -30,12 +30,13 @@ class ModelShape:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    context_len: int  # tokens, SGLang's limit for prompt + max_new_tokens
 
     @classmethod
     def of(cls, model_path: Path) -> ModelShape:
         cfg = json.loads((model_path / "config.json").read_text())
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim)
+        return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim, cfg["max_position_embeddings"])
 
     def be_pool_gb(self, num_pages: int, page_size: int = 16) -> str:
         """``--omniserve-cpu-kv-gb`` for a bf16 BE KV pool of exactly ``num_pages`` pages."""

@@ -80,15 +80,58 @@ def test_header_marks_be(omni_server):
     assert metric(omni_server, CPU_TOKENS) > before
 
 
-@pytest.mark.parametrize("body,headers", [
-    ({"custom_params": {"omniserve_class": "gold"}}, None),
-    ({}, {"x-omniserve-class": "urgent"}),
-])
-def test_unknown_class_is_refused_with_400(omni_server, body, headers):
-    r = requests.post(f"{omni_server.url}/generate", headers=headers, timeout=60,
-                      json={"text": "hi", "sampling_params": {"max_new_tokens": 4, **body}})
+ROUTES = {  # route -> request body without the class marker
+    "/generate": {"text": "hi", "sampling_params": {"max_new_tokens": 2}},
+    "/v1/completions": {"model": "default", "prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {"model": "default", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+}
+BAD_IN_BODY = ["gold", "", "  ", "bé", "b" * 100_000, 1, -1, 1.5, True, None, ["be"], {"class": "be"}]
+BAD_IN_HEADER = ["gold", "", "-1", "NaN", "b" * 6000, "bé".encode().decode("latin-1")]
+
+
+def _with_custom_params(route: str, custom) -> dict:
+    body = json.loads(json.dumps(ROUTES[route]))
+    (body["sampling_params"] if route == "/generate" else body)["custom_params"] = custom
+    return body
+
+
+def _error_message(r: requests.Response) -> str:
+    err = r.json()
+    return err["error"]["message"] if "error" in err else err["message"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_bad_markers_are_refused_with_400_saying_what_to_send(omni_server, route):
+    """Every bad value, in the body and in the header, on every route: HTTP 400 with a short message
+    that names the field and the allowed values; the server goes on serving."""
+    sent = [(_with_custom_params(route, {"omniserve_class": v}), None) for v in BAD_IN_BODY]
+    sent += [(ROUTES[route], {"x-omniserve-class": v}) for v in BAD_IN_HEADER]
+    for body, headers in sent:
+        r = requests.post(f"{omni_server.url}{route}", json=body, headers=headers, timeout=60)
+        assert r.status_code == 400, (body, headers, r.text[:300])
+        msg = _error_message(r)
+        assert msg.startswith("unknown omniserve_class") and "use one of ls, be" in msg and len(msg) < 300, msg
+    for custom in ("be", ["be"], 3):  # custom_params itself is not an object
+        r = requests.post(f"{omni_server.url}{route}", json=_with_custom_params(route, custom), timeout=60)
+        assert r.status_code == 400 and "custom_params" in _error_message(r), r.text[:300]
+    # JSON has no NaN: SGLang's parser refuses the body before omniserve sees it.
+    nan_body = json.dumps(_with_custom_params(route, {"omniserve_class": float("nan")}))
+    r = requests.post(f"{omni_server.url}{route}", data=nan_body, timeout=60,
+                      headers={"content-type": "application/json"})
     assert r.status_code == 400
-    assert "ls, be" in r.text
+    assert generate(omni_server, "Still serving", 3, "be")["meta_info"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("service_class", ["be", "ls"])
+def test_be_longer_than_the_models_context_is_refused_like_ls(omni_server, model, service_class):
+    """SGLang's own context check runs before the class matters: the same 400 and message for both."""
+    too_long = model.context_len + 10
+    for extra, words in (({"max_new_tokens": too_long}, "exceeds the model's maximum context length"),
+                         ({"max_new_tokens": 2, "text": "hi " * too_long}, "longer than the model's context length")):
+        body = {"text": extra.pop("text", "hi"),
+                "sampling_params": {**extra, "custom_params": {"omniserve_class": service_class}}}
+        r = requests.post(f"{omni_server.url}/generate", json=body, timeout=60)
+        assert r.status_code == 400 and words in _error_message(r), r.text[:300]
 
 
 def test_openai_completions_and_chat_as_be(omni_server):

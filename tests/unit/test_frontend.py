@@ -330,7 +330,7 @@ def test_upper_case_class_is_normalised(server):
     assert_all_marked([ls_req], "ls")
 
 
-@pytest.mark.parametrize("bad", ["gold", "", "l s", "lsbe", None, 1])
+@pytest.mark.parametrize("bad", ["gold", "", "l s", "lsbe", None, 1, -1, float("nan"), ["be"], "bé", "b" * 10_000])
 def test_invalid_class_raises_before_contacting_server(server, bad):
     with pytest.raises(ValueError) as err:
         OmniServeEndpoint(server.url, service_class=bad)

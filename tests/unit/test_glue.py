@@ -103,10 +103,19 @@ def test_service_class_names_are_normalised(value, want):
     assert class_of_custom_params({"omniserve_class": value}) == want
 
 
-@pytest.mark.parametrize("value", ["gold", "", None, 1, ["be"]])
-def test_unknown_service_classes_name_the_allowed_ones(value):
-    with pytest.raises(ValueError, match="use one of ls, be"):
+@pytest.mark.parametrize("value,shown", [
+    ("gold", "'gold'"), ("", "''"), ("  ", "'  '"), ("bé", "'bé'"), ("NaN", "'NaN'"),
+    (None, "null (a JSON null, not a string)"), (1, "1 (a JSON number"), (-1, "-1 (a JSON number"),
+    (float("nan"), "NaN (a JSON number"), (True, "true (a JSON boolean"), (["be"], '["be"] (a JSON array'),
+    ({"class": "be"}, '{"class": "be"} (a JSON object'),
+    ("b" * 100_000, "'" + "b" * 39 + "... (100002 characters)"),
+])
+def test_unknown_service_classes_name_the_allowed_ones(value, shown):
+    with pytest.raises(ValueError) as err:
         class_of_custom_params({"omniserve_class": value})
+    msg = str(err.value)
+    assert msg.startswith(f"unknown omniserve_class {shown}") and "use one of ls, be" in msg
+    assert len(msg) < 200  # a huge value is cut, not echoed
     assert class_of_custom_params({"other": 1}) == class_of_custom_params(None) == "ls"
 
 
