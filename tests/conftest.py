@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-LAYERS = ("kernel", "worker", "unit", "serving")  # directories under tests/, and their markers
+LAYERS = ("kernel", "worker", "unit", "serving", "soak")  # directories under tests/, and their markers
 TESTS = Path(__file__).parent
 SERVER_MARK = "sglang.launch_server"
 

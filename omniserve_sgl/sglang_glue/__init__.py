@@ -5,6 +5,7 @@ every process, before hooks are applied.
 Hook map (target -> hook):
   ServerArgs.add_cli_args (AFTER), ServerArgs.from_cli_args (AROUND)       -> cli
   TokenizerManager.generate_request (BEFORE)                             -> tokenizer
+  http_server.serve_generate_request (AROUND; the HTTP server's process) -> tokenizer
   ModelRunner.init_attention_backends (AFTER)                            -> start the BE runtime, split attention
   Scheduler._create_generation_req (AFTER), init_req_max_new_tokens (AFTER),
   Scheduler._get_new_batch_prefill_raw (AROUND),
@@ -17,6 +18,7 @@ Hook map (target -> hook):
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import pkgutil
 import sys
 
@@ -32,6 +34,8 @@ _ALWAYS = (
     "sglang.srt.server_args.ServerArgs.from_cli_args",
     "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
 )
+# Only in the process that runs the HTTP server (SGLang's launcher; its children have a parent).
+_HTTP = ("sglang.srt.entrypoints.http_server.serve_generate_request",)
 _SERVING = (
     "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends",
     f"{_S}._create_generation_req",
@@ -95,6 +99,8 @@ def register() -> None:
     HookRegistry.register(_ALWAYS[0], cli.add_cli_args, HookType.AFTER)
     HookRegistry.register(_ALWAYS[1], cli.from_cli_args, HookType.AROUND)
     HookRegistry.register(_ALWAYS[2], tokenizer.generate_request, HookType.BEFORE)
+    if multiprocessing.parent_process() is None and _check(_HTTP, enabled):
+        HookRegistry.register(_HTTP[0], tokenizer.serve_generate_request, HookType.AROUND)
     if not enabled:  # the main process before argument parsing, or a server without --omniserve
         return
     _check(_SERVING, True)

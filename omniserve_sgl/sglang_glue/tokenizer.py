@@ -51,3 +51,17 @@ def generate_request(self, obj, request=None):
         labels[SERVICE_CLASS_KEY] = classes.pop()
         obj.custom_labels = labels
     return
+
+
+async def serve_generate_request(original, obj, request):
+    """AROUND ``http_server.serve_generate_request`` (the HTTP server's ``/generate``): a bad
+    marker is refused with HTTP 400 before a stream starts. SGLang answers an error raised inside
+    a streamed ``/generate`` with 200 and an error event, and its abort task then trips over the
+    request it never normalised (``GenerateReqInput.is_single``), dropping the connection."""
+    try:
+        generate_request(None, obj, request)  # idempotent: the tokenizer hook marks it again
+    except ValueError as e:
+        from sglang.srt.entrypoints.http_server import _create_error_response
+
+        return _create_error_response(e)
+    return await original(obj, request)

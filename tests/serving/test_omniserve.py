@@ -4,6 +4,7 @@ client drives BE traffic. One server for the whole module."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -106,8 +107,8 @@ def test_bad_markers_are_refused_with_400_saying_what_to_send(omni_server, route
     that names the field and the allowed values; the server goes on serving."""
     sent = [(_with_custom_params(route, {"omniserve_class": v}), None) for v in BAD_IN_BODY]
     sent += [(ROUTES[route], {"x-omniserve-class": v}) for v in BAD_IN_HEADER]
-    for body, headers in sent:
-        r = requests.post(f"{omni_server.url}{route}", json=body, headers=headers, timeout=60)
+    for (body, headers), stream in itertools.product(sent, (False, True)):  # refused before a stream starts
+        r = requests.post(f"{omni_server.url}{route}", json={**body, "stream": stream}, headers=headers, timeout=60)
         assert r.status_code == 400, (body, headers, r.text[:300])
         msg = _error_message(r)
         assert msg.startswith("unknown omniserve_class") and "use one of ls, be" in msg and len(msg) < 300, msg

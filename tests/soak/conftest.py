@@ -1,0 +1,20 @@
+"""One ``--omniserve`` server for the whole package (the abort matrix, then the short soak): a BE KV
+pool of 100 pages, so that two long BE requests fill it and a third waits, and prefill chunks of
+64 tokens, so that a long prompt stays in its prefill long enough to be aborted there."""
+
+from __future__ import annotations
+
+import pytest
+
+from omniserve_sgl.bench.launch import SGLangServer
+from tests.serving.conftest import model, model_path, prompts, tokenizer  # noqa: F401 - shared fixtures
+
+POOL_PAGES = 100
+CHUNK = 64
+
+
+@pytest.fixture(scope="package")
+def soak_server(model_path, model):  # noqa: F811 - the imported fixtures
+    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(POOL_PAGES),
+                      "--chunked-prefill-size", str(CHUNK), "--enable-metrics") as s:
+        yield s
