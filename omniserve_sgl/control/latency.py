@@ -1,0 +1,209 @@
+"""Latency model of one forward step, fitted from measured steps (OmniServe paper section 3.3: a
+profiler fits module latency models that the scheduler queries every step).
+
+One step's time, in seconds::
+
+    t = c_step                                   fixed per-step cost (launches, sampling, Python)
+      + c_dense * ceil(tokens / tile)            dense work (QKV/O projections, MLP, LM head): a
+                                                 staircase in the batch's token count, which jumps
+                                                 with each new GPU wave/tile instead of growing
+                                                 smoothly
+      + c_prefill_attn * prefill_attn_work       GPU attention of prefill chunks: sum over chunks of
+                                                 chunk_len * (cached prefix + chunk_len)
+      + c_decode_attn * decode_context           GPU attention of decode rows: their summed context
+      + c_cpu_bytes * cpu_kv_bytes               the CPU worker's attention for BE rows: KV bytes read
+      + c_cpu_job * cpu_jobs                     ... and a cost per job (one job per layer per step)
+
+The CPU terms add to the step because the GPU waits for the worker in each layer (the synchronous
+path); asynchronous piggybacking overlaps them instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # staircase step widths tried by the fit, tokens
+_TERMS = ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn", "c_cpu_bytes", "c_cpu_job")
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What the latency model reads of one forward step.
+
+    Attributes:
+        tokens: tokens in the batch's dense work (prefill chunk tokens + one per decode row, LS and
+            BE: BE rows run their dense work on the GPU too).
+        prefill_attn_work: sum over prefill chunks of ``chunk_len * (prefix_len + chunk_len)``,
+            token pairs.
+        decode_context: summed context length of decode rows whose attention runs on the GPU, tokens.
+        cpu_kv_bytes: KV bytes the CPU worker reads for BE rows in this step, all layers.
+        cpu_jobs: CPU attention jobs in this step (one per layer when any BE row runs on the CPU).
+    """
+
+    tokens: int
+    prefill_attn_work: float = 0.0
+    decode_context: int = 0
+    cpu_kv_bytes: float = 0.0
+    cpu_jobs: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSample:
+    """One measured step: its shape and its wall time, s."""
+
+    shape: StepShape
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Accuracy:
+    """Accuracy of predictions over samples not used for fitting: per sample
+    ``1 - |predicted - measured| / measured``; ``mean`` is its mean and ``p90`` the accuracy that 90% of
+    the samples reach or exceed (its 10th percentile)."""
+
+    mean: float
+    p90: float
+    samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyModel:
+    """Coefficients of the step-time model (see the module docstring), all >= 0, seconds per unit.
+
+    Attributes:
+        tile: width of the dense staircase's steps, tokens.
+        meta: what the model was profiled on (model, dtype, device, versions), free-form.
+    """
+
+    tile: int
+    c_step: float
+    c_dense: float
+    c_prefill_attn: float = 0.0
+    c_decode_attn: float = 0.0
+    c_cpu_bytes: float = 0.0
+    c_cpu_job: float = 0.0
+    meta: dict = dataclasses.field(default_factory=dict, compare=False)
+
+    def predict(self, shape: StepShape) -> float:
+        """Predicted wall time of a step of ``shape``, s (0 for an empty step)."""
+        if shape.tokens <= 0 and shape.cpu_jobs <= 0:
+            return 0.0
+        return float(np.dot(self._coefs(), _features(shape, self.tile)))
+
+    def _coefs(self) -> np.ndarray:
+        return np.array([getattr(self, t) for t in _TERMS])
+
+    def accuracy(self, samples: Sequence[StepSample]) -> Accuracy:
+        """How well this model predicts ``samples`` (see :class:`Accuracy`).
+
+        Raises:
+            ValueError: no samples, or a sample with a non-positive time.
+        """
+        if not samples:
+            raise ValueError("accuracy needs at least one sample")
+        if any(s.seconds <= 0 for s in samples):
+            raise ValueError("every sample needs a positive measured time")
+        acc = np.array([1.0 - abs(self.predict(s.shape) - s.seconds) / s.seconds for s in samples])
+        return Accuracy(float(acc.mean()), float(np.percentile(acc, 10)), len(samples))
+
+    # JSON ------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT_VERSION, **dataclasses.asdict(self)}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LatencyModel:
+        """Parses :meth:`to_json`'s output.
+
+        Raises:
+            ValueError: not a latency model of this format (the message says what is wrong).
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"latency model is not JSON: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            raise ValueError(f"latency model format must be {FORMAT_VERSION}, got {data.get('format')!r}"
+                             if isinstance(data, dict) else "latency model must be a JSON object")
+        data.pop("format")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - fields):
+            raise ValueError(f"latency model has unknown fields {unknown}")
+        model = cls(**data)
+        if model.tile < 1 or any(not math.isfinite(c) or c < 0 for c in model._coefs()):
+            raise ValueError(f"latency model needs tile >= 1 and finite coefficients >= 0, got {model}")
+        return model
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyModel:
+        """Reads :meth:`save`'s file. Raises ``ValueError`` as :meth:`from_json`, ``OSError`` if unreadable."""
+        return cls.from_json(Path(path).read_text())
+
+
+def _features(shape: StepShape, tile: int) -> np.ndarray:
+    return np.array([1.0, math.ceil(shape.tokens / tile), shape.prefill_attn_work, shape.decode_context,
+                     shape.cpu_kv_bytes, shape.cpu_jobs], dtype=np.float64)
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: terms that come out negative are dropped (held at
+    0) and the rest refitted, until none is negative."""
+    active = np.ones(a.shape[1], dtype=bool)
+    active &= np.abs(a).sum(axis=0) > 0  # a term no sample exercises stays 0
+    while True:
+        x = np.zeros(a.shape[1])
+        if active.any():
+            x[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if (x >= 0).all():
+            return x
+        active &= x > 0
+
+
+def fit(samples: Sequence[StepSample], tiles: Sequence[int] = TILES, meta: dict | None = None) -> LatencyModel:
+    """Fits a :class:`LatencyModel` to measured steps: for each staircase width in ``tiles``, a
+    least-squares fit of the coefficients (relative error, each sample weighted by 1/time, all
+    coefficients >= 0); the width with the smallest mean relative error wins.
+
+    Raises:
+        ValueError: fewer samples than terms, or a sample with a non-positive time.
+    """
+    if len(samples) < len(_TERMS):
+        raise ValueError(f"fitting needs at least {len(_TERMS)} samples, got {len(samples)}")
+    if any(s.seconds <= 0 for s in samples):
+        raise ValueError("every sample needs a positive measured time")
+    b = np.array([s.seconds for s in samples])
+    best = None
+    for tile in tiles:
+        a = np.stack([_features(s.shape, tile) for s in samples])
+        x = _nonnegative_lstsq(a / b[:, None], np.ones_like(b))  # relative error: rows scaled by 1/t
+        err = float(np.mean(np.abs(a @ x - b) / b))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, tile, x)
+    _, tile, x = best
+    return LatencyModel(tile, *map(float, x), meta=dict(meta or {}))
+
+
+def fit_and_check(samples: Sequence[StepSample], holdout: float = 0.25, seed: int = 0,
+                  meta: dict | None = None) -> tuple[LatencyModel, Accuracy]:
+    """Fits on a random ``1 - holdout`` of ``samples`` and reports the accuracy on the rest.
+
+    Raises:
+        ValueError: ``holdout`` outside (0, 1), or too few samples to fit and check.
+    """
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_check = max(1, round(holdout * len(samples)))
+    check = [samples[i] for i in order[:n_check]]
+    train = [samples[i] for i in order[n_check:]]
+    model = fit(train, meta=meta)
+    return model, model.accuracy(check)

@@ -1,0 +1,187 @@
+"""The per-step policy (OmniServe paper section 3.3, dynamic batching control): spend the LS
+SLOs' slack, and only the slack, on BE work, in the strict order LS decode > LS prefill > BE
+prefill > BE decode.
+
+SGLang runs a step either as a prefill (EXTEND) batch or as a decode batch; without
+``--enable-mixed-chunk`` the decode rows wait while a prefill step runs. So a prefill chunk is
+bounded by the TPOT slack of the LS decodes it stalls: ``t(prefill chunk) + t(decode step) <=
+TPOT SLO`` (the decodes' next token comes one prefill step late).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from omniserve_sgl.control.latency import LatencyModel, StepShape
+from omniserve_sgl.control.state import CPU, GPU, WAITING, BERequest, ServerView, StepPlan
+
+ADMISSION = ("queue", "reject")
+BE_PLACEMENT = ("auto", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    """Policy settings.
+
+    Attributes:
+        ls_admission: ``"queue"`` keeps an LS request that will miss its TTFT SLO queued (as
+            SGLang does); ``"reject"`` refuses it at once (the paper's policy, for deployments
+            behind a router that retries elsewhere).
+        be_placement: ``"auto"`` lets BE requests decode on the GPU while there is slack and GPU
+            KV headroom; ``"cpu"`` offloads every BE request after its prefill, for good.
+        be_margin: BE work fits within this share of the TPOT SLO (a stricter bound than LS
+            prefill's, so prediction error lands on BE, not on LS).
+        min_ls_chunk: the smallest LS prefill chunk, tokens: LS prefill always progresses.
+        gpu_kv_reserve_tokens: GPU KV slots kept free for LS beyond the queued prompts.
+    """
+
+    ls_admission: str = "queue"
+    be_placement: str = "auto"
+    be_margin: float = 0.8
+    min_ls_chunk: int = 32
+    gpu_kv_reserve_tokens: int = 0
+
+    def __post_init__(self):
+        if self.ls_admission not in ADMISSION:
+            raise ValueError(f"ls_admission must be one of {ADMISSION}, got {self.ls_admission!r}")
+        if self.be_placement not in BE_PLACEMENT:
+            raise ValueError(f"be_placement must be one of {BE_PLACEMENT}, got {self.be_placement!r}")
+        if not 0.0 < self.be_margin <= 1.0:
+            raise ValueError(f"be_margin must be in (0, 1], got {self.be_margin}")
+        if self.min_ls_chunk < 1:
+            raise ValueError(f"min_ls_chunk must be >= 1, got {self.min_ls_chunk}")
+
+
+def largest_fitting(lo: int, hi: int, fits) -> int:
+    """The largest ``n`` in ``[lo, hi]`` with ``fits(n)``, for ``fits`` true up to some point and
+    false after it (binary search); ``lo - 1`` when even ``lo`` does not fit."""
+    if hi < lo or not fits(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+class Controller:
+    """Decides every step from a :class:`ServerView` with a :class:`LatencyModel`; holds no state
+    between steps (the view carries it), so the server and a simulator replay the same decisions."""
+
+    def __init__(self, model: LatencyModel, config: ControllerConfig | None = None):
+        self.model = model
+        self.config = config or ControllerConfig()
+
+    # step shapes ---------------------------------------------------------------------------
+    def _decode_shape(self, view: ServerView, be_rows: list[BERequest]) -> StepShape:
+        gpu_ctx = sum(d.context_len for d in view.ls_decodes) + sum(r.context_len for r in be_rows if r.placement == GPU)
+        cpu_rows = [r for r in be_rows if r.placement == CPU]
+        return StepShape(tokens=len(view.ls_decodes) + len(be_rows), decode_context=gpu_ctx,
+                         cpu_kv_bytes=sum(r.context_len for r in cpu_rows) * view.kv_bytes_per_token,
+                         cpu_jobs=view.num_layers if cpu_rows else 0)
+
+    def _prefill_time(self, chunk: int, prefix: int) -> float:
+        return self.model.predict(StepShape(tokens=chunk, prefill_attn_work=chunk * (prefix + chunk)))
+
+    def tpot_budget(self, view: ServerView) -> float | None:
+        """The tightest TPOT SLO of the running LS decodes, s (None: no LS decode to protect)."""
+        if not view.ls_decodes:
+            return None
+        return min(d.tpot_slo_s or view.slo.tpot_s for d in view.ls_decodes)
+
+    # LS admission --------------------------------------------------------------------------
+    def predicted_ttfts(self, view: ServerView) -> list[float]:
+        """Predicted TTFT of each waiting LS request, in queue order, s: its wait so far plus the
+        prefill steps of the queue up to and including it, at the largest chunk, each followed by
+        a decode step of the running LS rows."""
+        t_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
+        ahead, out = 0.0, []
+        for w in view.ls_waiting:
+            left, prefix = w.remaining, w.prefilled
+            while left > 0:
+                chunk = min(left, view.max_prefill_tokens)
+                ahead += self._prefill_time(chunk, prefix) + t_decode
+                left, prefix = left - chunk, prefix + chunk
+            out.append(view.now_s - w.arrival_s + ahead)
+        return out
+
+    # the plan ------------------------------------------------------------------------------
+    def plan(self, view: ServerView) -> StepPlan:
+        """The decision for this step (see the module docstring for the order and the bounds)."""
+        cfg = self.config
+        tpot = self.tpot_budget(view)
+        t_ls_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
+        rejected = []
+        waiting = list(view.ls_waiting)
+        if cfg.ls_admission == "reject" and waiting:
+            kept = []
+            for w, ttft in zip(waiting, self.predicted_ttfts(view), strict=True):
+                slo = w.ttft_slo_s or view.slo.ttft_s
+                if ttft > slo and not kept:  # the head of the queue decides; later ones re-evaluate next step
+                    rejected.append((w.rid, f"predicted TTFT {ttft:.2f} s exceeds the TTFT SLO {slo:.2f} s"))
+                else:
+                    kept.append(w)
+            waiting = kept
+        moves = self._placement(view)
+        if waiting:  # LS prefill, bounded by the slack of the decodes it stalls
+            queued = sum(w.remaining for w in waiting)
+            hi = min(queued, view.max_prefill_tokens)
+            prefix = waiting[0].prefilled
+            if tpot is None:
+                chunk = hi
+            else:
+                chunk = largest_fitting(1, hi, lambda c: self._prefill_time(c, prefix) + t_ls_decode <= tpot)
+                chunk = max(chunk, min(cfg.min_ls_chunk, hi))
+            return StepPlan(ls_prefill_tokens=chunk, ls_rejected=tuple(rejected), to_cpu=moves[0], to_gpu=moves[1],
+                            predicted_s=self._prefill_time(chunk, prefix),
+                            why=f"LS prefill {chunk} of {queued} queued tokens")
+        be_budget = None if tpot is None else cfg.be_margin * tpot
+        be_waiting = [r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled]
+        if be_waiting:
+            r = be_waiting[0]
+            hi = min(r.prompt_len - r.prefilled, view.max_prefill_tokens)
+            chunk = hi if be_budget is None else largest_fitting(
+                1, hi, lambda c: self._prefill_time(c, r.prefilled) + t_ls_decode <= be_budget)
+            if chunk >= 1:
+                return StepPlan(be_prefill=(r.rid, chunk), ls_rejected=tuple(rejected), to_cpu=moves[0],
+                                to_gpu=moves[1], predicted_s=self._prefill_time(chunk, r.prefilled),
+                                why=f"BE prefill {chunk} tokens of {r.rid}")
+        # Decode step: every LS row, then BE rows, longest-deferred first, while the step fits.
+        moved = {**{rid: CPU for rid in moves[0]}, **{rid: GPU for rid in moves[1]}}
+        rows = sorted((dataclasses.replace(r, placement=moved.get(r.rid, r.placement)) for r in view.be
+                       if r.placement != WAITING), key=lambda r: (r.last_run_step, r.rid))
+        n = len(rows) if be_budget is None else max(largest_fitting(
+            1, len(rows), lambda k: self.model.predict(self._decode_shape(view, rows[:k])) <= be_budget), 0)
+        chosen = rows[:n]
+        return StepPlan(ls_rejected=tuple(rejected), be_decode=tuple(r.rid for r in chosen),
+                        be_budget_per_layer=(n,) * view.num_layers, to_cpu=moves[0], to_gpu=moves[1],
+                        predicted_s=self.model.predict(self._decode_shape(view, chosen)),
+                        why=f"decode {len(view.ls_decodes)} LS + {n} of {len(rows)} BE rows")
+
+    def _placement(self, view: ServerView) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """BE KV moves for this step (paper 3.3): GPU-resident BE requests go to the BE KV pool,
+        largest first, while the GPU KV the LS requests need (queued prompts, a token per decode,
+        the reserve) is not free; one CPU-resident request (longest-deferred) comes back to the GPU
+        when its KV fits beside that need and the decode step with it on the GPU still fits the BE
+        budget."""
+        need = (sum(w.remaining for w in view.ls_waiting) + len(view.ls_decodes)
+                + self.config.gpu_kv_reserve_tokens)
+        headroom = view.gpu_kv_free_tokens - need
+        to_cpu = []
+        for r in sorted((r for r in view.be if r.placement == GPU), key=lambda r: (-r.context_len, r.rid)):
+            if headroom >= 0:
+                break
+            if r.context_len <= view.be_pool_free_tokens:
+                to_cpu.append(r.rid)
+                headroom += r.context_len
+        if to_cpu or self.config.be_placement == "cpu" or view.ls_waiting:
+            return tuple(to_cpu), ()
+        tpot = self.tpot_budget(view)
+        on_gpu = [r for r in view.be if r.placement == GPU]
+        for r in sorted((r for r in view.be if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid)):
+            if r.context_len + 1 > headroom:
+                continue
+            back = [*on_gpu, dataclasses.replace(r, placement=GPU)]
+            if tpot is None or self.model.predict(self._decode_shape(view, back)) <= self.config.be_margin * tpot:
+                return (), (r.rid,)
+            break
+        return (), ()

@@ -1,0 +1,129 @@
+"""The controller's view of a serving instance at one scheduler step, and its decision: plain
+frozen dataclasses, no SGLang types, so the server's glue and a simulator fill them the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+WAITING, GPU, CPU = "waiting", "gpu", "cpu"  # where a BE request is: not prefilled yet, KV on GPU, KV in the BE pool
+PLACEMENTS = (WAITING, GPU, CPU)
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SLO:
+    """Service-level objectives of LS requests, s: time to first token and time per output token.
+
+    Raises:
+        ValueError: a value that is not a positive finite number.
+    """
+
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self):
+        _positive("ttft_s", self.ttft_s)
+        _positive("tpot_s", self.tpot_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class LSDecode:
+    """A running LS request: ``context_len`` tokens with KV; its own TPOT SLO, s, if it set one."""
+
+    rid: str
+    context_len: int
+    tpot_slo_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LSWaiting:
+    """A queued LS request: ``prompt_len`` tokens of which ``prefilled`` have KV (cached prefix or
+    earlier chunks); it arrived at ``arrival_s`` (the view's clock); its own TTFT SLO, s, if any."""
+
+    rid: str
+    prompt_len: int
+    arrival_s: float
+    prefilled: int = 0
+    ttft_slo_s: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return max(self.prompt_len - self.prefilled, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BERequest:
+    """A BE request: ``placement`` is one of ``PLACEMENTS``; ``context_len`` tokens with KV (for a
+    waiting one, ``prefilled`` of its ``prompt_len``); ``last_run_step`` is the step it last decoded
+    in (-1: never), so the longest-deferred rows go first and none starves."""
+
+    rid: str
+    placement: str
+    context_len: int = 0
+    prompt_len: int = 0
+    prefilled: int = 0
+    last_run_step: int = -1
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"BE placement must be one of {PLACEMENTS}, got {self.placement!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerView:
+    """Everything the controller reads at one scheduler step.
+
+    Attributes:
+        now_s: the clock of ``LSWaiting.arrival_s``, s.
+        step: a counter that grows by one per scheduler step.
+        gpu_kv_free_tokens: free token slots in the GPU KV cache (SGLang's allocator).
+        be_pool_free_tokens: free tokens in the BE KV pool (host memory).
+        kv_bytes_per_token: K and V bytes of one token over all layers (what the CPU worker reads).
+        num_layers: decoder layers (one CPU job per layer per step with BE rows on the CPU).
+        max_prefill_tokens: the largest prefill chunk, tokens (SGLang's ``--chunked-prefill-size``).
+    """
+
+    now_s: float
+    step: int
+    slo: SLO
+    ls_decodes: tuple[LSDecode, ...] = ()
+    ls_waiting: tuple[LSWaiting, ...] = ()
+    be: tuple[BERequest, ...] = ()
+    gpu_kv_free_tokens: int = 0
+    be_pool_free_tokens: int = 0
+    kv_bytes_per_token: int = 0
+    num_layers: int = 1
+    max_prefill_tokens: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The controller's decision for one step (SGLang runs a prefill step or a decode step).
+
+    Attributes:
+        ls_prefill_tokens: LS prompt tokens to prefill in this step, in queue order (0: none).
+        ls_rejected: (rid, why) of LS requests refused because their TTFT SLO cannot be met
+            (``reject`` admission only).
+        be_prefill: (rid, tokens) of the BE request whose prompt is prefilled in this step, if any.
+        be_decode: BE requests that decode in this step (the others keep their state).
+        be_budget_per_layer: BE rows allowed at each layer (all equal until piggybacking fills
+            them layer by layer).
+        to_cpu / to_gpu: BE requests whose KV moves to the BE KV pool / back to GPU slots.
+        predicted_s: predicted wall time of this step, s.
+        why: one line for the debug log.
+    """
+
+    ls_prefill_tokens: int = 0
+    ls_rejected: tuple[tuple[str, str], ...] = ()
+    be_prefill: tuple[str, int] | None = None
+    be_decode: tuple[str, ...] = ()
+    be_budget_per_layer: tuple[int, ...] = ()
+    to_cpu: tuple[str, ...] = ()
+    to_gpu: tuple[str, ...] = ()
+    predicted_s: float = 0.0
+    why: str = ""

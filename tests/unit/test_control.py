@@ -1,0 +1,232 @@
+"""The SLO controller's latency model and per-step policy on hand-made states (no server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from omniserve_sgl.control import (
+    CPU,
+    GPU,
+    SLO,
+    WAITING,
+    BERequest,
+    Controller,
+    ControllerConfig,
+    LatencyModel,
+    LSDecode,
+    LSWaiting,
+    ServerView,
+    StepSample,
+    StepShape,
+    fit,
+    fit_and_check,
+    largest_fitting,
+)
+
+# A GPU-like step: 4 ms fixed, 1.5 ms per 64-token tile, attention and CPU terms.
+TRUE = LatencyModel(tile=64, c_step=4e-3, c_dense=1.5e-3, c_prefill_attn=2e-9, c_decode_attn=3e-8,
+                    c_cpu_bytes=1e-10, c_cpu_job=5e-5)
+
+
+def _samples(n: int, noise: float, seed: int = 0) -> list[StepSample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = int(rng.integers(1, 2048))
+        chunk = int(rng.integers(0, tokens + 1)) if rng.random() < 0.5 else 0
+        cpu = rng.random() < 0.5
+        shape = StepShape(tokens=tokens, prefill_attn_work=chunk * (chunk + int(rng.integers(0, 4096))),
+                          decode_context=int(rng.integers(0, 200_000)),
+                          cpu_kv_bytes=float(rng.integers(0, 2_000_000_000)) if cpu else 0.0,
+                          cpu_jobs=32 if cpu else 0)
+        out.append(StepSample(shape, TRUE.predict(shape) * (1 + rng.normal(0, noise))))
+    return out
+
+
+def test_fit_recovers_a_known_staircase_from_noisy_samples():
+    samples = _samples(400, noise=0.03)
+    model, acc = fit_and_check(samples, holdout=0.25)
+    assert model.tile == TRUE.tile
+    for term in ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn", "c_cpu_bytes"):
+        assert getattr(model, term) == pytest.approx(getattr(TRUE, term), rel=0.15), term
+    # Every CPU step has one job per layer, so the per-job cost is only seen against the noise (3%
+    # of a step): the jobs' share of a step is right to within 2% of the median step.
+    median_step = float(np.median([s.seconds for s in samples]))
+    assert abs(model.c_cpu_job - TRUE.c_cpu_job) * 32 < 0.02 * median_step
+    assert acc.samples == 100 and acc.mean > 0.95 and acc.p90 > 0.93
+    # The staircase, not a line: one token past a tile costs a whole tile.
+    assert model.predict(StepShape(65)) - model.predict(StepShape(64)) == pytest.approx(model.c_dense)
+    assert model.predict(StepShape(64)) == model.predict(StepShape(33))
+
+
+def test_fit_keeps_every_coefficient_non_negative():
+    samples = [StepSample(StepShape(tokens=t), 0.01 + 1e-5 * t) for t in range(1, 300, 7)]
+    model = fit(samples)  # no sample exercises attention or the CPU: those terms stay 0
+    assert model.c_prefill_attn == model.c_decode_attn == model.c_cpu_bytes == model.c_cpu_job == 0.0
+    assert min(model.c_step, model.c_dense) >= 0
+
+
+def test_latency_model_round_trips_through_json_and_refuses_bad_files(tmp_path):
+    model = dataclasses.replace(fit(_samples(60, 0.01)), meta={"model": "x", "device": "cpu"})
+    path = tmp_path / "m.json"
+    model.save(path)
+    back = LatencyModel.load(path)
+    assert back == model and back.meta == model.meta
+    coefs = '"tile": 1, "c_step": 1, "c_dense": 1'
+    for bad, words in (("[", "not JSON"), ("{}", "format must be 1"),
+                       (f'{{"format": 1, {coefs}, "speed": 2}}', "unknown fields"),
+                       ('{"format": 1, "tile": 0, "c_step": 1, "c_dense": 1}', "tile >= 1"),
+                       ('{"format": 1, "tile": 1, "c_step": -1, "c_dense": 1}', ">= 0")):
+        with pytest.raises(ValueError, match=words):
+            LatencyModel.from_json(bad)
+
+
+def test_accuracy_and_fit_refuse_unusable_samples():
+    with pytest.raises(ValueError, match="at least"):
+        fit(_samples(3, 0.0))
+    with pytest.raises(ValueError, match="positive"):
+        TRUE.accuracy([StepSample(StepShape(1), 0.0)])
+    perfect = TRUE.accuracy(_samples(20, 0.0))
+    assert perfect.mean == pytest.approx(1.0) and perfect.p90 == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fits_up_to", [0, 1, 7, 100])
+def test_largest_fitting_is_the_boundary(fits_up_to):
+    assert largest_fitting(1, 100, lambda n: n <= fits_up_to) == fits_up_to
+
+
+# policy ------------------------------------------------------------------------------------
+SLOS = SLO(ttft_s=2.0, tpot_s=0.05)
+
+
+def _view(**kw) -> ServerView:
+    base = {"now_s": 10.0, "step": 100, "slo": SLOS, "gpu_kv_free_tokens": 100_000, "be_pool_free_tokens": 1_000_000,
+            "kv_bytes_per_token": 32 * 2 * 8 * 128 * 2, "num_layers": 32, "max_prefill_tokens": 8192}
+    return ServerView(**{**base, **kw})
+
+
+LS_DECODES = tuple(LSDecode(f"ls{i}", 1000 + 100 * i) for i in range(8))
+
+
+def test_strict_order_ls_prefill_before_any_be_work():
+    view = _view(ls_decodes=LS_DECODES, ls_waiting=(LSWaiting("w", 3000, arrival_s=9.9),),
+                 be=(BERequest("b0", WAITING, prompt_len=500), BERequest("b1", CPU, context_len=800)))
+    plan = Controller(TRUE).plan(view)
+    assert plan.ls_prefill_tokens > 0 and plan.be_prefill is None and plan.be_decode == ()
+    # With no LS prompt waiting, the BE prompt goes before BE decode rows.
+    plan = Controller(TRUE).plan(dataclasses.replace(view, ls_waiting=()))
+    assert plan.be_prefill is not None and plan.be_prefill[0] == "b0" and plan.be_decode == ()
+
+
+def test_ls_chunk_is_the_largest_that_keeps_the_decodes_within_their_tpot():
+    view = _view(ls_decodes=LS_DECODES, ls_waiting=(LSWaiting("w", 6000, arrival_s=9.9),))
+    ctl = Controller(TRUE)
+    chunk = ctl.plan(view).ls_prefill_tokens
+    t_decode = TRUE.predict(ctl._decode_shape(view, []))
+    assert ctl._prefill_time(chunk, 0) + t_decode <= SLOS.tpot_s < ctl._prefill_time(chunk + 1, 0) + t_decode
+    # A request's own tighter TPOT SLO shrinks the chunk; no decode to protect: the largest chunk.
+    tight = dataclasses.replace(view, ls_decodes=(*LS_DECODES, LSDecode("strict", 500, tpot_slo_s=0.03)))
+    assert ctl.plan(tight).ls_prefill_tokens < chunk
+    assert ctl.plan(dataclasses.replace(view, ls_decodes=())).ls_prefill_tokens == 6000
+
+
+def test_ls_prefill_always_progresses_even_without_slack():
+    slow = dataclasses.replace(TRUE, c_step=0.06)  # a decode step alone exceeds the TPOT SLO
+    view = _view(ls_decodes=LS_DECODES, ls_waiting=(LSWaiting("w", 6000, arrival_s=9.9),))
+    assert Controller(slow).plan(view).ls_prefill_tokens == ControllerConfig().min_ls_chunk
+
+
+def test_reject_mode_refuses_an_ls_request_that_cannot_meet_its_ttft_and_queue_mode_keeps_it():
+    late = LSWaiting("late", 2000, arrival_s=7.5)  # waited 2.5 s already, the SLO is 2 s
+    view = _view(ls_decodes=LS_DECODES, ls_waiting=(late, LSWaiting("fresh", 100, arrival_s=9.99)))
+    rejected = Controller(TRUE, ControllerConfig(ls_admission="reject")).plan(view)
+    assert [rid for rid, _ in rejected.ls_rejected] == ["late"]
+    assert "predicted TTFT" in rejected.ls_rejected[0][1] and "SLO 2.00 s" in rejected.ls_rejected[0][1]
+    assert rejected.ls_prefill_tokens > 0  # the next one is served
+    queued = Controller(TRUE).plan(view)
+    assert queued.ls_rejected == () and queued.ls_prefill_tokens > 0
+    ttfts = Controller(TRUE).predicted_ttfts(view)
+    assert ttfts[0] > 2.5 and ttfts[1] > ttfts[0] - 2.5  # the second waits for the first's prefill
+
+
+def _be_rows(n, placement=CPU, ctx=4000):
+    return tuple(BERequest(f"b{i:02d}", placement, context_len=ctx + i, last_run_step=90 + i % 5) for i in range(n))
+
+
+def test_be_rows_never_exceed_the_budget_and_the_next_row_would():
+    ctl = Controller(TRUE)
+    view = _view(ls_decodes=LS_DECODES, be=_be_rows(40))
+    plan = ctl.plan(view)
+    n = len(plan.be_decode)
+    assert 0 < n < 40 and plan.be_budget_per_layer == (n,) * view.num_layers
+    budget = ControllerConfig().be_margin * SLOS.tpot_s
+    assert plan.predicted_s <= budget
+    ordered = sorted(view.be, key=lambda r: (r.last_run_step, r.rid))
+    assert [r.rid for r in ordered[:n]] == list(plan.be_decode)  # longest-deferred first
+    assert TRUE.predict(ctl._decode_shape(view, ordered[:n + 1])) > budget
+    # No LS work at all: every BE row runs.
+    assert len(ctl.plan(_view(be=_be_rows(40))).be_decode) == 40
+
+
+def test_no_be_request_waits_forever():
+    """Replaying the plan (rows that ran get the step's number) serves every BE request within a
+    few steps, though only a fraction fit in each."""
+    ctl = Controller(TRUE)
+    be = {r.rid: r for r in _be_rows(40)}
+    per_step = len(ctl.plan(_view(ls_decodes=LS_DECODES, be=tuple(be.values()))).be_decode)
+    assert 0 < per_step < 40
+    rounds = -(-40 // per_step)  # steps to serve every row once
+    last_served = {}
+    for step in range(100, 100 + 2 * rounds):
+        plan = ctl.plan(_view(step=step, ls_decodes=LS_DECODES, be=tuple(be.values())))
+        for rid in plan.be_decode:
+            be[rid] = dataclasses.replace(be[rid], last_run_step=step)
+            last_served[rid] = step
+    assert set(last_served) == set(be)
+    # Over the last `rounds` steps every row ran at least once.
+    assert min(last_served.values()) >= 100 + rounds - 1
+
+
+def test_gpu_kv_pressure_moves_the_largest_gpu_be_requests_to_the_pool():
+    be = (BERequest("small", GPU, context_len=1000), BERequest("big", GPU, context_len=5000),
+          BERequest("mid", GPU, context_len=3000))
+    view = _view(ls_decodes=LS_DECODES, ls_waiting=(LSWaiting("w", 6000, arrival_s=9.9),), be=be,
+                 gpu_kv_free_tokens=6000 + 8 - 4000)  # 4,000 slots short for the LS prompt
+    plan = Controller(TRUE).plan(view)
+    assert plan.to_cpu == ("big",) and plan.to_gpu == ()
+    plan = Controller(TRUE).plan(dataclasses.replace(view, gpu_kv_free_tokens=6000 + 8 - 5500))
+    assert plan.to_cpu == ("big", "mid")
+
+
+def test_slack_brings_a_be_request_back_to_the_gpu_unless_placement_is_cpu():
+    be = (BERequest("old", CPU, context_len=2000, last_run_step=50), BERequest("new", CPU, context_len=2000,
+                                                                             last_run_step=99))
+    view = _view(ls_decodes=LS_DECODES[:2], be=be)
+    assert Controller(TRUE).plan(view).to_gpu == ("old",)  # one move per step, longest-deferred first
+    assert Controller(TRUE, ControllerConfig(be_placement="cpu")).plan(view).to_gpu == ()
+    assert Controller(TRUE).plan(dataclasses.replace(view, gpu_kv_free_tokens=1500)).to_gpu == ()  # no room
+    assert Controller(TRUE).plan(dataclasses.replace(view, ls_waiting=(LSWaiting("w", 10, 9.9),))).to_gpu == ()
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"ls_admission": "drop"}, "ls_admission"), ({"be_placement": "gpu"}, "be_placement"),
+    ({"be_margin": 0.0}, "be_margin"), ({"min_ls_chunk": 0}, "min_ls_chunk"),
+])
+def test_bad_controller_settings_are_refused(kw, words):
+    with pytest.raises(ValueError, match=words):
+        ControllerConfig(**kw)
+    with pytest.raises(ValueError, match="tpot_s"):
+        SLO(ttft_s=1.0, tpot_s=float("nan"))
+    with pytest.raises(ValueError, match="placement"):
+        BERequest("x", "disk")
+
+
+def test_the_controller_imports_no_sglang():
+    code = "import sys, omniserve_sgl.control; print(sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
