@@ -251,6 +251,50 @@ class BERuntime:
                 self._replace_worker(f"took over {self.job_timeout():.1f} s for one job (--omniserve-cpu-job-timeout)")
             pending.job = self._submit(pending)
 
+    # profiling ----------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """K and V bytes of one token in one layer (what a decode job reads per context token)."""
+        spec = self.pool.spec
+        return 2 * spec.num_kv_heads * spec.head_dim * spec.torch_dtype.itemsize
+
+    def profile_attention(self, rows: tuple[int, ...] = (1, 4, 16), contexts: tuple[int, ...] = (128, 1024, 4096),
+                          repeats: int = 3, budget_s: float = 15.0) -> list[tuple[float, float]]:
+        """Times decode jobs of synthetic BE rows on the worker, as :meth:`wait` sees them (submit
+        to result), for the latency model's CPU terms. Runs before any request: it borrows pool
+        pages and gives them back; grid points that do not fit the pool are skipped, and the grid
+        stops when ``budget_s`` is spent.
+
+        Returns:
+            ``(kv_bytes_read, seconds)`` per job (the fastest of ``repeats`` per grid point).
+        """
+        out, deadline = [], time.monotonic() + budget_s
+        counted = self.attention_tokens
+        spec = self.pool.spec
+        for n_rows in rows:
+            for ctx in contexts:
+                rids = [("omniserve-profile", i) for i in range(n_rows)]
+                if self.pages.pages_for(ctx + 1) * n_rows > self.pages.free_pages or time.monotonic() > deadline:
+                    continue
+                for rid in rids:
+                    self.pages.allocate(rid, ctx, reserve_tokens=ctx + 1)
+                try:
+                    plan = self.plan_decode(rids, list(range(n_rows)))
+                    q = torch.randn(n_rows, self.num_qo_heads, spec.head_dim).to(spec.torch_dtype)
+                    kv = torch.randn(n_rows, spec.num_kv_heads, spec.head_dim).to(spec.torch_dtype)
+                    res = torch.empty_like(q)
+                    best = math.inf
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        self.wait(self.submit(plan, 0, q, kv, kv, None), res)
+                        best = min(best, time.perf_counter() - t0)
+                    out.append((float(n_rows * (ctx + 1) * self.kv_bytes_per_token_layer), best))
+                finally:
+                    for rid in rids:
+                        self.release(rid)
+        self.attention_tokens = counted  # profiling is not serving
+        return out
+
     def close(self) -> None:
         """Stops the worker and frees the pool (idempotent)."""
         if self.client is not None:

@@ -31,6 +31,9 @@ class OmniServeConfig:
         cpu_job_timeout: seconds a CPU attention job may take before its worker counts as hung
             and is replaced (``--omniserve-cpu-job-timeout``); ``None`` = 10x the slowest job
             seen so far, and at least 2 s.
+        profile_path: the latency model's file (``--omniserve-profile``): read when it exists,
+            else profiled at start-up and written there; ``None`` = a cache file under
+            ``~/.cache/omniserve-sgl/profiles`` keyed by model, dtype, device and versions.
     """
 
     enabled: bool = False
@@ -42,6 +45,7 @@ class OmniServeConfig:
     metrics: bool = False
     cpu_spin_us: float = 0.0
     cpu_job_timeout: float | None = None
+    profile_path: str | None = None
 
     def __post_init__(self):
         if not self.cpu_kv_gb > 0:

@@ -4,6 +4,7 @@ server's glue and a simulator run the same code."""
 
 from omniserve_sgl.control.latency import (
     Accuracy,
+    CPUJobSample,
     LatencyModel,
     StepSample,
     StepShape,
@@ -24,7 +25,7 @@ from omniserve_sgl.control.state import (
 )
 
 __all__ = [
-    "CPU", "GPU", "SLO", "WAITING", "Accuracy", "BERequest", "Controller", "ControllerConfig", "LSDecode",
+    "CPU", "GPU", "SLO", "WAITING", "Accuracy", "BERequest", "CPUJobSample", "Controller", "ControllerConfig", "LSDecode",
     "LSWaiting", "LatencyModel", "ServerView", "StepPlan", "StepSample", "StepShape", "fit", "fit_and_check",
     "largest_fitting",
 ]

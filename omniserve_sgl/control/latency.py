@@ -11,6 +11,8 @@ One step's time, in seconds::
       + c_prefill_attn * prefill_attn_work       GPU attention of prefill chunks: sum over chunks of
                                                  chunk_len * (cached prefix + chunk_len)
       + c_decode_attn * decode_context           GPU attention of decode rows: their summed context
+      + c_decode_row * decode_rows               a cost per decode row beyond its dense work (per-request
+                                                 attention calls, sampling; large on SGLang's CPU path)
       + c_cpu_bytes * cpu_kv_bytes               the CPU worker's attention for BE rows: KV bytes read
       + c_cpu_job * cpu_jobs                     ... and a cost per job (one job per layer per step)
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # staircase step widths tried by the fit, tokens
-_TERMS = ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn", "c_cpu_bytes", "c_cpu_job")
+_TERMS = ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn", "c_decode_row", "c_cpu_bytes", "c_cpu_job")
 FORMAT_VERSION = 1
 
 
@@ -43,6 +45,7 @@ class StepShape:
         prefill_attn_work: sum over prefill chunks of ``chunk_len * (prefix_len + chunk_len)``,
             token pairs.
         decode_context: summed context length of decode rows whose attention runs on the GPU, tokens.
+        decode_rows: decode rows in the step (LS and BE, wherever their attention runs).
         cpu_kv_bytes: KV bytes the CPU worker reads for BE rows in this step, all layers.
         cpu_jobs: CPU attention jobs in this step (one per layer when any BE row runs on the CPU).
     """
@@ -50,6 +53,7 @@ class StepShape:
     tokens: int
     prefill_attn_work: float = 0.0
     decode_context: int = 0
+    decode_rows: int = 0
     cpu_kv_bytes: float = 0.0
     cpu_jobs: int = 0
 
@@ -59,6 +63,15 @@ class StepSample:
     """One measured step: its shape and its wall time, s."""
 
     shape: StepShape
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CPUJobSample:
+    """One measured CPU attention job (one layer of a step's BE rows): KV bytes it read and the
+    wall time the caller waited for it, s (submit to result)."""
+
+    kv_bytes: float
     seconds: float
 
 
@@ -87,6 +100,7 @@ class LatencyModel:
     c_dense: float
     c_prefill_attn: float = 0.0
     c_decode_attn: float = 0.0
+    c_decode_row: float = 0.0
     c_cpu_bytes: float = 0.0
     c_cpu_job: float = 0.0
     meta: dict = dataclasses.field(default_factory=dict, compare=False)
@@ -151,7 +165,7 @@ class LatencyModel:
 
 def _features(shape: StepShape, tile: int) -> np.ndarray:
     return np.array([1.0, math.ceil(shape.tokens / tile), shape.prefill_attn_work, shape.decode_context,
-                     shape.cpu_kv_bytes, shape.cpu_jobs], dtype=np.float64)
+                     shape.decode_rows, shape.cpu_kv_bytes, shape.cpu_jobs], dtype=np.float64)
 
 
 def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -168,23 +182,36 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         active &= x > 0
 
 
-def fit(samples: Sequence[StepSample], tiles: Sequence[int] = TILES, meta: dict | None = None) -> LatencyModel:
+def fit(samples: Sequence[StepSample], tiles: Sequence[int] = TILES, meta: dict | None = None,
+        cpu_jobs: Sequence[CPUJobSample] = ()) -> LatencyModel:
     """Fits a :class:`LatencyModel` to measured steps: for each staircase width in ``tiles``, a
     least-squares fit of the coefficients (relative error, each sample weighted by 1/time, all
-    coefficients >= 0); the width with the smallest mean relative error wins.
+    coefficients >= 0); the width with the smallest mean relative error wins. With ``cpu_jobs``
+    (the worker's jobs timed on their own), the two CPU terms come from those (time = c_cpu_job +
+    c_cpu_bytes * bytes) and are held fixed in the step fit.
 
     Raises:
         ValueError: fewer samples than terms, or a sample with a non-positive time.
     """
     if len(samples) < len(_TERMS):
         raise ValueError(f"fitting needs at least {len(_TERMS)} samples, got {len(samples)}")
-    if any(s.seconds <= 0 for s in samples):
+    if any(s.seconds <= 0 for s in samples) or any(j.seconds <= 0 for j in cpu_jobs):
         raise ValueError("every sample needs a positive measured time")
     b = np.array([s.seconds for s in samples])
+    fixed = np.zeros(len(_TERMS))
+    free = np.ones(len(_TERMS), dtype=bool)
+    if cpu_jobs:
+        tj = np.array([j.seconds for j in cpu_jobs])
+        aj = np.stack([np.ones_like(tj), np.array([j.kv_bytes for j in cpu_jobs])], axis=1)
+        c_job, c_bytes = _nonnegative_lstsq(aj / tj[:, None], np.ones_like(tj))
+        fixed[_TERMS.index("c_cpu_job")], fixed[_TERMS.index("c_cpu_bytes")] = c_job, c_bytes
+        free[[_TERMS.index("c_cpu_job"), _TERMS.index("c_cpu_bytes")]] = False
     best = None
     for tile in tiles:
         a = np.stack([_features(s.shape, tile) for s in samples])
-        x = _nonnegative_lstsq(a / b[:, None], np.ones_like(b))  # relative error: rows scaled by 1/t
+        rest = b - a[:, ~free] @ fixed[~free]  # what the free terms must explain
+        x = fixed.copy()
+        x[free] = _nonnegative_lstsq(a[:, free] / b[:, None], rest / b)  # relative error: rows scaled by 1/t
         err = float(np.mean(np.abs(a @ x - b) / b))
         if best is None or err < best[0] - 1e-12:
             best = (err, tile, x)
@@ -193,8 +220,9 @@ def fit(samples: Sequence[StepSample], tiles: Sequence[int] = TILES, meta: dict 
 
 
 def fit_and_check(samples: Sequence[StepSample], holdout: float = 0.25, seed: int = 0,
-                  meta: dict | None = None) -> tuple[LatencyModel, Accuracy]:
-    """Fits on a random ``1 - holdout`` of ``samples`` and reports the accuracy on the rest.
+                  meta: dict | None = None, cpu_jobs: Sequence[CPUJobSample] = ()) -> tuple[LatencyModel, Accuracy]:
+    """Fits (see :func:`fit`) on a random ``1 - holdout`` of ``samples`` and reports the accuracy
+    on the rest.
 
     Raises:
         ValueError: ``holdout`` outside (0, 1), or too few samples to fit and check.
@@ -205,5 +233,5 @@ def fit_and_check(samples: Sequence[StepSample], holdout: float = 0.25, seed: in
     n_check = max(1, round(holdout * len(samples)))
     check = [samples[i] for i in order[:n_check]]
     train = [samples[i] for i in order[n_check:]]
-    model = fit(train, meta=meta)
+    model = fit(train, meta=meta, cpu_jobs=cpu_jobs)
     return model, model.accuracy(check)

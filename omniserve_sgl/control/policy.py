@@ -75,7 +75,8 @@ class Controller:
     def _decode_shape(self, view: ServerView, be_rows: list[BERequest]) -> StepShape:
         gpu_ctx = sum(d.context_len for d in view.ls_decodes) + sum(r.context_len for r in be_rows if r.placement == GPU)
         cpu_rows = [r for r in be_rows if r.placement == CPU]
-        return StepShape(tokens=len(view.ls_decodes) + len(be_rows), decode_context=gpu_ctx,
+        rows = len(view.ls_decodes) + len(be_rows)
+        return StepShape(tokens=rows, decode_context=gpu_ctx, decode_rows=rows,
                          cpu_kv_bytes=sum(r.context_len for r in cpu_rows) * view.kv_bytes_per_token,
                          cpu_jobs=view.num_layers if cpu_rows else 0)
 

@@ -7,6 +7,7 @@ Hook map (target -> hook):
   TokenizerManager.generate_request (BEFORE)                             -> tokenizer
   http_server.serve_generate_request (AROUND; the HTTP server's process) -> tokenizer
   ModelRunner.init_attention_backends (AFTER)                            -> start the BE runtime, split attention
+  ModelRunner.init_cuda_graphs (AFTER)                                   -> load or profile the latency model
   Scheduler._create_generation_req (AFTER), init_req_max_new_tokens (AFTER),
   Scheduler._get_new_batch_prefill_raw (AROUND),
   SchedulerBatchResultProcessor.process_batch_result_prefill (AFTER),
@@ -38,6 +39,7 @@ _ALWAYS = (
 _HTTP = ("sglang.srt.entrypoints.http_server.serve_generate_request",)
 _SERVING = (
     "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends",
+    "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
     f"{_S}._create_generation_req",
     f"{_S}.init_req_max_new_tokens",
     f"{_S}._get_new_batch_prefill_raw",
@@ -105,10 +107,11 @@ def register() -> None:
         return
     _check(_SERVING, True)
     from omniserve_sgl.sglang_glue import scheduler
-    from omniserve_sgl.sglang_glue.model_runner import init_attention_backends
+    from omniserve_sgl.sglang_glue.model_runner import init_attention_backends, init_cuda_graphs
 
     hooks = (
         (init_attention_backends, HookType.AFTER),
+        (init_cuda_graphs, HookType.AFTER),
         (scheduler.tag_request, HookType.AFTER),
         (scheduler.refuse_oversized_be, HookType.AFTER),
         (scheduler.admit_prefill, HookType.AROUND),

@@ -42,6 +42,10 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
     group.add_argument("--omniserve-cpu-job-timeout", type=float, default=None,
                        help="Seconds one CPU attention job may take before the worker counts as hung and is "
                        "replaced, its job run again (default: 10x the slowest job so far, at least 2 s).")
+    group.add_argument("--omniserve-profile", type=str, default=None, metavar="PATH",
+                       help="The latency model of this model on this machine: read from PATH when it exists, "
+                       "else profiled at start-up (at most 60 s) and written to PATH (default: a cache file "
+                       "under ~/.cache/omniserve-sgl/profiles, keyed by model, dtype, device and versions).")
 
 
 # Configurations the first version does not handle: (flag value check, message).
@@ -71,7 +75,8 @@ def from_cli_args(original, cls, args: argparse.Namespace):
                                      cpu_attention=args.omniserve_cpu_attention,
                                      metrics=bool(getattr(args, "enable_metrics", False)),
                                      cpu_spin_us=args.omniserve_cpu_spin_us,
-                                     cpu_job_timeout=args.omniserve_cpu_job_timeout)
+                                     cpu_job_timeout=args.omniserve_cpu_job_timeout,
+                                     profile_path=args.omniserve_profile)
         except ValueError as e:
             raise SystemExit(f"omniserve: {e}") from None
         refused = [what for check, what in _REFUSED if check(args)]

@@ -1,4 +1,5 @@
-"""Model-runner hook: start the BE runtime and split the attention backend."""
+"""Model-runner hooks: start the BE runtime, split the attention backend, and load or profile the
+latency model."""
 
 from __future__ import annotations
 
@@ -15,3 +16,14 @@ def init_attention_backends(_result, model_runner) -> None:
     if scheduler.runtime() is None:
         scheduler.start_runtime(model_runner)
     attention.install(model_runner.attn_backend)
+
+
+def init_cuda_graphs(_result, model_runner, *args, **kwargs) -> None:
+    """AFTER ``ModelRunner.init_cuda_graphs`` (the model runner can run a forward from here on, and
+    the scheduler holds no request yet): loads or profiles the latency model (once).
+
+    Raises:
+        ValueError: ``--omniserve-profile`` names an unusable file; the server stops.
+    """
+    if scheduler.latency_model() is None:
+        scheduler.load_latency_model(model_runner)

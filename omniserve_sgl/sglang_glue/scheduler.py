@@ -18,12 +18,15 @@ from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import New
 from omniserve_sgl import config
 from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
+from omniserve_sgl.control import LatencyModel
 from omniserve_sgl.service_class import BE, class_of_custom_params
+from omniserve_sgl.sglang_glue import profiler
 from omniserve_sgl.sglang_glue.rows import select_rows
 
 logger = logging.getLogger(__name__)
 
 _runtime: BERuntime | None = None  # one scheduler, hence one runtime, per process
+_latency_model: LatencyModel | None = None  # profiled at start-up (sglang_glue.profiler)
 _metrics = None  # BEMetrics with --enable-metrics
 _pending_plan: DecodePlan | None = None  # the BE rows of the decode step being prepared
 _plan_reqs: list = []  # their Reqs
@@ -31,6 +34,10 @@ _plan_reqs: list = []  # their Reqs
 
 def runtime() -> BERuntime | None:
     return _runtime
+
+
+def latency_model() -> LatencyModel | None:
+    return _latency_model
 
 
 def is_be(req) -> bool:
@@ -91,6 +98,12 @@ def start_runtime(model_runner) -> BERuntime:
         _metrics = BEMetrics()
         _metrics.update(_runtime, waiting=0)
     return _runtime
+
+
+def load_latency_model(model_runner) -> None:
+    """Loads (or profiles, see :mod:`omniserve_sgl.sglang_glue.profiler`) this process's latency model."""
+    global _latency_model
+    _latency_model = profiler.load_or_profile(model_runner, _runtime, config.current())
 
 
 # request class ----------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ conftest fails a test during which two were alive."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,26 @@ def plain_run(model_path, exact_texts) -> PlainRun:
         marked = {"be": generate(plain, FIRST_EXACT_TEXT, 8, "be"), "gold": generate(plain, "Hi", 2, "gold")}
         return PlainRun(outputs, marked, worker_processes(plain),
                         requests.get(f"{plain.url}/metrics", timeout=30).text)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """``python -m omniserve_sgl.profile`` on the default model: the file, its mtime, what it printed."""
+
+    path: Path
+    mtime_ns: int
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def latency_profile(tmp_path_factory) -> Profile:
+    """The latency model profiled once per test run by the user's command (one server, stopped
+    before the fixture returns)."""
+    path = tmp_path_factory.mktemp("profile") / "latency.json"
+    res = subprocess.run([sys.executable, "-m", "omniserve_sgl.profile", "--out", str(path)],
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return Profile(path, path.stat().st_mtime_ns, res.stdout)
 
 
 def flush_cache(server) -> None:

@@ -16,16 +16,36 @@ import requests
 
 from omniserve_sgl.bench.launch import SGLangServer
 from omniserve_sgl.bench.workload import sharegpt_json
+from omniserve_sgl.control import LatencyModel, StepShape
 from tests.serving.conftest import flush_cache, generate, metric, worker_processes
 
 CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
 
 @pytest.fixture(scope="module")
-def omni_server(model_path):
-    """``--omniserve`` with omniserve's CPU decode kernel and metrics on."""
-    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", "0.2", "--enable-metrics") as s:
+def omni_server(model_path, latency_profile):
+    """``--omniserve`` with omniserve's CPU decode kernel and metrics on, and the latency model
+    profiled by ``python -m omniserve_sgl.profile``."""
+    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", "0.2", "--enable-metrics",
+                      "--omniserve-profile", str(latency_profile.path)) as s:
         yield s
+
+
+def test_profile_command_writes_a_latency_model_of_real_steps(latency_profile, model):
+    lm = LatencyModel.load(latency_profile.path)
+    meta = lm.meta
+    assert "accuracy on held-out steps" in latency_profile.stdout
+    assert meta["key"]["layers"] == model.num_layers and meta["profiled_s"] <= 60
+    assert len(meta["samples"]) >= 20 and len(meta["cpu_job_samples"]) >= 3
+    assert lm.c_step > 0 and lm.c_dense > 0 and lm.c_cpu_bytes + lm.c_cpu_job > 0
+    # 84-85% mean on this 2-core VM, where the same step varies by about 15% from run to run.
+    assert meta["accuracy_mean"] > 0.6
+    longer = StepShape(tokens=64, decode_context=64 * 1024, decode_rows=64)
+    assert lm.predict(longer) > lm.predict(StepShape(tokens=1, decode_context=100, decode_rows=1))
+
+
+def test_server_reads_the_profile_instead_of_profiling_again(omni_server, latency_profile):
+    assert latency_profile.path.stat().st_mtime_ns == latency_profile.mtime_ns
 
 
 def test_be_output_with_the_cpu_kernel_starts_like_ls(omni_server):

@@ -30,7 +30,7 @@ from omniserve_sgl.control import (
 
 # A GPU-like step: 4 ms fixed, 1.5 ms per 64-token tile, attention and CPU terms.
 TRUE = LatencyModel(tile=64, c_step=4e-3, c_dense=1.5e-3, c_prefill_attn=2e-9, c_decode_attn=3e-8,
-                    c_cpu_bytes=1e-10, c_cpu_job=5e-5)
+                    c_decode_row=2e-5, c_cpu_bytes=1e-10, c_cpu_job=5e-5)
 
 
 def _samples(n: int, noise: float, seed: int = 0) -> list[StepSample]:
@@ -40,8 +40,9 @@ def _samples(n: int, noise: float, seed: int = 0) -> list[StepSample]:
         tokens = int(rng.integers(1, 2048))
         chunk = int(rng.integers(0, tokens + 1)) if rng.random() < 0.5 else 0
         cpu = rng.random() < 0.5
+        rows = int(rng.integers(0, tokens + 1))
         shape = StepShape(tokens=tokens, prefill_attn_work=chunk * (chunk + int(rng.integers(0, 4096))),
-                          decode_context=int(rng.integers(0, 200_000)),
+                          decode_context=int(rng.integers(0, 200_000)), decode_rows=rows,
                           cpu_kv_bytes=float(rng.integers(0, 2_000_000_000)) if cpu else 0.0,
                           cpu_jobs=32 if cpu else 0)
         out.append(StepSample(shape, TRUE.predict(shape) * (1 + rng.normal(0, noise))))
@@ -52,7 +53,7 @@ def test_fit_recovers_a_known_staircase_from_noisy_samples():
     samples = _samples(400, noise=0.03)
     model, acc = fit_and_check(samples, holdout=0.25)
     assert model.tile == TRUE.tile
-    for term in ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn", "c_cpu_bytes"):
+    for term in ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn", "c_decode_row", "c_cpu_bytes"):
         assert getattr(model, term) == pytest.approx(getattr(TRUE, term), rel=0.15), term
     # Every CPU step has one job per layer, so the per-job cost is only seen against the noise (3%
     # of a step): the jobs' share of a step is right to within 2% of the median step.
@@ -67,7 +68,8 @@ def test_fit_recovers_a_known_staircase_from_noisy_samples():
 def test_fit_keeps_every_coefficient_non_negative():
     samples = [StepSample(StepShape(tokens=t), 0.01 + 1e-5 * t) for t in range(1, 300, 7)]
     model = fit(samples)  # no sample exercises attention or the CPU: those terms stay 0
-    assert model.c_prefill_attn == model.c_decode_attn == model.c_cpu_bytes == model.c_cpu_job == 0.0
+    assert model.c_prefill_attn == model.c_decode_attn == model.c_decode_row == model.c_cpu_bytes == 0.0
+    assert model.c_cpu_job == 0.0
     assert min(model.c_step, model.c_dense) >= 0
 
 
@@ -230,3 +232,26 @@ def test_the_controller_imports_no_sglang():
     code = "import sys, omniserve_sgl.control; print(sorted(m for m in sys.modules if m.split('.')[0] in ('sglang', 'torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cpu_terms_come_from_the_workers_own_jobs_when_given():
+    from omniserve_sgl.control import CPUJobSample
+
+    jobs = [CPUJobSample(b, TRUE.c_cpu_job + TRUE.c_cpu_bytes * b) for b in (1e5, 1e6, 1e7, 4e7)]
+    gpu_only = [s for s in _samples(200, noise=0.01) if s.shape.cpu_jobs == 0]
+    model = fit(gpu_only, cpu_jobs=jobs)  # the steps alone never exercise the CPU terms
+    assert model.c_cpu_job == pytest.approx(TRUE.c_cpu_job, rel=1e-6)
+    assert model.c_cpu_bytes == pytest.approx(TRUE.c_cpu_bytes, rel=1e-6)
+    assert model.c_dense == pytest.approx(TRUE.c_dense, rel=0.1)
+
+
+def test_a_profile_made_for_another_setup_is_refused_with_what_differs(tmp_path):
+    from omniserve_sgl.sglang_glue.profiler import check_key
+
+    key = {"model": "m", "dtype": "torch.bfloat16", "device": "cpu", "versions": {"sglang": "0.5.23"}}
+    model = dataclasses.replace(TRUE, meta={"key": key})
+    check_key(model, dict(key), tmp_path / "p.json")  # the same setup: accepted
+    with pytest.raises(ValueError, match=r"p.json was made for another setup \(differs in device, versions\)"):
+        check_key(model, {**key, "device": "cuda:0", "versions": {"sglang": "0.5.24"}}, tmp_path / "p.json")
+    with pytest.raises(ValueError, match="differs in device, dtype, model, versions"):  # no key at all
+        check_key(dataclasses.replace(TRUE, meta={}), key, tmp_path / "p.json")
