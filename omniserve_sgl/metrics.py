@@ -13,11 +13,15 @@ class BEMetrics:
     worker), ``omniserve_worker_restarts_total`` (counter: workers started to replace one that
     exited or hung), ``omniserve_be_pool_pages_{used,reserved,capacity}`` and
     ``omniserve_be_waiting_requests`` (BE requests queued for admission: the BE KV pool is full,
-    or another BE request takes this prefill batch's one BE slot)."""
+    or another BE request takes this prefill batch's one BE slot), and, with a latency model
+    loaded (``--omniserve-profile``), ``omniserve_step_time_prediction_error`` (histogram of
+    ``|predicted - measured| / measured`` per prefill or decode step)."""
+
+    ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 
     def __init__(self):
         # Imported here: prometheus_client must be first imported after PROMETHEUS_MULTIPROC_DIR is set.
-        from prometheus_client import Counter, Gauge
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.cpu_attention_tokens = Counter(
             "omniserve_cpu_attention_tokens", "Token-layer attentions computed by the CPU attention worker")
@@ -30,6 +34,10 @@ class BEMetrics:
         self.pages_capacity = Gauge("omniserve_be_pool_pages_capacity", "BE KV pool size in pages", **gauge)
         self.waiting = Gauge("omniserve_be_waiting_requests",
                              "BE requests queued for admission (BE KV pool full, or one BE prefill per batch)", **gauge)
+        self.prediction_error = Histogram(
+            "omniserve_step_time_prediction_error",
+            "Relative error of the latency model's step time prediction, |predicted - measured| / measured",
+            buckets=self.ERROR_BUCKETS)
         self._counted = self._restarts = 0
 
     def update(self, runtime, waiting: int | None = None) -> None:

@@ -8,7 +8,8 @@ Hook map (target -> hook):
   http_server.serve_generate_request (AROUND; the HTTP server's process) -> tokenizer
   ModelRunner.init_attention_backends (AFTER)                            -> start the BE runtime, split attention
   ModelRunner.init_cuda_graphs (AFTER)                                   -> load or profile the latency model
-  Scheduler._create_generation_req (AFTER), init_req_max_new_tokens (AFTER),
+  Scheduler._create_generation_req (AFTER), run_batch (AROUND: step time against the latency
+  model), init_req_max_new_tokens (AFTER),
   Scheduler._get_new_batch_prefill_raw (AROUND),
   SchedulerBatchResultProcessor.process_batch_result_prefill (AFTER),
   alloc_for_decode (AROUND), release_kv_cache (AROUND),
@@ -41,6 +42,7 @@ _SERVING = (
     "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends",
     "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
     f"{_S}._create_generation_req",
+    f"{_S}.run_batch",
     f"{_S}.init_req_max_new_tokens",
     f"{_S}._get_new_batch_prefill_raw",
     ("sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
@@ -113,6 +115,7 @@ def register() -> None:
         (init_attention_backends, HookType.AFTER),
         (init_cuda_graphs, HookType.AFTER),
         (scheduler.tag_request, HookType.AFTER),
+        (scheduler.time_step, HookType.AROUND),
         (scheduler.refuse_oversized_be, HookType.AFTER),
         (scheduler.admit_prefill, HookType.AROUND),
         (scheduler.offload_after_prefill, HookType.AFTER),

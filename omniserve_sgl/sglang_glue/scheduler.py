@@ -9,6 +9,7 @@ for the KV, in :class:`omniserve_sgl.be_runtime.BERuntime`.
 from __future__ import annotations
 
 import logging
+import time
 from http import HTTPStatus
 
 import torch
@@ -20,7 +21,7 @@ from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
 from omniserve_sgl.control import LatencyModel
 from omniserve_sgl.service_class import BE, class_of_custom_params
-from omniserve_sgl.sglang_glue import profiler
+from omniserve_sgl.sglang_glue import profiler, view
 from omniserve_sgl.sglang_glue.rows import select_rows
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,28 @@ def load_latency_model(model_runner) -> None:
     """Loads (or profiles, see :mod:`omniserve_sgl.sglang_glue.profiler`) this process's latency model."""
     global _latency_model
     _latency_model = profiler.load_or_profile(model_runner, _runtime, config.current())
+
+
+def time_step(original, self, batch, *args, **kwargs):
+    """AROUND ``Scheduler.run_batch``: with a latency model loaded, times each prefill or decode
+    step (synchronised on a GPU: ``--omniserve`` runs without the overlap schedule, so the
+    scheduler waits for the step's results right after anyway), publishes
+    ``|predicted - measured| / measured`` and logs both at debug level, one line per step."""
+    shape = None
+    if _latency_model is not None and _runtime is not None:
+        shape = view.step_shape(batch, _runtime, _runtime.pool.spec.num_layers, is_offloaded)
+    if shape is None:
+        return original(self, batch, *args, **kwargs)
+    t0 = time.perf_counter()
+    result = original(self, batch, *args, **kwargs)
+    if str(batch.device).startswith("cuda"):
+        torch.cuda.synchronize(batch.device)
+    measured = time.perf_counter() - t0
+    predicted = _latency_model.predict(shape)
+    if _metrics is not None:
+        _metrics.prediction_error.observe(abs(predicted - measured) / measured)
+    logger.debug("omniserve step %s: predicted %.1f ms, measured %.1f ms", shape, 1e3 * predicted, 1e3 * measured)
+    return result
 
 
 # request class ----------------------------------------------------------------------------------

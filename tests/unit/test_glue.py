@@ -257,3 +257,21 @@ def test_mla_model_is_refused_before_loading(no_config, monkeypatch, tmp_path):
     args = _parse(["--device", "cpu", "--omniserve"], tmp_path)
     with pytest.raises(SystemExit, match=r"does not support MLA models yet \(DeepseekV2ForCausalLM\)"):
         cli.from_cli_args(ServerArgs.from_cli_args.__func__, ServerArgs, args)
+
+
+def test_step_shape_reads_sglangs_batch_for_the_latency_model():
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    from omniserve_sgl.control import StepShape
+    from omniserve_sgl.sglang_glue.view import step_shape
+
+    runtime = types.SimpleNamespace(kv_bytes_per_token_layer=100)
+    extend = types.SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_lens=[10, 4], prefix_lens=[0, 6], reqs=[])
+    assert step_shape(extend, runtime, 3, lambda r: False) == StepShape(tokens=14, prefill_attn_work=10 * 10 + 4 * 10)
+    reqs = [types.SimpleNamespace(seqlen=n, off=off) for n, off in ((50, False), (70, True), (30, True))]
+    decode = types.SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=reqs)
+    assert step_shape(decode, runtime, 3, lambda r: r.off) == StepShape(
+        tokens=3, decode_context=50, decode_rows=3, cpu_kv_bytes=100.0 * 100 * 3, cpu_jobs=3)
+    ls_only = types.SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=reqs[:1])
+    assert step_shape(ls_only, runtime, 3, lambda r: r.off).cpu_jobs == 0
+    assert step_shape(types.SimpleNamespace(forward_mode=ForwardMode.IDLE), runtime, 3, lambda r: False) is None
