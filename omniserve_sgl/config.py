@@ -32,8 +32,7 @@ class OmniServeConfig:
             and is replaced (``--omniserve-cpu-job-timeout``); ``None`` = 10x the slowest job
             seen so far, and at least 2 s.
         profile_path: the latency model's file (``--omniserve-profile``): read when it exists,
-            else profiled at start-up and written there; ``None`` = a cache file under
-            ``~/.cache/omniserve-sgl/profiles`` keyed by model, dtype, device and versions.
+            else profiled at start-up and written there; ``None`` = no latency model.
     """
 
     enabled: bool = False

@@ -44,8 +44,8 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        "replaced, its job run again (default: 10x the slowest job so far, at least 2 s).")
     group.add_argument("--omniserve-profile", type=str, default=None, metavar="PATH",
                        help="The latency model of this model on this machine: read from PATH when it exists, "
-                       "else profiled at start-up (at most 60 s) and written to PATH (default: a cache file "
-                       "under ~/.cache/omniserve-sgl/profiles, keyed by model, dtype, device and versions).")
+                       "else profiled at start-up (at most 60 s) and written to PATH; a file made for another "
+                       "model, dtype, device or version is refused (default: no latency model).")
 
 
 # Configurations the first version does not handle: (flag value check, message).

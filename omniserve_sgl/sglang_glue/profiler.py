@@ -77,7 +77,7 @@ def forward_samples(model_runner, budget_s: float) -> list[StepSample]:
     return samples
 
 
-def cache_key(model_runner, cfg: config.OmniServeConfig) -> dict:
+def setup_key(model_runner, cfg: config.OmniServeConfig) -> dict:
     """What a profile depends on: model files, dtype, device, TP size, the CPU worker's setup and the
     versions of SGLang, torch and omniserve-sgl."""
     mc = model_runner.model_config
@@ -112,13 +112,13 @@ def load_or_profile(model_runner, runtime, cfg: config.OmniServeConfig) -> Laten
     """
     if not cfg.profile_path:
         return None
-    key = cache_key(model_runner, cfg)
+    key = setup_key(model_runner, cfg)
     path = Path(cfg.profile_path)
     if path.is_file():
         model = LatencyModel.load(path)
         check_key(model, key, path)
         logger.info("omniserve: latency model from %s (accuracy mean %.1f%%, p90 %.1f%%)", path,
-                       100 * model.meta.get("accuracy_mean", math.nan), 100 * model.meta.get("accuracy_p90", math.nan))
+                    100 * model.meta.get("accuracy_mean", math.nan), 100 * model.meta.get("accuracy_p90", math.nan))
         return model
     t0 = time.monotonic()
     steps = forward_samples(model_runner, BUDGET_S * 0.75)

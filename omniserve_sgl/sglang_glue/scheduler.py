@@ -27,7 +27,7 @@ from omniserve_sgl.sglang_glue.rows import select_rows
 logger = logging.getLogger(__name__)
 
 _runtime: BERuntime | None = None  # one scheduler, hence one runtime, per process
-_latency_model: LatencyModel | None = None  # profiled at start-up (sglang_glue.profiler)
+_latency_model: LatencyModel | None = None  # with --omniserve-profile (sglang_glue.profiler)
 _metrics = None  # BEMetrics with --enable-metrics
 _pending_plan: DecodePlan | None = None  # the BE rows of the decode step being prepared
 _plan_reqs: list = []  # their Reqs
