@@ -13,9 +13,8 @@ import statistics
 import time
 
 import aiohttp
-import requests
 
-from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.bench.launch import SGLangServer, metric_sum
 from omniserve_sgl.bench.loadgen import RequestRecord, RequestStyle, send
 from omniserve_sgl.bench.slo import percentile, tpot
 from omniserve_sgl.bench.workload import sharegpt_prompts
@@ -88,10 +87,7 @@ def main(argv=None) -> None:
         print(f"sending {args.num_ls} LS and {args.num_be} BE ShareGPT requests at once "
               f"(greedy, up to {args.max_new_tokens} new tokens)", flush=True)
         results = asyncio.run(send_all(server.url, jobs, args.max_new_tokens))
-        cpu = None
-        for line in requests.get(f"{server.url}/metrics", timeout=30).text.splitlines():
-            if line.startswith("omniserve_cpu_attention_tokens_total"):
-                cpu = float(line.rsplit(" ", 1)[1])
+        cpu = metric_sum(server.url, "omniserve_cpu_attention_tokens_total")
     print(report(results, cpu))
 
 

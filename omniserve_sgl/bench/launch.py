@@ -16,6 +16,21 @@ from typing import Self
 import requests
 
 
+def metric_sum(url: str, name: str) -> float | None:
+    """Sum of every sample named ``name`` (e.g. ``omniserve_worker_restarts_total``, or a
+    histogram's ``..._count``) on the server's ``/metrics``, parsed with prometheus_client;
+    ``None`` when there is none.
+
+    Raises:
+        requests.RequestException: the server did not answer.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+    return sum(values) if values else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 import aiohttp
 import psutil
-import requests
 
+from omniserve_sgl.bench.launch import metric_sum
 from omniserve_sgl.service_class import BE, LS, SERVICE_CLASS_HEADER, SERVICE_CLASS_KEY
 
 APIS = ("generate", "completions", "chat")
@@ -251,11 +251,7 @@ async def _one(session: aiohttp.ClientSession, url: str, p: PlannedRequest) -> O
 
 
 def _metric(url: str, name: str) -> float:
-    total = 0.0
-    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_sum(url, name) or 0.0  # a plain SGLang baseline has no omniserve metrics
 
 
 def scheduler_process(server_pid: int) -> psutil.Process:

@@ -15,7 +15,7 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.bench.launch import SGLangServer, metric_sum
 from omniserve_sgl.bench.workload import sharegpt_prompts
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.kv import BEKVPoolSpec
@@ -141,14 +141,10 @@ def generate(server, text, max_new_tokens=32, service_class=None, headers=None, 
 
 def metric(server, name: str) -> float:
     """Sum of all samples of Prometheus metric ``name`` on the server's ``/metrics``."""
-    total, found = 0.0, False
-    for line in requests.get(f"{server.url}/metrics", timeout=30).text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    if not found:
+    value = metric_sum(server.url, name)
+    if value is None:
         raise KeyError(f"metric {name} not on /metrics")
-    return total
+    return value
 
 
 def worker_processes(server) -> list[psutil.Process]:
