@@ -9,7 +9,7 @@ R = TypeVar("R")
 
 
 def admission_round(queue: Sequence[R], is_be: Callable[[R], bool], pool_pages: Callable[[R], int | None],
-                    free_pages: int) -> tuple[list[R], list[R]]:
+                    free_pages: int, be_allowed: bool = True) -> tuple[list[R], list[R]]:
     """Splits a waiting queue for one prefill round.
 
     Args:
@@ -18,12 +18,14 @@ def admission_round(queue: Sequence[R], is_be: Callable[[R], bool], pool_pages: 
         pool_pages: BE KV pool pages a request still has to reserve (its prompt plus
             ``max_new_tokens``), or ``None`` when it needs none (LS, already reserved, or refused).
         free_pages: the pool's free pages now.
+        be_allowed: whether a BE prefill may start in this round (the SLO controller's plan).
 
     Returns:
         ``(offered, held)``: ``offered`` is what the round may take, LS requests first and each
         class in queue order; it holds at most one BE request that still needs pages, so an LS
         arrival waits for at most one BE prompt. ``held`` are the BE requests that sit out this
-        round (pages not free, or another BE request takes the round), in queue order; they
+        round (pages not free, another BE request takes the round, or no BE prefill is
+        allowed), in queue order; they
         block no one behind them.
     """
     offered_be, held, admitting = [], [], False
@@ -31,7 +33,7 @@ def admission_round(queue: Sequence[R], is_be: Callable[[R], bool], pool_pages: 
         if not is_be(req):
             continue
         need = pool_pages(req)
-        if need is not None and (admitting or need > free_pages):
+        if need is not None and (admitting or need > free_pages or not be_allowed):
             held.append(req)
             continue
         if need is not None:

@@ -5,6 +5,7 @@ environment does)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import orjson
@@ -32,7 +33,14 @@ class OmniServeConfig:
             and is replaced (``--omniserve-cpu-job-timeout``); ``None`` = 10x the slowest job
             seen so far, and at least 2 s.
         profile_path: the latency model's file (``--omniserve-profile``): read when it exists,
-            else profiled at start-up and written there; ``None`` = no latency model.
+            else profiled at start-up and written there; ``None`` = a file in the profile cache
+            (``$OMNISERVE_CACHE_DIR``, default ``~/.cache/omniserve-sgl``) named after the setup.
+        control: run the SLO controller (``--omniserve-disable-control`` turns it off: BE work then
+            joins every step, as without a latency model).
+        ttft_slo / tpot_slo: the LS SLOs, s (``--omniserve-ttft-slo``, ``--omniserve-tpot-slo``);
+            a request may set tighter or looser ones of its own.
+        ls_admission: ``"queue"`` or ``"reject"`` (``--omniserve-ls-admission``).
+        be_placement: ``"auto"`` or ``"cpu"`` (``--omniserve-be-placement``).
     """
 
     enabled: bool = False
@@ -45,6 +53,11 @@ class OmniServeConfig:
     cpu_spin_us: float = 0.0
     cpu_job_timeout: float | None = None
     profile_path: str | None = None
+    control: bool = True
+    ttft_slo: float = 2.0
+    tpot_slo: float = 0.2
+    ls_admission: str = "queue"
+    be_placement: str = "auto"
 
     def __post_init__(self):
         if not self.cpu_kv_gb > 0:
@@ -57,6 +70,13 @@ class OmniServeConfig:
             raise ValueError(f"--omniserve-cpu-spin-us must be >= 0, got {self.cpu_spin_us}")
         if self.cpu_job_timeout is not None and not self.cpu_job_timeout > 0:
             raise ValueError(f"--omniserve-cpu-job-timeout must be > 0 seconds, got {self.cpu_job_timeout}")
+        for flag, value in (("--omniserve-ttft-slo", self.ttft_slo), ("--omniserve-tpot-slo", self.tpot_slo)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
+        if self.ls_admission not in ("queue", "reject"):
+            raise ValueError(f"--omniserve-ls-admission must be queue or reject, got {self.ls_admission!r}")
+        if self.be_placement not in ("auto", "cpu"):
+            raise ValueError(f"--omniserve-be-placement must be auto or cpu, got {self.be_placement!r}")
         if self.cpu_attention not in ("kernel", "sdpa"):
             raise ValueError(f"--omniserve-cpu-attention must be kernel or sdpa, got {self.cpu_attention!r}")
 

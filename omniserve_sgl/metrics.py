@@ -15,7 +15,12 @@ class BEMetrics:
     ``omniserve_be_waiting_requests`` (BE requests queued for admission: the BE KV pool is full,
     or another BE request takes this prefill batch's one BE slot), and, with a latency model
     loaded (``--omniserve-profile``), ``omniserve_step_time_prediction_error`` (histogram of
-    ``|predicted - measured| / measured`` per prefill or decode step)."""
+    ``|predicted - measured| / measured`` per prefill or decode step); with the SLO controller,
+    ``omniserve_ls_rejected_total`` (LS requests refused by ``--omniserve-ls-admission reject``),
+    ``omniserve_be_rows_deferred_total`` (BE decode rows that sat out a step: no slack),
+    ``omniserve_be_moves_total{direction="to_cpu"|"to_gpu"}`` (BE KV moves between the GPU KV cache
+    and the BE KV pool) and ``omniserve_be_requests{placement="gpu"|"cpu"}`` (running BE requests
+    by where their KV lives)."""
 
     ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 
@@ -38,6 +43,18 @@ class BEMetrics:
             "omniserve_step_time_prediction_error",
             "Relative error of the latency model's step time prediction, |predicted - measured| / measured",
             buckets=self.ERROR_BUCKETS)
+        self.ls_rejected = Counter("omniserve_ls_rejected",
+                                   "LS requests rejected at admission: predicted TTFT over the TTFT SLO")
+        self.be_rows_deferred = Counter("omniserve_be_rows_deferred",
+                                        "BE decode rows that sat out a decode step (no SLO slack for them)")
+        self.be_moves = Counter("omniserve_be_moves", "BE requests whose KV moved between the GPU KV cache and "
+                                "the BE KV pool", ["direction"])
+        self.be_requests = Gauge("omniserve_be_requests", "Running BE requests by where their KV lives",
+                                 ["placement"], **gauge)
+        for placement in ("gpu", "cpu"):
+            self.be_requests.labels(placement=placement).set(0)
+        for direction in ("to_cpu", "to_gpu"):
+            self.be_moves.labels(direction=direction).inc(0)
         self._counted = self._restarts = 0
 
     def update(self, runtime, waiting: int | None = None) -> None:

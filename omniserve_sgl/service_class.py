@@ -1,19 +1,23 @@
-"""Service classes and how a request names its class.
+"""Service classes and how a request names its class and its own SLOs.
 
 A request is BE when it says so; everything else is LS. The marker travels inside
 ``sampling_params.custom_params`` (SGLang forwards that free-form dict to the scheduler), or as an
-HTTP header that the tokenizer-side hook copies into it.
+HTTP header that the tokenizer-side hook copies into it. An LS request may carry its own TTFT and
+TPOT SLOs there too (``omniserve_ttft_slo``, ``omniserve_tpot_slo``, seconds).
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 LS = "ls"
 BE = "be"
 SERVICE_CLASSES = (LS, BE)
 SERVICE_CLASS_KEY = "omniserve_class"  # in sampling_params.custom_params, and the metrics label
 SERVICE_CLASS_HEADER = "x-omniserve-class"
+TTFT_SLO_KEY = "omniserve_ttft_slo"
+TPOT_SLO_KEY = "omniserve_tpot_slo"
 
 
 def _shown(value: object, limit: int = 40) -> str:
@@ -56,3 +60,26 @@ def class_of_custom_params(custom_params: object) -> str:
     if isinstance(custom_params, dict) and SERVICE_CLASS_KEY in custom_params:
         return parse_service_class(custom_params[SERVICE_CLASS_KEY])
     return LS
+
+
+def slos_of_custom_params(custom_params: object) -> tuple[float | None, float | None]:
+    """A request's own ``(TTFT SLO, TPOT SLO)``, s, from its ``custom_params`` (``None`` where it
+    sets none: the server's ``--omniserve-ttft-slo`` / ``--omniserve-tpot-slo`` apply).
+
+    Raises:
+        ValueError: a value that is not a positive finite JSON number, or an SLO on a BE request
+            (BE work has none: it runs in the LS SLOs' slack); the message says what to send.
+    """
+    if not isinstance(custom_params, dict):
+        return None, None
+    out = []
+    for key in (TTFT_SLO_KEY, TPOT_SLO_KEY):
+        value = custom_params.get(key)
+        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            raise ValueError(f"{key} must be a positive number of seconds, got {_shown(value)}")
+        out.append(None if value is None else float(value))
+    if any(v is not None for v in out) and class_of_custom_params(custom_params) == BE:
+        raise ValueError(f"a BE request has no SLO of its own (BE work runs in the LS requests' slack): drop "
+                         f"{TTFT_SLO_KEY}/{TPOT_SLO_KEY}, or mark the request {LS}")
+    return out[0], out[1]

@@ -74,6 +74,15 @@ def pytest_sessionstart(session):
     _watch = _ServerWatch()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def profile_cache(tmp_path_factory) -> Path:
+    """Latency-model profiles of this run's servers go to a fresh cache (shared by the servers of
+    one setup), not to the user's: each run profiles what it serves."""
+    path = tmp_path_factory.mktemp("profile-cache")
+    os.environ["OMNISERVE_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     _watch.current = item.nodeid

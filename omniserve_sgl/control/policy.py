@@ -107,56 +107,67 @@ class Controller:
 
     # the plan ------------------------------------------------------------------------------
     def plan(self, view: ServerView) -> StepPlan:
-        """The decision for this step (see the module docstring for the order and the bounds)."""
+        """The decision for this step (see the module docstring for the order and the bounds).
+
+        A prefill chunk fits when ``since_decode_s + t(chunk) + t(LS decode step)`` stays within
+        the TPOT SLO (LS) or ``be_margin`` of it (BE). When no LS chunk of at least
+        ``min_ls_chunk`` fits and the last step was not a decode, the LS decodes go first; right
+        after a decode step the minimum chunk runs anyway, so LS prefill never stalls.
+        """
         cfg = self.config
         tpot = self.tpot_budget(view)
         t_ls_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
+        since = view.since_decode_s if view.ls_decodes else 0.0
         rejected = []
         waiting = list(view.ls_waiting)
         if cfg.ls_admission == "reject" and waiting:
             kept = []
             for w, ttft in zip(waiting, self.predicted_ttfts(view), strict=True):
                 slo = w.ttft_slo_s or view.slo.ttft_s
-                if ttft > slo and not kept:  # the head of the queue decides; later ones re-evaluate next step
+                # The head of the queue decides (later ones re-evaluate next step); a prompt whose
+                # prefill has begun is not thrown away.
+                if ttft > slo and not kept and w.prefilled == 0:
                     rejected.append((w.rid, f"predicted TTFT {ttft:.2f} s exceeds the TTFT SLO {slo:.2f} s"))
                 else:
                     kept.append(w)
             waiting = kept
-        moves = self._placement(view)
+        to_cpu, to_gpu = self._placement(view)
+        common = {"ls_rejected": tuple(rejected), "to_cpu": to_cpu, "to_gpu": to_gpu}
+
+        def fits(chunk: int, prefix: int, budget: float) -> bool:
+            return since + self._prefill_time(chunk, prefix) + t_ls_decode <= budget
+
+        why = ""
         if waiting:  # LS prefill, bounded by the slack of the decodes it stalls
             queued = sum(w.remaining for w in waiting)
             hi = min(queued, view.max_prefill_tokens)
             prefix = waiting[0].prefilled
-            if tpot is None:
-                chunk = hi
-            else:
-                chunk = largest_fitting(1, hi, lambda c: self._prefill_time(c, prefix) + t_ls_decode <= tpot)
-                chunk = max(chunk, min(cfg.min_ls_chunk, hi))
-            return StepPlan(ls_prefill_tokens=chunk, ls_rejected=tuple(rejected), to_cpu=moves[0], to_gpu=moves[1],
-                            predicted_s=self._prefill_time(chunk, prefix),
-                            why=f"LS prefill {chunk} of {queued} queued tokens")
+            chunk = hi if tpot is None else largest_fitting(1, hi, lambda c: fits(c, prefix, tpot))
+            if chunk < min(cfg.min_ls_chunk, hi) and view.decoded_last_step:
+                chunk = min(cfg.min_ls_chunk, hi)
+            if chunk >= min(cfg.min_ls_chunk, hi):
+                return StepPlan(ls_prefill_tokens=chunk, predicted_s=self._prefill_time(chunk, prefix),
+                                why=f"LS prefill {chunk} of {queued} queued tokens", **common)
+            why = f"LS decodes first ({1e3 * since:.0f} ms since their last token), then LS prefill; "
         be_budget = None if tpot is None else cfg.be_margin * tpot
         be_waiting = [r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled]
-        if be_waiting:
+        if be_waiting and not waiting:
             r = be_waiting[0]
             hi = min(r.prompt_len - r.prefilled, view.max_prefill_tokens)
-            chunk = hi if be_budget is None else largest_fitting(
-                1, hi, lambda c: self._prefill_time(c, r.prefilled) + t_ls_decode <= be_budget)
+            chunk = hi if be_budget is None else largest_fitting(1, hi, lambda c: fits(c, r.prefilled, be_budget))
             if chunk >= 1:
-                return StepPlan(be_prefill=(r.rid, chunk), ls_rejected=tuple(rejected), to_cpu=moves[0],
-                                to_gpu=moves[1], predicted_s=self._prefill_time(chunk, r.prefilled),
-                                why=f"BE prefill {chunk} tokens of {r.rid}")
+                return StepPlan(be_prefill=(r.rid, chunk), predicted_s=self._prefill_time(chunk, r.prefilled),
+                                why=f"BE prefill {chunk} tokens of {r.rid}", **common)
         # Decode step: every LS row, then BE rows, longest-deferred first, while the step fits.
-        moved = {**{rid: CPU for rid in moves[0]}, **{rid: GPU for rid in moves[1]}}
+        moved = {**{rid: CPU for rid in to_cpu}, **{rid: GPU for rid in to_gpu}}
         rows = sorted((dataclasses.replace(r, placement=moved.get(r.rid, r.placement)) for r in view.be
                        if r.placement != WAITING), key=lambda r: (r.last_run_step, r.rid))
         n = len(rows) if be_budget is None else max(largest_fitting(
-            1, len(rows), lambda k: self.model.predict(self._decode_shape(view, rows[:k])) <= be_budget), 0)
+            1, len(rows), lambda k: since + self.model.predict(self._decode_shape(view, rows[:k])) <= be_budget), 0)
         chosen = rows[:n]
-        return StepPlan(ls_rejected=tuple(rejected), be_decode=tuple(r.rid for r in chosen),
-                        be_budget_per_layer=(n,) * view.num_layers, to_cpu=moves[0], to_gpu=moves[1],
+        return StepPlan(be_decode=tuple(r.rid for r in chosen), be_budget_per_layer=(n,) * view.num_layers,
                         predicted_s=self.model.predict(self._decode_shape(view, chosen)),
-                        why=f"decode {len(view.ls_decodes)} LS + {n} of {len(rows)} BE rows")
+                        why=f"{why}decode {len(view.ls_decodes)} LS + {n} of {len(rows)} BE rows", **common)
 
     def _placement(self, view: ServerView) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """BE KV moves for this step (paper 3.3): GPU-resident BE requests go to the BE KV pool,

@@ -86,6 +86,10 @@ class ServerView:
         kv_bytes_per_token: K and V bytes of one token over all layers (what the CPU worker reads).
         num_layers: decoder layers (one CPU job per layer per step with BE rows on the CPU).
         max_prefill_tokens: the largest prefill chunk, tokens (SGLang's ``--chunked-prefill-size``).
+        since_decode_s: how long the running LS decodes have waited since their last token, s
+            (the oldest wait among them).
+        decoded_last_step: the previous step was a decode step (then an LS prefill may take at
+            least the minimum chunk, so LS prefill always progresses).
     """
 
     now_s: float
@@ -99,11 +103,14 @@ class ServerView:
     kv_bytes_per_token: int = 0
     num_layers: int = 1
     max_prefill_tokens: int = 8192
+    since_decode_s: float = 0.0
+    decoded_last_step: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """The controller's decision for one step (SGLang runs a prefill step or a decode step).
+    """The controller's decision for one step (SGLang runs a prefill step or a decode step): a
+    prefill step when ``ls_prefill_tokens`` or ``be_prefill`` is set, else a decode step.
 
     Attributes:
         ls_prefill_tokens: LS prompt tokens to prefill in this step, in queue order (0: none).
@@ -117,6 +124,10 @@ class StepPlan:
         predicted_s: predicted wall time of this step, s.
         why: one line for the debug log.
     """
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.ls_prefill_tokens > 0 or self.be_prefill is not None
 
     ls_prefill_tokens: int = 0
     ls_rejected: tuple[tuple[str, str], ...] = ()

@@ -15,6 +15,8 @@ Hook map (target -> hook):
   alloc_for_decode (AROUND), release_kv_cache (AROUND),
   ScheduleBatch.new_tokens_required_next_decode, _get_decode_retraction_order,
   retract_decode (AROUND)                                                -> scheduler
+  Scheduler._should_defer_prefill, update_running_batch (AROUND),
+  process_batch_result (AFTER)                                           -> controller
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ _SERVING = (
     f"{_B}.new_tokens_required_next_decode",
     f"{_B}._get_decode_retraction_order",
     f"{_B}.retract_decode",
+    f"{_S}._should_defer_prefill",
+    f"{_S}.update_running_batch",
+    f"{_S}.process_batch_result",
 )
 
 
@@ -108,7 +113,7 @@ def register() -> None:
     if not enabled:  # the main process before argument parsing, or a server without --omniserve
         return
     _check(_SERVING, True)
-    from omniserve_sgl.sglang_glue import scheduler
+    from omniserve_sgl.sglang_glue import controller, scheduler
     from omniserve_sgl.sglang_glue.model_runner import init_attention_backends, init_cuda_graphs
 
     hooks = (
@@ -124,6 +129,9 @@ def register() -> None:
         (scheduler.decode_tokens_needed, HookType.AROUND),
         (scheduler.retraction_order, HookType.AROUND),
         (scheduler.retract_decode, HookType.AROUND),
+        (controller.plan_step, HookType.AROUND),
+        (controller.defer_be_rows, HookType.AROUND),
+        (controller.merge_deferred, HookType.AFTER),
     )
     for target, (hook, kind) in zip(_SERVING, hooks, strict=True):
         HookRegistry.register(target, hook, kind)

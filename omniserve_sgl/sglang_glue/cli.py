@@ -45,7 +45,24 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
     group.add_argument("--omniserve-profile", type=str, default=None, metavar="PATH",
                        help="The latency model of this model on this machine: read from PATH when it exists, "
                        "else profiled at start-up (at most 60 s) and written to PATH; a file made for another "
-                       "model, dtype, device or version is refused (default: no latency model).")
+                       "model, dtype, device or version is refused (default: a file named after this setup in "
+                       "$OMNISERVE_CACHE_DIR, else ~/.cache/omniserve-sgl, so a restart does not profile again).")
+    group.add_argument("--omniserve-ttft-slo", type=float, default=_DEFAULTS.ttft_slo, metavar="SECONDS",
+                       help="Time-to-first-token SLO of LS requests (default %(default)s s); a request may set its "
+                       "own in custom_params omniserve_ttft_slo.")
+    group.add_argument("--omniserve-tpot-slo", type=float, default=_DEFAULTS.tpot_slo, metavar="SECONDS",
+                       help="Time-per-output-token SLO of LS requests (default %(default)s s): BE work runs only in "
+                       "the slack it leaves; a request may set its own in custom_params omniserve_tpot_slo.")
+    group.add_argument("--omniserve-ls-admission", choices=("queue", "reject"), default=_DEFAULTS.ls_admission,
+                       help="An LS request predicted to miss its TTFT SLO: queue it as SGLang does (default), or "
+                       "reject it at once with HTTP 503 (behind a router that retries elsewhere).")
+    group.add_argument("--omniserve-be-placement", choices=("auto", "cpu"), default=_DEFAULTS.be_placement,
+                       help="Where BE requests decode: auto (default) keeps them in the GPU KV cache while the LS "
+                       "SLOs and GPU KV headroom allow and moves them to the BE KV pool and the CPU worker when "
+                       "not; cpu moves every BE request to the BE KV pool after its prefill.")
+    group.add_argument("--omniserve-disable-control", action="store_true",
+                       help="Turn the SLO controller off: no latency model is profiled, every BE request decodes on "
+                       "the CPU worker and joins every decode step.")
 
 
 # Configurations the first version does not handle: (flag value check, message).
@@ -76,7 +93,11 @@ def from_cli_args(original, cls, args: argparse.Namespace):
                                      metrics=bool(getattr(args, "enable_metrics", False)),
                                      cpu_spin_us=args.omniserve_cpu_spin_us,
                                      cpu_job_timeout=args.omniserve_cpu_job_timeout,
-                                     profile_path=args.omniserve_profile)
+                                     profile_path=args.omniserve_profile,
+                                     control=not args.omniserve_disable_control,
+                                     ttft_slo=args.omniserve_ttft_slo, tpot_slo=args.omniserve_tpot_slo,
+                                     ls_admission=args.omniserve_ls_admission,
+                                     be_placement=args.omniserve_be_placement)
         except ValueError as e:
             raise SystemExit(f"omniserve: {e}") from None
         refused = [what for check, what in _REFUSED if check(args)]

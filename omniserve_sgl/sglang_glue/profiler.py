@@ -2,9 +2,9 @@
 forward passes of the loaded model, prefill and decode batches built by SGLang's own one-batch
 benchmark helpers (``sglang.benchmark.one_batch.extend`` / ``decode``), and the CPU attention
 worker's jobs on the BE KV pool; fits :class:`omniserve_sgl.control.LatencyModel` and writes it
-to ``--omniserve-profile PATH`` with the setup it was made for, so a restart reads it instead of
-profiling again. Without ``--omniserve-profile`` nothing is profiled (the SLO controller that will
-use the model at every step is not wired into the scheduler yet).
+to ``--omniserve-profile PATH`` (default: a file named after the setup in the profile cache) with
+the setup it was made for, so a restart reads it instead of profiling again. With
+``--omniserve-disable-control`` nothing is profiled.
 
 Runs in the scheduler process after the attention backends exist and before the scheduler (and
 its radix cache) does: it borrows SGLang's KV slots and request rows and clears them afterwards.
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
+import os
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -101,19 +103,36 @@ def check_key(model: LatencyModel, key: dict, path: Path) -> None:
                          "delete it or name a new file to profile again")
 
 
+def cache_dir() -> Path:
+    """Where profiles live without ``--omniserve-profile``: ``$OMNISERVE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/omniserve-sgl``, else ``~/.cache/omniserve-sgl``."""
+    if os.environ.get("OMNISERVE_CACHE_DIR"):
+        return Path(os.environ["OMNISERVE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omniserve-sgl"
+
+
+def profile_path(key: dict, cfg: config.OmniServeConfig) -> Path:
+    """``--omniserve-profile PATH``, else the cache file of this setup (named by a hash of ``key``)."""
+    if cfg.profile_path:
+        return Path(cfg.profile_path)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"profile-{digest}.json"
+
+
 def load_or_profile(model_runner, runtime, cfg: config.OmniServeConfig) -> LatencyModel | None:
-    """The latency model of this model on this machine: read from ``--omniserve-profile PATH`` when
-    that file exists, else profiled now (at most ``BUDGET_S``) and written there. ``None`` without
-    ``--omniserve-profile``, or (with a warning) when too few steps fit this server's KV cache.
+    """The latency model of this model on this machine: read from its file (see
+    :func:`profile_path`) when that exists, else profiled now (at most ``BUDGET_S``) and written
+    there. ``None`` with ``--omniserve-disable-control`` (and no ``--omniserve-profile``), or (with
+    a warning) when too few steps fit this server's KV cache.
 
     Raises:
         ValueError: the file is not a latency model, or one made for another setup (the message
             names what differs).
     """
-    if not cfg.profile_path:
+    if not cfg.profile_path and not cfg.control:
         return None
     key = setup_key(model_runner, cfg)
-    path = Path(cfg.profile_path)
+    path = profile_path(key, cfg)
     if path.is_file():
         model = LatencyModel.load(path)
         check_key(model, key, path)

@@ -21,7 +21,7 @@ from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
 from omniserve_sgl.control import LatencyModel
 from omniserve_sgl.service_class import BE, class_of_custom_params
-from omniserve_sgl.sglang_glue import profiler, view
+from omniserve_sgl.sglang_glue import controller, profiler, view
 from omniserve_sgl.sglang_glue.rows import select_rows
 
 logger = logging.getLogger(__name__)
@@ -102,9 +102,11 @@ def start_runtime(model_runner) -> BERuntime:
 
 
 def load_latency_model(model_runner) -> None:
-    """Loads (or profiles, see :mod:`omniserve_sgl.sglang_glue.profiler`) this process's latency model."""
+    """Loads (or profiles, see :mod:`omniserve_sgl.sglang_glue.profiler`) this process's latency
+    model and starts the SLO controller over it."""
     global _latency_model
     _latency_model = profiler.load_or_profile(model_runner, _runtime, config.current())
+    controller.start(_latency_model, _metrics)
 
 
 def time_step(original, self, batch, *args, **kwargs):
@@ -125,7 +127,9 @@ def time_step(original, self, batch, *args, **kwargs):
     predicted = _latency_model.predict(shape)
     if _metrics is not None:
         _metrics.prediction_error.observe(abs(predicted - measured) / measured)
-    logger.debug("omniserve step %s: predicted %.1f ms, measured %.1f ms", shape, 1e3 * predicted, 1e3 * measured)
+    plan = controller.current_plan()
+    logger.debug("omniserve step: %s; %s; predicted %.1f ms, measured %.1f ms", plan.why if plan else "no plan",
+                 shape, 1e3 * predicted, 1e3 * measured)
     return result
 
 
@@ -189,15 +193,19 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
     queue = list(self.waiting_queue)
     offered, held = admission_round(
         queue, is_be, lambda r: _runtime.pages.pages_for(_be_tokens(r)) if _needs_pool(r) else None,
-        _runtime.pages.free_pages)
+        _runtime.pages.free_pages, be_allowed=controller.be_prefill_allowed())
     self.waiting_queue[:] = offered
     hidden = [r for r in offered if is_be(r)] + [r for r in running_batch.reqs if is_be(r)]
     saved = [(r, r.sampling_params.max_new_tokens) for r in hidden]
     for r, _ in saved:
         r.sampling_params.max_new_tokens = len(r.output_ids) + 1
+    chunk, own_chunk = controller.prefill_chunk(self), self.chunked_prefill_size
+    if chunk is not None:
+        self.chunked_prefill_size = chunk
     try:
         result = original(self, prefill_delayer_single_pass, running_batch)
     finally:
+        self.chunked_prefill_size = own_chunk
         for r, n in saved:
             r.sampling_params.max_new_tokens = n
         order = {id(r): i for i, r in enumerate(sorted(queue, key=is_be))}  # LS first, each class in order

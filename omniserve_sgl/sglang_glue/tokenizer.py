@@ -8,6 +8,7 @@ from omniserve_sgl.service_class import (
     SERVICE_CLASS_KEY,
     class_of_custom_params,
     parse_service_class,
+    slos_of_custom_params,
 )
 
 
@@ -20,6 +21,7 @@ def _mark(params: dict | None, header_class: str | None) -> tuple[dict, str]:
     if header_class is not None and SERVICE_CLASS_KEY not in custom:
         custom[SERVICE_CLASS_KEY] = header_class
     cls = class_of_custom_params(custom)
+    slos_of_custom_params(custom)
     if SERVICE_CLASS_KEY in custom:
         custom[SERVICE_CLASS_KEY] = cls  # normalised ("BE" -> "be") for the scheduler
         params["custom_params"] = custom
@@ -27,12 +29,12 @@ def _mark(params: dict | None, header_class: str | None) -> tuple[dict, str]:
 
 
 def generate_request(self, obj, request=None):
-    """BEFORE ``TokenizerManager.generate_request``: validates the service class of a generate
-    request, copies the ``x-omniserve-class`` header into ``sampling_params.custom_params`` (a
+    """BEFORE ``TokenizerManager.generate_request``: validates the service class and own SLOs of a
+    generate request, copies the ``x-omniserve-class`` header into ``sampling_params.custom_params`` (a
     marker in the body wins), and labels the request for per-class metrics.
 
     Raises:
-        ValueError: an unknown class (SGLang answers HTTP 400 with the message).
+        ValueError: an unknown class or a bad SLO (SGLang answers HTTP 400 with the message).
     """
     if not config.current().enabled or not hasattr(obj, "sampling_params"):
         return  # plain SGLang, or an embedding request
@@ -55,7 +57,7 @@ def generate_request(self, obj, request=None):
 
 async def serve_generate_request(original, obj, request):
     """AROUND ``http_server.serve_generate_request`` (the HTTP server's ``/generate``): a bad
-    marker is refused with HTTP 400 before a stream starts. SGLang answers an error raised inside
+    marker or SLO is refused with HTTP 400 before a stream starts. SGLang answers an error raised inside
     a streamed ``/generate`` with 200 and an error event, and its abort task then trips over the
     request it never normalised (``GenerateReqInput.is_single``), dropping the connection."""
     try:

@@ -12,6 +12,7 @@ def test_flags_show_in_help():
                          text=True, timeout=300, check=True).stdout
     for flag in ("--omniserve", "--omniserve-cpu-kv-gb", "--omniserve-cpu-threads", "--omniserve-cpu-cores",
                  "--omniserve-cpu-attention", "--omniserve-cpu-page-size", "--omniserve-cpu-spin-us",
-                 "--omniserve-cpu-job-timeout"):
+                 "--omniserve-cpu-job-timeout", "--omniserve-profile", "--omniserve-ttft-slo", "--omniserve-tpot-slo",
+                 "--omniserve-ls-admission", "--omniserve-be-placement", "--omniserve-disable-control"):
         assert flag in out
 

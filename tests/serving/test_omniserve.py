@@ -143,6 +143,28 @@ def test_bad_markers_are_refused_with_400_saying_what_to_send(omni_server, route
     assert generate(omni_server, "Still serving", 3, "be")["meta_info"]["completion_tokens"] == 3
 
 
+BAD_SLOS = [0, -1, "0.5", True, [1], {"s": 1}]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_bad_request_slos_are_refused_with_400_and_good_ones_are_served(omni_server, route):
+    """``omniserve_ttft_slo`` / ``omniserve_tpot_slo`` in custom_params: not a positive number, or on
+    a BE request, gets HTTP 400 naming the field; a valid one on an LS request is served."""
+    for key, value, stream in itertools.product(("omniserve_ttft_slo", "omniserve_tpot_slo"),
+                                                BAD_SLOS, (False, True)):
+        r = requests.post(f"{omni_server.url}{route}", json={**_with_custom_params(route, {key: value}), "stream": stream},
+                          timeout=60)
+        assert r.status_code == 400, (key, value, r.text[:300])
+        msg = _error_message(r)
+        assert msg.startswith(f"{key} must be a positive number of seconds") and len(msg) < 300, msg
+    r = requests.post(f"{omni_server.url}{route}", timeout=60,
+                      json=_with_custom_params(route, {"omniserve_class": "be", "omniserve_tpot_slo": 0.5}))
+    assert r.status_code == 400 and "a BE request has no SLO" in _error_message(r), r.text[:300]
+    r = requests.post(f"{omni_server.url}{route}", timeout=120,
+                      json=_with_custom_params(route, {"omniserve_ttft_slo": 30, "omniserve_tpot_slo": 2.5}))
+    assert r.status_code == 200, r.text[:300]
+
+
 @pytest.mark.parametrize("service_class", ["be", "ls"])
 def test_be_longer_than_the_models_context_is_refused_like_ls(omni_server, model, service_class):
     """SGLang's own context check runs before the class matters: the same 400 and message for both."""

@@ -16,7 +16,7 @@ import torch
 
 from omniserve_sgl import config
 from omniserve_sgl.admission import admission_round
-from omniserve_sgl.service_class import class_of_custom_params, parse_service_class
+from omniserve_sgl.service_class import class_of_custom_params, parse_service_class, slos_of_custom_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,17 @@ def test_unknown_service_classes_name_the_allowed_ones(value, shown):
     assert class_of_custom_params({"other": 1}) == class_of_custom_params(None) == "ls"
 
 
+def test_request_slos_are_positive_numbers_on_ls_requests_only():
+    assert slos_of_custom_params({"omniserve_ttft_slo": 1, "omniserve_tpot_slo": 0.05}) == (1.0, 0.05)
+    assert slos_of_custom_params({"omniserve_tpot_slo": 0.3, "omniserve_class": "ls"}) == (None, 0.3)
+    assert slos_of_custom_params(None) == slos_of_custom_params({"omniserve_class": "be"}) == (None, None)
+    for bad in (0, -1, float("nan"), float("inf"), True, "1", [1], {}):
+        with pytest.raises(ValueError, match="omniserve_tpot_slo must be a positive number of seconds, got "):
+            slos_of_custom_params({"omniserve_tpot_slo": bad})
+    with pytest.raises(ValueError, match="a BE request has no SLO"):
+        slos_of_custom_params({"omniserve_class": "be", "omniserve_ttft_slo": 2})
+
+
 @pytest.fixture
 def no_config(monkeypatch):
     """No omniserve config in this process's environment; whatever the test exports is undone
@@ -199,6 +210,9 @@ def _parse(argv, model_path="unused"):
     (["--omniserve-cpu-threads", "0"], "--omniserve-cpu-threads must be >= 1, got 0"),
     (["--omniserve-cpu-spin-us", "nan"], "--omniserve-cpu-spin-us must be >= 0, got nan"),
     (["--omniserve-cpu-job-timeout", "0"], "--omniserve-cpu-job-timeout must be > 0 seconds, got 0.0"),
+    (["--omniserve-ttft-slo", "0"], "--omniserve-ttft-slo must be a positive number of seconds, got 0.0"),
+    (["--omniserve-tpot-slo", "inf"], "--omniserve-tpot-slo must be a positive number of seconds, got inf"),
+    (["--omniserve-tpot-slo", "-0.1"], "--omniserve-tpot-slo must be a positive number of seconds, got -0.1"),
 ])
 def test_unsupported_or_bad_settings_are_refused_before_sglang_builds_its_args(no_config, argv, words):
     from omniserve_sgl.sglang_glue import cli
@@ -227,14 +241,15 @@ def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_chil
     plain = cli.from_cli_args(sglang_from_cli_args, ServerArgs, _parse(argv, ensure_default_model()))
     assert not plain.disable_overlap_schedule and not config.current().enabled
 
-    args = _parse([*argv, "--omniserve", "--omniserve-cpu-kv-gb", "0.5", "--omniserve-cpu-page-size", "64"],
-                  ensure_default_model())
+    args = _parse([*argv, "--omniserve", "--omniserve-cpu-kv-gb", "0.5", "--omniserve-cpu-page-size", "64",
+                   "--omniserve-tpot-slo", "0.1", "--omniserve-ls-admission", "reject"], ensure_default_model())
     server_args = cli.from_cli_args(sglang_from_cli_args, ServerArgs, args)
     assert isinstance(server_args, ServerArgs)
     assert server_args.disable_overlap_schedule
     assert server_args.disable_decode_cuda_graph and server_args.disable_prefill_cuda_graph
     assert "omniserve_class" in server_args.tokenizer_metrics_allowed_custom_labels
-    assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True)
+    assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True, tpot_slo=0.1,
+                                                           ls_admission="reject")
 
 
 def test_mla_model_is_refused_before_loading(no_config, monkeypatch, tmp_path):

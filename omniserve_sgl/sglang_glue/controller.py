@@ -1,0 +1,274 @@
+"""The SLO controller in SGLang's scheduler: every step, SGLang's state is translated into a
+:class:`omniserve_sgl.control.ServerView`, the pure :class:`~omniserve_sgl.control.Controller`
+plans the step, and the hooks here apply the plan:
+
+- ``Scheduler._should_defer_prefill`` (AROUND): plans the step; LS requests the plan rejects
+  (``--omniserve-ls-admission reject``) are answered with HTTP 503 at once; a decode step is forced
+  when the plan says the LS decodes come first.
+- ``Scheduler._get_new_batch_prefill_raw`` (``scheduler.admit_prefill``): the plan's chunk size;
+  BE requests sit out unless the plan prefills one.
+- ``Scheduler.update_running_batch`` (AROUND): BE rows beyond the plan's budget sit out this decode
+  step (filtered out of the batch with their KV and state untouched) ...
+- ``Scheduler.process_batch_result`` (AFTER): ... and are merged back, as a decode-ready batch,
+  once the step's results are processed (so aborts, admission and SGLang's idle checks see them).
+
+Without a latency model (``--omniserve-disable-control``, or profiling failed) nothing is planned
+and every hook passes through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from http import HTTPStatus
+
+import torch
+
+from omniserve_sgl import config
+from omniserve_sgl.control import (
+    CPU,
+    GPU,
+    SLO,
+    WAITING,
+    BERequest,
+    Controller,
+    ControllerConfig,
+    LatencyModel,
+    LSDecode,
+    LSWaiting,
+    ServerView,
+    StepPlan,
+)
+from omniserve_sgl.service_class import slos_of_custom_params
+
+logger = logging.getLogger(__name__)
+
+_controller: Controller | None = None
+_slo: SLO | None = None
+_plan: StepPlan | None = None  # this step's, from _should_defer_prefill on
+_view: ServerView | None = None  # what it was planned from
+_step = 0
+_decoded_last_step = True
+_deferred: list = []  # BE Reqs sitting out the decode step in flight
+_metrics = None
+
+
+def start(model: LatencyModel | None, metrics=None) -> None:
+    """Builds this process's controller over ``model`` (no controller without one, or with
+    ``--omniserve-disable-control``)."""
+    global _controller, _slo, _metrics
+    cfg = config.current()
+    _metrics = metrics
+    if model is None or not cfg.control:
+        return
+    _slo = SLO(cfg.ttft_slo, cfg.tpot_slo)
+    _controller = Controller(model, ControllerConfig(ls_admission=cfg.ls_admission, be_placement=cfg.be_placement))
+    logger.info("omniserve: SLO controller on (TTFT SLO %.2f s, TPOT SLO %.3f s, LS admission %s, BE placement %s)",
+                cfg.ttft_slo, cfg.tpot_slo, cfg.ls_admission, cfg.be_placement)
+
+
+def active() -> bool:
+    return _controller is not None
+
+
+def current_plan() -> StepPlan | None:
+    return _plan
+
+
+def _is_be(req) -> bool:
+    return getattr(req, "omniserve_be", False)
+
+
+def _slos(req) -> tuple[float | None, float | None]:
+    try:
+        return slos_of_custom_params(req.sampling_params.custom_params)
+    except ValueError:  # refused by the tokenizer hook already
+        return None, None
+
+
+def _last_token_time(req, now: float) -> float:
+    ts = req.time_stats
+    return max(ts.last_decode_finish_time, ts.prefill_finished_time) or now
+
+
+def server_view(scheduler, running_batch, runtime) -> ServerView:
+    """SGLang's scheduler state as the controller reads it (see ``ServerView``): running LS
+    decodes and their last token times, waiting LS requests (the chunked one first), BE requests
+    and where they live, free GPU KV (free slots plus what the radix cache can evict) and BE KV
+    pool space."""
+    now = time.perf_counter()
+    ls_decodes, be, last_tokens = [], [], []
+    for r in running_batch.reqs:
+        if r.finished() or r.to_finish is not None:
+            continue
+        if _is_be(r):
+            be.append(BERequest(r.rid, CPU if getattr(r, "omniserve_offloaded", False) else GPU,
+                                context_len=r.seqlen, last_run_step=getattr(r, "omniserve_last_step", -1)))
+        else:
+            ls_decodes.append(LSDecode(r.rid, r.seqlen, _slos(r)[1]))
+            last_tokens.append(_last_token_time(r, now))
+    ls_waiting = []
+    queue = list(scheduler.waiting_queue)
+    if scheduler.chunked_req is not None:
+        queue.insert(0, scheduler.chunked_req)
+    for r in queue:
+        if r.finished() or r.to_finish is not None:
+            continue
+        if _is_be(r):
+            be.append(BERequest(r.rid, WAITING, prompt_len=len(r.origin_input_ids), prefilled=r.kv.kv_committed_len))
+        else:
+            ls_waiting.append(LSWaiting(r.rid, len(r.origin_input_ids), r.time_stats.wait_queue_entry_time or now,
+                                        prefilled=r.kv.kv_committed_len, ttft_slo_s=_slos(r)[0]))
+    tree = scheduler.tree_cache
+    spec = runtime.pool.spec
+    return ServerView(
+        now_s=now, step=_step, slo=_slo, ls_decodes=tuple(ls_decodes), ls_waiting=tuple(ls_waiting), be=tuple(be),
+        gpu_kv_free_tokens=scheduler.token_to_kv_pool_allocator.available_size() + tree.evictable_size(),
+        be_pool_free_tokens=runtime.pages.free_pages * spec.page_size,
+        kv_bytes_per_token=runtime.kv_bytes_per_token_layer * spec.num_layers, num_layers=spec.num_layers,
+        max_prefill_tokens=scheduler.omniserve_chunk_limit,
+        since_decode_s=now - min(last_tokens) if last_tokens else 0.0, decoded_last_step=_decoded_last_step)
+
+
+# planning ---------------------------------------------------------------------------------------
+def _reject(scheduler, rid: str, why: str) -> None:
+    """Answers a queued LS request with HTTP 503 and ``why`` (SGLang's own path for a request the
+    full queue refuses, ``Scheduler._abort_on_queued_limit``)."""
+    from sglang.srt.managers.scheduler import _make_abort_req
+
+    for i, req in enumerate(scheduler.waiting_queue):
+        if req.rid == rid:
+            scheduler.waiting_queue.pop(i)
+            scheduler._release_aborted_request(req)
+            message = f"omniserve: LS request rejected: {why} (--omniserve-ls-admission reject)"
+            scheduler.send_abort_output(_make_abort_req(req, finished_reason={
+                "type": "abort", "status_code": HTTPStatus.SERVICE_UNAVAILABLE, "message": message}), req)
+            if _metrics is not None:
+                _metrics.ls_rejected.inc()
+            return
+
+
+def plan_step(original, self, running_batch) -> bool:
+    """AROUND ``Scheduler._should_defer_prefill`` (asked once per step, before any prefill is
+    formed): plans this step; True (no prefill this step, decode instead) when SGLang's own
+    prefill/decode interval says so or the plan is a decode step with rows to run."""
+    global _plan, _view, _step
+    deferred = original(self, running_batch)
+    from omniserve_sgl.sglang_glue import scheduler as glue
+
+    if _controller is None or glue.runtime() is None:
+        return deferred
+    if not hasattr(self, "omniserve_chunk_limit"):  # --chunked-prefill-size, once (we change it per step)
+        self.omniserve_chunk_limit = self.chunked_prefill_size or self.max_prefill_tokens
+    _step += 1
+    _view = server_view(self, running_batch, glue.runtime())
+    _plan = _controller.plan(_view)
+    if _metrics is not None:
+        for placement in (GPU, CPU):
+            _metrics.be_requests.labels(placement=placement).set(sum(r.placement == placement for r in _view.be))
+    for rid, why in _plan.ls_rejected:
+        _reject(self, rid, why)
+    return deferred or (not _plan.is_prefill and not running_batch.is_empty())
+
+
+def prefill_chunk(scheduler) -> int | None:
+    """This step's prefill chunk, tokens (None: SGLang's own, when no plan or chunking is off)."""
+    if _plan is None or not _plan.is_prefill or scheduler.chunked_prefill_size is None:
+        return None
+    return _plan.ls_prefill_tokens or _plan.be_prefill[1]
+
+
+def be_prefill_allowed() -> bool:
+    """Whether a BE request may start or continue its prefill in this step."""
+    return _plan is None or _plan.be_prefill is not None
+
+
+# BE rows that sit out a decode step -------------------------------------------------------------
+def _deferrable(req) -> bool:
+    # Rows whose sampling keeps per-batch state (penalties, min_new_tokens, grammar, logprobs)
+    # always run: rebuilding their batch would restart that state.
+    sp = req.sampling_params
+    return (_is_be(req) and not req.finished() and req.to_finish is None and not req.return_logprob
+            and req.grammar is None and sp.frequency_penalty == 0 and sp.presence_penalty == 0
+            and sp.repetition_penalty == 1 and not sp.min_new_tokens)
+
+
+def defer_be_rows(original, self, batch):
+    """AROUND ``Scheduler.update_running_batch``: BE rows that the plan leaves out of this decode
+    step are filtered out of the batch first (so retraction and ``prepare_for_decode`` see only the
+    rows that run); the rows that run are stamped with this step for the oldest-first order."""
+    global _deferred, _decoded_last_step, _plan
+    _decoded_last_step = True
+    if _plan is None:
+        return original(self, batch)
+    if _plan.is_prefill:  # no prefill could be formed after all (GPU KV, request rows): plan the decode
+        _plan = _controller.plan(dataclasses.replace(_view, ls_waiting=(), be=tuple(
+            r for r in _view.be if r.placement != WAITING)))
+    chosen = set(_plan.be_decode)
+    keep = [i for i, r in enumerate(batch.reqs) if r.rid in chosen or not _deferrable(r)]
+    if len(keep) < len(batch.reqs):
+        _deferred = [r for i, r in enumerate(batch.reqs) if i not in set(keep)]
+        if _metrics is not None:
+            _metrics.be_rows_deferred.inc(len(_deferred))
+        if keep:
+            batch.filter_batch(keep_indices=keep)
+    for r in batch.reqs if keep else []:
+        if _is_be(r):
+            r.omniserve_last_step = _step
+    if not keep:  # nothing would run: the rows go back at once
+        merge_deferred(None, self)
+        return None
+    out = original(self, batch)
+    if out is None or out.is_empty():
+        merge_deferred(None, self)
+    return out
+
+
+def _decode_ready_batch(scheduler, reqs):
+    """A running-batch part holding ``reqs`` (each with its KV and ``req_pool_idx``) ready to
+    decode again: SGLang's own recipe for requests that join decoding from outside the batch
+    (``Scheduler._build_hisparse_decode_batch``)."""
+    from sglang.srt.managers.overlap_utils import RelayPayload
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+    device = scheduler.device
+    batch = ScheduleBatch.init_new(
+        reqs=reqs, req_to_token_pool=scheduler.req_to_token_pool,
+        token_to_kv_pool_allocator=scheduler.token_to_kv_pool_allocator, tree_cache=scheduler.tree_cache,
+        model_config=scheduler.model_config, enable_overlap=scheduler.enable_overlap,
+        spec_algorithm=scheduler.spec_algorithm)
+    idx = [r.kv.req_pool_idx for r in reqs]
+    batch.req_pool_indices = torch.tensor(idx, dtype=torch.int64, device=device)
+    batch.req_pool_indices_cpu = torch.tensor(idx, dtype=torch.int64)
+    seq_lens = [len(r.origin_input_ids) + len(r.output_ids) - 1 for r in reqs]
+    batch.seq_lens = torch.tensor(seq_lens, dtype=torch.int64, device=device)
+    batch.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+    batch.orig_seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    batch.seq_lens_sum = sum(seq_lens)
+    last = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=device)
+    scheduler.future_map.stash(batch.req_pool_indices, RelayPayload(bonus_tokens=last))
+    batch.input_ids = None
+    batch.multimodal_inputs = [r.multimodal_inputs for r in reqs]
+    batch.forward_mode = ForwardMode.DECODE
+    batch.sampling_info = SamplingBatchInfo.from_schedule_batch(batch, scheduler.model_config.vocab_size)
+    return batch
+
+
+def merge_deferred(_result, self, *args, **kwargs) -> None:
+    """AFTER ``Scheduler.process_batch_result`` (and when no decode step runs after all): the BE
+    rows that sat out go back into the running batch."""
+    global _deferred, _decoded_last_step, _plan
+    if _plan is not None and _plan.is_prefill:
+        _decoded_last_step = False
+    _plan = None
+    if not _deferred:
+        return
+    reqs, _deferred = _deferred, []
+    part = _decode_ready_batch(self, reqs)
+    if self.running_batch.is_empty():
+        self.running_batch = part
+    else:
+        self.running_batch.merge_batch(part)
