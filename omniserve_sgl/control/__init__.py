@@ -11,6 +11,7 @@ from omniserve_sgl.control.latency import (
     fit,
     fit_and_check,
 )
+from omniserve_sgl.control.online import OnlineCorrection, step_kind
 from omniserve_sgl.control.policy import Controller, ControllerConfig, largest_fitting
 from omniserve_sgl.control.state import (
     CPU,
@@ -26,6 +27,6 @@ from omniserve_sgl.control.state import (
 
 __all__ = [
     "CPU", "GPU", "SLO", "WAITING", "Accuracy", "BERequest", "CPUJobSample", "Controller", "ControllerConfig", "LSDecode",
-    "LSWaiting", "LatencyModel", "ServerView", "StepPlan", "StepSample", "StepShape", "fit", "fit_and_check",
-    "largest_fitting",
+    "LSWaiting", "LatencyModel", "OnlineCorrection", "ServerView", "StepPlan", "StepSample", "StepShape", "fit", "fit_and_check",
+    "largest_fitting", "step_kind",
 ]

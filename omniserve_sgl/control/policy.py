@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from omniserve_sgl.control.latency import LatencyModel, StepShape
+from omniserve_sgl.control.online import OnlineCorrection
 from omniserve_sgl.control.state import CPU, GPU, WAITING, BERequest, ServerView, StepPlan
 
 ADMISSION = ("queue", "reject")
@@ -67,7 +68,7 @@ class Controller:
     """Decides every step from a :class:`ServerView` with a :class:`LatencyModel`; holds no state
     between steps (the view carries it), so the server and a simulator replay the same decisions."""
 
-    def __init__(self, model: LatencyModel, config: ControllerConfig | None = None):
+    def __init__(self, model: LatencyModel | OnlineCorrection, config: ControllerConfig | None = None):
         self.model = model
         self.config = config or ControllerConfig()
 

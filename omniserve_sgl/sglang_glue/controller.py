@@ -54,7 +54,7 @@ _deferred: list = []  # BE Reqs sitting out the decode step in flight
 _metrics = None
 
 
-def start(model: LatencyModel | None, metrics=None) -> None:
+def start(model: OnlineCorrection | None, metrics=None) -> None:
     """Builds this process's controller over ``model`` (no controller without one, or with
     ``--omniserve-disable-control``)."""
     global _controller, _slo, _metrics

@@ -19,7 +19,7 @@ from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import New
 from omniserve_sgl import config
 from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
-from omniserve_sgl.control import LatencyModel
+from omniserve_sgl.control import OnlineCorrection
 from omniserve_sgl.service_class import BE, class_of_custom_params
 from omniserve_sgl.sglang_glue import controller, profiler, view
 from omniserve_sgl.sglang_glue.rows import select_rows
@@ -27,7 +27,7 @@ from omniserve_sgl.sglang_glue.rows import select_rows
 logger = logging.getLogger(__name__)
 
 _runtime: BERuntime | None = None  # one scheduler, hence one runtime, per process
-_latency_model: LatencyModel | None = None  # with --omniserve-profile (sglang_glue.profiler)
+_latency_model: OnlineCorrection | None = None  # the profile (sglang_glue.profiler), corrected online
 _metrics = None  # BEMetrics with --enable-metrics
 _pending_plan: DecodePlan | None = None  # the BE rows of the decode step being prepared
 _plan_reqs: list = []  # their Reqs
@@ -37,7 +37,7 @@ def runtime() -> BERuntime | None:
     return _runtime
 
 
-def latency_model() -> LatencyModel | None:
+def latency_model() -> OnlineCorrection | None:
     return _latency_model
 
 
@@ -105,7 +105,8 @@ def load_latency_model(model_runner) -> None:
     """Loads (or profiles, see :mod:`omniserve_sgl.sglang_glue.profiler`) this process's latency
     model and starts the SLO controller over it."""
     global _latency_model
-    _latency_model = profiler.load_or_profile(model_runner, _runtime, config.current())
+    model = profiler.load_or_profile(model_runner, _runtime, config.current())
+    _latency_model = OnlineCorrection(model) if model is not None else None
     controller.start(_latency_model, _metrics)
 
 
@@ -113,7 +114,8 @@ def time_step(original, self, batch, *args, **kwargs):
     """AROUND ``Scheduler.run_batch``: with a latency model loaded, times each prefill or decode
     step (synchronised on a GPU: ``--omniserve`` runs without the overlap schedule, so the
     scheduler waits for the step's results right after anyway), publishes
-    ``|predicted - measured| / measured`` and logs both at debug level, one line per step."""
+    ``|predicted - measured| / measured``, logs the plan and both times at debug level, one line
+    per step, and folds the measured time into the model's online correction."""
     shape = None
     if _latency_model is not None and _runtime is not None:
         shape = view.step_shape(batch, _runtime, _runtime.pool.spec.num_layers, is_offloaded)
@@ -125,6 +127,7 @@ def time_step(original, self, batch, *args, **kwargs):
         torch.cuda.synchronize(batch.device)
     measured = time.perf_counter() - t0
     predicted = _latency_model.predict(shape)
+    _latency_model.observe(shape, measured)
     if _metrics is not None:
         _metrics.prediction_error.observe(abs(predicted - measured) / measured)
     plan = controller.current_plan()

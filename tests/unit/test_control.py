@@ -20,12 +20,14 @@ from omniserve_sgl.control import (
     LatencyModel,
     LSDecode,
     LSWaiting,
+    OnlineCorrection,
     ServerView,
     StepSample,
     StepShape,
     fit,
     fit_and_check,
     largest_fitting,
+    step_kind,
 )
 
 # A GPU-like step: 4 ms fixed, 1.5 ms per 64-token tile, attention and CPU terms.
@@ -141,6 +143,41 @@ def test_ls_prefill_always_progresses_even_without_slack():
     slow = dataclasses.replace(TRUE, c_step=0.06)  # a decode step alone exceeds the TPOT SLO
     view = _view(ls_decodes=LS_DECODES, ls_waiting=(LSWaiting("w", 6000, arrival_s=9.9),))
     assert Controller(slow).plan(view).ls_prefill_tokens == ControllerConfig().min_ls_chunk
+
+
+def test_decodes_that_already_waited_go_before_more_prefill():
+    """After a prefill step the LS decodes have waited ``since_decode_s``: a chunk that would push
+    their token past the TPOT SLO waits for a decode step; BE rows only get what is left."""
+    ctl = Controller(TRUE)
+    view = _view(ls_decodes=LS_DECODES, ls_waiting=(LSWaiting("w", 6000, arrival_s=9.9),), be=_be_rows(40))
+    fresh = ctl.plan(view).ls_prefill_tokens
+    t_decode = TRUE.predict(ctl._decode_shape(view, []))
+    waited = SLOS.tpot_s - t_decode - ctl._prefill_time(ControllerConfig().min_ls_chunk, 0) + 1e-4
+    late = ctl.plan(dataclasses.replace(view, since_decode_s=waited, decoded_last_step=False))
+    assert not late.is_prefill and "LS decodes first" in late.why
+    # ... unless the last step was a decode step: then the minimum chunk runs (prefill progresses).
+    assert ctl.plan(dataclasses.replace(view, since_decode_s=waited)).ls_prefill_tokens == ControllerConfig().min_ls_chunk
+    smaller = ctl.plan(dataclasses.replace(view, since_decode_s=0.01)).ls_prefill_tokens
+    assert ControllerConfig().min_ls_chunk <= smaller < fresh
+    # The decode step's BE rows shrink with the decodes' wait, down to none.
+    loose = dataclasses.replace(view, ls_waiting=(), slo=SLO(ttft_s=2.0, tpot_s=0.1))
+    rows = len(ctl.plan(loose).be_decode)
+    fewer = len(ctl.plan(dataclasses.replace(loose, since_decode_s=0.02)).be_decode)
+    assert 0 < fewer < rows
+    assert ctl.plan(dataclasses.replace(loose, since_decode_s=0.1)).be_decode == ()
+
+
+def test_online_correction_learns_a_systematic_bias_per_step_kind():
+    corrected = OnlineCorrection(TRUE, alpha=0.1)
+    decode = StepShape(tokens=8, decode_context=8000, decode_rows=8)
+    prefill = StepShape(tokens=512, prefill_attn_work=512.0 * 512)
+    for _ in range(60):  # the server runs decode steps 1.4x slower than profiled
+        corrected.observe(decode, 1.4 * TRUE.predict(decode))
+    assert corrected.predict(decode) == pytest.approx(1.4 * TRUE.predict(decode), rel=0.01)
+    assert corrected.predict(prefill) == TRUE.predict(prefill)  # other kinds are untouched
+    corrected.observe(prefill, 100 * TRUE.predict(prefill))  # one wild step moves it within bounds
+    assert corrected.predict(prefill) <= 3.0 * TRUE.predict(prefill)
+    assert step_kind(dataclasses.replace(decode, cpu_jobs=32)) == "decode+cpu"
 
 
 def test_reject_mode_refuses_an_ls_request_that_cannot_meet_its_ttft_and_queue_mode_keeps_it():
