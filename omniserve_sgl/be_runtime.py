@@ -3,7 +3,9 @@ attention worker, behind the few calls the SGLang glue makes (SGLang-agnostic on
 asynchronous piggybacking executor will drive the same object).
 
 Life of a BE request here: :meth:`BERuntime.reserve` at admission (pages for its whole length,
-so it never stalls mid-decode), :meth:`store_prefill` once its prompt's KV exists on the GPU,
+so it never stalls mid-decode), :meth:`store_kv` once its prompt's KV exists on the GPU (and
+again with the tokens it decoded on the GPU, when it moves here later; :meth:`load_kv` for a move
+back),
 then per decode step :meth:`plan_decode` and, per layer, :meth:`submit` / :meth:`wait`, and
 finally :meth:`release`.
 
@@ -180,26 +182,41 @@ class BERuntime:
         self.pages.free(rid)
 
     # prefill ------------------------------------------------------------------------------------
-    def store_prefill(self, rid: object, kv_per_layer) -> None:
-        """Writes a prefilled request's KV into the pool.
+    def store_kv(self, rid: object, kv_per_layer) -> None:
+        """Appends a request's KV to what the pool holds of it: after its prefill the whole
+        prompt; when it comes back from decoding on the GPU, the tokens it decoded there.
 
         Args:
-            rid: a reserved request with no tokens stored yet.
+            rid: a reserved request.
             kv_per_layer: iterable of ``(k, v)``, one per layer in order, each ``[n, H_kv, D]`` on any
-                device (copied to host memory), ``n`` the same for all layers.
+                device (copied to host memory), ``n`` the same for all layers: the request's
+                tokens from :meth:`stored_tokens` on.
         """
         where = None
         for layer, (k, v) in enumerate(kv_per_layer):
             if where is None:  # once per request: every layer puts token t at the same place
+                start = self.pages.seq_len(rid)
                 self.pages.extend(rid, k.shape[0])
-                where = self._token_positions(rid, k.shape[0])
+                where = self._token_positions(rid, k.shape[0], start)
             self.pool.store_tokens(layer, *where, k, v)
 
-    def _token_positions(self, rid: object, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(page, offset in the page) of ``rid``'s first ``n`` tokens, int64 ``[n]`` each."""
+    def stored_tokens(self, rid: object) -> int:
+        """Tokens of ``rid`` whose KV the pool holds."""
+        return self.pages.seq_len(rid)
+
+    def load_kv(self, rid: object):
+        """The KV the pool holds of ``rid``, for its move back to the GPU: a generator of
+        ``(k, v)`` per layer in order, each ``[n, H_kv, D]`` CPU, ``n`` = :meth:`stored_tokens`."""
+        n = self.pages.seq_len(rid)
+        where = self._token_positions(rid, n)
+        for layer in range(self.pool.spec.num_layers):
+            yield self.pool.load_tokens(layer, *where)
+
+    def _token_positions(self, rid: object, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset in the page) of ``rid``'s tokens ``start .. start + n - 1``, int64 ``[n]`` each."""
         ps = self.pool.spec.page_size
         pages = torch.tensor(self.pages.pages(rid), dtype=torch.int64)
-        t = torch.arange(n, dtype=torch.int64)
+        t = torch.arange(start, start + n, dtype=torch.int64)
         return pages[t // ps], t % ps
 
     # decode -------------------------------------------------------------------------------------

@@ -154,6 +154,19 @@ class BEKVPool:
             else:  # HND: the advanced indices around the head slice put the token dimension first
                 cache[pages, :, offsets] = x
 
+    def load_tokens(self, layer: int, pages: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reads K/V rows of tokens from layer ``layer`` (the inverse of :meth:`store_tokens`).
+
+        Args:
+            pages, offsets: ``[n]`` int64, each token's page and its position in that page.
+
+        Returns:
+            ``(k, v)``, each ``[n, H_kv, D]`` in the pool's dtype, CPU (copies, not views).
+        """
+        if self.spec.kv_layout == "NHD":
+            return self._k[layer][pages, offsets], self._v[layer][pages, offsets]
+        return self._k[layer][pages, :, offsets], self._v[layer][pages, :, offsets]
+
     @property
     def capacity_tokens(self) -> int:
         return self.spec.num_pages * self.spec.page_size

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from http import HTTPStatus
 
@@ -51,6 +52,7 @@ _view: ServerView | None = None  # what it was planned from
 _step = 0
 _decoded_last_step = True
 _deferred: list = []  # BE Reqs sitting out the decode step in flight
+_test_step = 0
 _metrics = None
 
 
@@ -72,12 +74,28 @@ def active() -> bool:
     return _controller is not None
 
 
+# Tests only (like SGLang's SGLANG_TEST_RETRACT): every N-th step, every running BE request moves
+# (GPU -> CPU, CPU -> GPU), with or without the controller, so greedy exactness across moves is
+# checked on a fixed schedule.
+_TEST_MOVE_EVERY = int(os.environ.get("OMNISERVE_TEST_MOVE_EVERY", "0") or 0)
+
+
+def keeps_be_on_gpu() -> bool:
+    """Whether a BE request stays in the GPU KV cache after its prefill (``--omniserve-be-placement
+    auto`` with the controller on); else it moves to the BE KV pool at once."""
+    return _TEST_MOVE_EVERY > 0 or (_controller is not None and config.current().be_placement == "auto")
+
+
 def current_plan() -> StepPlan | None:
     return _plan
 
 
 def _is_be(req) -> bool:
     return getattr(req, "omniserve_be", False)
+
+
+def _is_offloaded(req) -> bool:
+    return getattr(req, "omniserve_offloaded", False)
 
 
 def _slos(req) -> tuple[float | None, float | None]:
@@ -103,7 +121,7 @@ def server_view(scheduler, running_batch, runtime) -> ServerView:
         if r.finished() or r.to_finish is not None:
             continue
         if _is_be(r):
-            be.append(BERequest(r.rid, CPU if getattr(r, "omniserve_offloaded", False) else GPU,
+            be.append(BERequest(r.rid, CPU if _is_offloaded(r) else GPU,
                                 context_len=r.seqlen, last_run_step=getattr(r, "omniserve_last_step", -1)))
         else:
             ls_decodes.append(LSDecode(r.rid, r.seqlen, _slos(r)[1]))
@@ -157,7 +175,11 @@ def plan_step(original, self, running_batch) -> bool:
     deferred = original(self, running_batch)
     from omniserve_sgl.sglang_glue import scheduler as glue
 
-    if _controller is None or glue.runtime() is None:
+    if glue.runtime() is None:
+        return deferred
+    if _TEST_MOVE_EVERY:
+        _test_moves(self, running_batch, glue.runtime())
+    if _controller is None:
         return deferred
     if not hasattr(self, "omniserve_chunk_limit"):  # --chunked-prefill-size, once (we change it per step)
         self.omniserve_chunk_limit = self.chunked_prefill_size or self.max_prefill_tokens
@@ -169,7 +191,33 @@ def plan_step(original, self, running_batch) -> bool:
             _metrics.be_requests.labels(placement=placement).set(sum(r.placement == placement for r in _view.be))
     for rid, why in _plan.ls_rejected:
         _reject(self, rid, why)
+    _move(self, running_batch, glue.runtime(), _plan.to_cpu, _plan.to_gpu)
     return deferred or (not _plan.is_prefill and not running_batch.is_empty())
+
+
+def _move(scheduler, running_batch, runtime, to_cpu, to_gpu) -> None:
+    """Applies BE KV moves to requests of the running batch (between steps)."""
+    from omniserve_sgl.sglang_glue import placement
+
+    by_rid = {r.rid: r for r in running_batch.reqs}
+    for rid in to_cpu:
+        placement.to_cpu(by_rid[rid], scheduler.tree_cache, runtime)
+        if _metrics is not None:
+            _metrics.be_moves.labels(direction="to_cpu").inc()
+    for rid in to_gpu:
+        if placement.to_gpu(by_rid[rid], scheduler.tree_cache, runtime) and _metrics is not None:
+            _metrics.be_moves.labels(direction="to_gpu").inc()
+
+
+def _test_moves(scheduler, running_batch, runtime) -> None:
+    global _test_step
+    _test_step += 1
+    if _test_step % _TEST_MOVE_EVERY:
+        return
+    live = [r for r in running_batch.reqs if _is_be(r) and not r.finished() and r.to_finish is None
+            and r.kv.kv_committed_len > 0]
+    on_cpu = [r.rid for r in live if _is_offloaded(r)]
+    _move(scheduler, running_batch, runtime, [r.rid for r in live if not _is_offloaded(r)], on_cpu)
 
 
 def prefill_chunk(scheduler) -> int | None:

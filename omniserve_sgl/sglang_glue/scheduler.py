@@ -21,7 +21,7 @@ from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
 from omniserve_sgl.control import OnlineCorrection
 from omniserve_sgl.service_class import BE, class_of_custom_params
-from omniserve_sgl.sglang_glue import controller, profiler, view
+from omniserve_sgl.sglang_glue import controller, placement, profiler, view
 from omniserve_sgl.sglang_glue.rows import select_rows
 
 logger = logging.getLogger(__name__)
@@ -231,29 +231,16 @@ def _prefill_done(req) -> bool:
 
 def offload_after_prefill(_result, self, batch, *args, **kwargs):
     """AFTER ``SchedulerBatchResultProcessor.process_batch_result_prefill``: a BE request whose
-    prefill just completed gets its KV copied from SGLang's KV cache into the BE KV pool, then gives
-    its GPU KV slots back (the prompt prefix stays in the radix cache, unpinned, for LS reuse). From
-    here on its decode attention runs on the CPU worker (the paper's choice: prefill on the GPU)."""
-    if _runtime is None:
+    prefill just completed moves to the BE KV pool (:func:`placement.to_cpu`), and from here on its
+    decode attention runs on the CPU worker (the paper's choice: prefill on the GPU). With the SLO
+    controller and ``--omniserve-be-placement auto`` it stays in the GPU KV cache instead, and the
+    controller moves it when LS work needs the room."""
+    if _runtime is None or controller.keeps_be_on_gpu():
         return
     for req in batch.reqs:
         if not is_be(req) or is_offloaded(req) or req.finished() or req.is_retracted or not _prefill_done(req):
             continue
-        tree_cache = self.tree_cache
-        n = req.kv.kv_committed_len
-        slots = tree_cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :n].to(torch.int64)
-        kv_pool = tree_cache.token_to_kv_pool_allocator.get_kvcache()
-        start = getattr(kv_pool, "start_layer", 0) or 0
-        layers = range(start, start + _runtime.pool.spec.num_layers)
-        _runtime.store_prefill(req.rid, ((kv_pool.get_key_buffer(i)[slots], kv_pool.get_value_buffer(i)[slots])
-                                         for i in layers))
-        # Give back what the request owns on the GPU; the tree keeps (and may evict) the prefix.
-        kv = req.kv
-        if kv.cache_protected_len < kv.kv_allocated_len:
-            tree_cache.free_kv_row(kv, [(kv.cache_protected_len, kv.kv_allocated_len)])
-        tree_cache.unlock(req.lock)
-        req.lock = None
-        req.omniserve_offloaded = True
+        placement.to_cpu(req, self.tree_cache, _runtime)
 
 
 def release_kv(original, req, tree_cache, *, checkpoint: bool):

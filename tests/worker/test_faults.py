@@ -25,7 +25,7 @@ def _runtime(**cfg) -> BERuntime:
     gen = torch.Generator().manual_seed(0)
     for rid, n in PROMPTS.items():
         rt.reserve(rid, n + 8)
-        rt.store_prefill(rid, [(torch.randn(n, HKV, D, generator=gen).bfloat16(),
+        rt.store_kv(rid, [(torch.randn(n, HKV, D, generator=gen).bfloat16(),
                                 torch.randn(n, HKV, D, generator=gen).bfloat16()) for _ in range(LAYERS)])
     return rt
 
