@@ -12,7 +12,10 @@ server overlap outside any test fails the run).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -72,6 +75,26 @@ _watch: _ServerWatch | None = None
 def pytest_sessionstart(session):
     global _watch
     _watch = _ServerWatch()
+
+
+@dataclass(frozen=True)
+class Profile:
+    """``python -m omniserve_sgl.profile`` on the default model: the file, its mtime, what it printed."""
+
+    path: Path
+    mtime_ns: int
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def latency_profile(tmp_path_factory) -> Profile:
+    """The latency model profiled once per test run by the user's command (one server, stopped
+    before the fixture returns)."""
+    path = tmp_path_factory.mktemp("profile") / "latency.json"
+    res = subprocess.run([sys.executable, "-m", "omniserve_sgl.profile", "--out", str(path)],
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return Profile(path, path.stat().st_mtime_ns, res.stdout)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,10 +16,10 @@ from typing import Self
 import requests
 
 
-def metric_sum(url: str, name: str) -> float | None:
+def metric_sum(url: str, name: str, **labels: str) -> float | None:
     """Sum of every sample named ``name`` (e.g. ``omniserve_worker_restarts_total``, or a
-    histogram's ``..._count``) on the server's ``/metrics``, parsed with prometheus_client;
-    ``None`` when there is none.
+    histogram's ``..._count``) with these ``labels`` (``direction="to_cpu"``) on the server's
+    ``/metrics``, parsed with prometheus_client; ``None`` when there is none.
 
     Raises:
         requests.RequestException: the server did not answer.
@@ -27,7 +27,8 @@ def metric_sum(url: str, name: str) -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(f"{url}/metrics", timeout=30).text
-    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples
+              if s.name == name and labels.items() <= s.labels.items()]
     return sum(values) if values else None
 
 

@@ -128,7 +128,7 @@ class Controller:
                 # The head of the queue decides (later ones re-evaluate next step); a prompt whose
                 # prefill has begun is not thrown away.
                 if ttft > slo and not kept and w.prefilled == 0:
-                    rejected.append((w.rid, f"predicted TTFT {ttft:.2f} s exceeds the TTFT SLO {slo:.2f} s"))
+                    rejected.append((w.rid, f"predicted TTFT {ttft:.3g} s exceeds the TTFT SLO {slo:.3g} s"))
                 else:
                     kept.append(w)
             waiting = kept

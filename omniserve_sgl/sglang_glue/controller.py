@@ -186,9 +186,6 @@ def plan_step(original, self, running_batch) -> bool:
     _step += 1
     _view = server_view(self, running_batch, glue.runtime())
     _plan = _controller.plan(_view)
-    if _metrics is not None:
-        for placement in (GPU, CPU):
-            _metrics.be_requests.labels(placement=placement).set(sum(r.placement == placement for r in _view.be))
     for rid, why in _plan.ls_rejected:
         _reject(self, rid, why)
     _move(self, running_batch, glue.runtime(), _plan.to_cpu, _plan.to_gpu)
@@ -307,16 +304,19 @@ def _decode_ready_batch(scheduler, reqs):
 
 def merge_deferred(_result, self, *args, **kwargs) -> None:
     """AFTER ``Scheduler.process_batch_result`` (and when no decode step runs after all): the BE
-    rows that sat out go back into the running batch."""
+    rows that sat out go back into the running batch; ``omniserve_be_requests`` is published."""
     global _deferred, _decoded_last_step, _plan
     if _plan is not None and _plan.is_prefill:
         _decoded_last_step = False
     _plan = None
-    if not _deferred:
-        return
-    reqs, _deferred = _deferred, []
-    part = _decode_ready_batch(self, reqs)
-    if self.running_batch.is_empty():
-        self.running_batch = part
-    else:
-        self.running_batch.merge_batch(part)
+    if _deferred:
+        reqs, _deferred = _deferred, []
+        part = _decode_ready_batch(self, reqs)
+        if self.running_batch.is_empty():
+            self.running_batch = part
+        else:
+            self.running_batch.merge_batch(part)
+    if _metrics is not None:
+        be = [r for r in self.running_batch.reqs if _is_be(r) and not r.finished()]
+        _metrics.be_requests.labels(placement=CPU).set(sum(map(_is_offloaded, be)))
+        _metrics.be_requests.labels(placement=GPU).set(len(be) - sum(map(_is_offloaded, be)))

@@ -5,8 +5,6 @@ conftest fails a test during which two were alive."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,26 +100,6 @@ def plain_run(model_path, exact_texts) -> PlainRun:
                         requests.get(f"{plain.url}/metrics", timeout=30).text)
 
 
-@dataclass(frozen=True)
-class Profile:
-    """``python -m omniserve_sgl.profile`` on the default model: the file, its mtime, what it printed."""
-
-    path: Path
-    mtime_ns: int
-    stdout: str
-
-
-@pytest.fixture(scope="session")
-def latency_profile(tmp_path_factory) -> Profile:
-    """The latency model profiled once per test run by the user's command (one server, stopped
-    before the fixture returns)."""
-    path = tmp_path_factory.mktemp("profile") / "latency.json"
-    res = subprocess.run([sys.executable, "-m", "omniserve_sgl.profile", "--out", str(path)],
-                         capture_output=True, text=True, timeout=900, check=False)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return Profile(path, path.stat().st_mtime_ns, res.stdout)
-
-
 def flush_cache(server) -> None:
     """Empties the radix cache, so the next prefill computes the whole prompt (a prefix-cache hit
     changes prefill numerics in SGLang itself, whatever the class)."""
@@ -139,9 +117,9 @@ def generate(server, text, max_new_tokens=32, service_class=None, headers=None, 
     return r.json()
 
 
-def metric(server, name: str) -> float:
-    """Sum of all samples of Prometheus metric ``name`` on the server's ``/metrics``."""
-    value = metric_sum(server.url, name)
+def metric(server, name: str, **labels: str) -> float:
+    """Sum of all samples of Prometheus metric ``name`` with ``labels`` on the server's ``/metrics``."""
+    value = metric_sum(server.url, name, **labels)
     if value is None:
         raise KeyError(f"metric {name} not on /metrics")
     return value

@@ -2,7 +2,7 @@
 plain SGLang's, where no side rounds differently: SDPA on the worker in bf16, or the kernel in
 float32. A CPU attention worker killed mid-decode changes no output either.
 
-The sdpa test runs its own server; the float32 tests share ``f32_server``, started after it."""
+The sdpa and moves tests run their own servers; the float32 tests share ``f32_server``, started after them."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_be_output_equals_ls_output_token_for_token(model_path, plain_run, exact
     """With ``--omniserve-cpu-attention sdpa`` the worker computes BE attention with the math of
     SGLang's torch_native backend, so greedy BE output is LS output exactly, and LS output under
     --omniserve is plain SGLang's."""
-    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-attention", "sdpa") as server:
+    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-attention", "sdpa", "--omniserve-disable-control") as server:
         for text in exact_texts:
             flush_cache(server)
             ls = generate(server, text, 32, "ls")["output_ids"]
@@ -33,12 +33,33 @@ def test_be_output_equals_ls_output_token_for_token(model_path, plain_run, exact
             assert be == ls == plain_run.outputs[text]
 
 
+def test_be_output_is_unchanged_by_moves_between_gpu_and_cpu(model_path, exact_texts):
+    """Float32, every BE request moving GPU -> CPU -> GPU ... every second step
+    (``OMNISERVE_TEST_MOVE_EVERY``), three at once: each BE request's greedy tokens are its LS tokens."""
+    with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--omniserve-disable-control",
+                      "--enable-metrics", env={"OMNISERVE_TEST_MOVE_EVERY": "2"}) as server:
+        ls = []
+        for text in exact_texts:
+            flush_cache(server)
+            ls.append(generate(server, text, 32, "ls")["output_ids"])
+        flush_cache(server)
+        with ThreadPoolExecutor(len(exact_texts)) as pool:
+            be = list(pool.map(lambda t: generate(server, t, 32, "be")["output_ids"], exact_texts))
+        assert be == ls
+        moves = [metric(server, "omniserve_be_moves_total", direction=d) for d in ("to_cpu", "to_gpu")]
+        assert min(moves) >= 3 * 5  # each request went both ways several times
+        assert metric(server, "omniserve_cpu_attention_tokens_total") > 0
+        assert metric(server, "omniserve_be_pool_pages_used") == 0
+
+
 @pytest.fixture(scope="module")
 def f32_server(model_path):
     """The model in float32 with omniserve's kernel; the hand-off busy-polls shared memory (the path
-    where ZeroMQ is skipped) and the BE KV pool has pages of 64 tokens, not 16."""
+    where ZeroMQ is skipped) and the BE KV pool has pages of 64 tokens, not 16. Without the SLO
+    controller every BE request decodes on the CPU worker."""
     with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--omniserve-cpu-spin-us", "500",
-                      "--omniserve-cpu-page-size", "64", "--omniserve-cpu-kv-gb", "1", "--enable-metrics") as s:
+                      "--omniserve-cpu-page-size", "64", "--omniserve-cpu-kv-gb", "1", "--enable-metrics",
+                      "--omniserve-disable-control") as s:
         yield s
 
 

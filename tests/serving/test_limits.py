@@ -24,12 +24,14 @@ CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
 
 @pytest.fixture(scope="module")
-def server(model_path, model):
-    """11 BE KV pool pages of 16 tokens; SGLang retracts a decode request every 3 steps."""
+def server(model_path, model, latency_profile):
+    """11 BE KV pool pages of 16 tokens; SGLang retracts a decode request every 3 steps; the SLO
+    controller on, BE requests decoding on the CPU worker."""
     env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
     shm_before = set(os.listdir("/dev/shm"))
     with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(11),
-                      "--enable-metrics", env=env) as s:
+                      "--enable-metrics", "--omniserve-profile", str(latency_profile.path),
+                      "--omniserve-be-placement", "cpu", env=env) as s:
         s.shm_before = shm_before
         yield s
 

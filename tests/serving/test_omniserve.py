@@ -24,10 +24,11 @@ CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
 @pytest.fixture(scope="module")
 def omni_server(model_path, latency_profile):
-    """``--omniserve`` with omniserve's CPU decode kernel and metrics on, and the latency model
-    profiled by ``python -m omniserve_sgl.profile``."""
+    """``--omniserve`` with omniserve's CPU decode kernel and metrics on, the SLO controller on the
+    latency model profiled by ``python -m omniserve_sgl.profile``, and every BE request decoding on
+    the CPU worker (``--omniserve-be-placement cpu``: these tests are about the CPU path)."""
     with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", "0.2", "--enable-metrics",
-                      "--omniserve-profile", str(latency_profile.path)) as s:
+                      "--omniserve-profile", str(latency_profile.path), "--omniserve-be-placement", "cpu") as s:
         yield s
 
 

@@ -14,7 +14,10 @@ CHUNK = 64
 
 
 @pytest.fixture(scope="package")
-def soak_server(model_path, model):  # noqa: F811 - the imported fixtures
+def soak_server(model_path, model, latency_profile):  # noqa: F811 - the imported fixtures
+    """The SLO controller on (it defers BE rows and gates BE prefill under the aborts and kills);
+    BE requests decode on the CPU worker, the path the aborts and kills are about."""
     with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(POOL_PAGES),
-                      "--chunked-prefill-size", str(CHUNK), "--enable-metrics") as s:
+                      "--chunked-prefill-size", str(CHUNK), "--enable-metrics", "--omniserve-profile",
+                      str(latency_profile.path), "--omniserve-be-placement", "cpu") as s:
         yield s

@@ -1,0 +1,93 @@
+"""The SLO controller on a real server: LS admission in ``reject`` mode, BE rows that sit out while an
+LS request needs its TPOT, and BE requests that decode in the GPU KV cache, move to the BE KV pool
+when an LS prompt needs the room, and come back.
+
+The server's GPU KV cache holds 1536 tokens, so a BE request of ~400 tokens and an LS prompt of
+~1200 cannot both be there."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from omniserve_sgl.bench.launch import SGLangServer
+from tests.serving.conftest import metric
+
+GPU_KV_TOKENS = 1536
+MOVES = "omniserve_be_moves_total"
+
+
+@pytest.fixture(scope="module")
+def ctl_server(model_path, latency_profile):
+    with SGLangServer(model_path, "--omniserve", "--omniserve-ls-admission", "reject", "--enable-metrics",
+                      "--max-total-tokens", str(GPU_KV_TOKENS), "--omniserve-profile", str(latency_profile.path)) as s:
+        yield s
+
+
+def _post(server, text: str, n: int, custom: dict, route: str = "/generate") -> requests.Response:
+    if route == "/generate":
+        body = {"text": text, "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True,
+                                                  "custom_params": custom}}
+    else:
+        body = {"model": "default", "prompt": text, "max_tokens": n, "temperature": 0, "custom_params": custom}
+    return requests.post(f"{server.url}{route}", json=body, timeout=600)
+
+
+def _wait_until(cond, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions"])
+def test_reject_mode_answers_an_ls_request_that_would_miss_its_ttft_with_503(ctl_server, route):
+    """An LS request whose own TTFT SLO cannot be met (1 ms: even its prefill takes longer) is refused
+    at once with HTTP 503 saying the predicted TTFT, the SLO and the flag; others are served."""
+    before = metric(ctl_server, "omniserve_ls_rejected_total")
+    r = _post(ctl_server, "Name a planet.", 4, {"omniserve_ttft_slo": 0.001}, route)
+    assert r.status_code == 503, r.text[:300]
+    assert "predicted TTFT" in r.text and "exceeds the TTFT SLO 0.001 s" in r.text, r.text[:300]
+    assert "--omniserve-ls-admission reject" in r.text
+    assert metric(ctl_server, "omniserve_ls_rejected_total") == before + 1
+    assert _post(ctl_server, "Name a planet.", 4, {}, route).status_code == 200
+
+
+def test_be_rows_sit_out_while_an_ls_request_needs_its_tpot_then_finish(ctl_server):
+    """An LS request with a 1 ms TPOT SLO leaves no slack: every decode step it runs in leaves the BE
+    row out (the row keeps its state), and the BE request still completes in full afterwards."""
+    deferred = metric(ctl_server, "omniserve_be_rows_deferred_total")
+    with ThreadPoolExecutor(1) as pool:
+        be = pool.submit(_post, ctl_server, "Write a long story about a lighthouse keeper.", 64, {"omniserve_class": "be"})
+        _wait_until(lambda: metric(ctl_server, "omniserve_be_requests", placement="gpu") >= 1, "BE never decoded")
+        ls = _post(ctl_server, "Count from one to twenty:", 16, {"omniserve_tpot_slo": 0.001, "omniserve_ttft_slo": 60})
+        assert ls.status_code == 200 and ls.json()["meta_info"]["completion_tokens"] == 16
+        assert metric(ctl_server, "omniserve_be_rows_deferred_total") >= deferred + 14  # each LS decode step
+        assert be.result().status_code == 200 and be.result().json()["meta_info"]["completion_tokens"] == 64
+
+
+def test_be_request_leaves_the_gpu_for_an_ls_prompt_and_comes_back(ctl_server, tokenizer):
+    """A BE request decodes in the GPU KV cache (no CPU attention); an LS prompt that needs its room
+    moves it to the BE KV pool, where the CPU worker decodes it; once the LS request is done it moves
+    back. It completes in full and nothing is left in the pool."""
+    be_text = "Once upon a time in a land far away " * 45
+    ls_text = "The quick brown fox jumps over the lazy dog. " * 120
+    assert len(tokenizer.encode(be_text)) + len(tokenizer.encode(ls_text)) > GPU_KV_TOKENS
+    moves = {d: metric(ctl_server, MOVES, direction=d) for d in ("to_cpu", "to_gpu")}
+    cpu_tokens = metric(ctl_server, "omniserve_cpu_attention_tokens_total")
+    with ThreadPoolExecutor(1) as pool:
+        be = pool.submit(_post, ctl_server, be_text, 160, {"omniserve_class": "be"})
+        _wait_until(lambda: metric(ctl_server, "omniserve_be_requests", placement="gpu") >= 1, "BE never decoded")
+        assert metric(ctl_server, "omniserve_cpu_attention_tokens_total") == cpu_tokens  # on the GPU
+        ls = _post(ctl_server, ls_text, 8, {"omniserve_ttft_slo": 60})
+        assert ls.status_code == 200, ls.text[:300]
+        assert metric(ctl_server, MOVES, direction="to_cpu") == moves["to_cpu"] + 1
+        _wait_until(lambda: metric(ctl_server, MOVES, direction="to_gpu") == moves["to_gpu"] + 1,
+                    "BE never came back to the GPU")
+        assert be.result().status_code == 200 and be.result().json()["meta_info"]["completion_tokens"] == 160
+    assert metric(ctl_server, "omniserve_cpu_attention_tokens_total") > cpu_tokens  # it decoded on the CPU meanwhile
+    assert metric(ctl_server, "omniserve_be_pool_pages_used") == 0
+    assert metric(ctl_server, "omniserve_be_requests", placement="cpu") == 0
