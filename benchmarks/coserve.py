@@ -1,7 +1,7 @@
 """Co-serving benchmark: LS SLO attainment and BE throughput of omniserve against SGLang's own
 ways of mixing the two classes, side by side in one run, each system a real server.
 
-    .venv/bin/python benchmarks/coserve.py --profile quick      # CPU, default model, <= 10 min
+    .venv/bin/python benchmarks/coserve.py --profile quick      # CPU, default model, <= 25 min
     python benchmarks/coserve.py --profile gpu                  # Llama-3-8B shape, dummy weights
 
 Systems (every server runs ``--schedule-policy fcfs``; one server per distinct command line,
@@ -12,7 +12,15 @@ reused with its radix cache flushed between runs):
              ``--retraction-policy priority``)
   headroom   plain SGLang with the BE backlog capped to keep room for LS (Llumnix-style
              reservation, done by the client)
-  omniserve  ``--omniserve``: BE KV in host memory, BE attention on the CPU worker
+  omniserve  ``--omniserve`` with the SLO controller, given the benchmark's SLOs: BE work only in
+             the LS SLOs' slack, BE requests on the GPU while there is room, else in host memory
+             with their attention on the CPU worker
+  omniserve-nocontrol  ``--omniserve --omniserve-disable-control``: every BE request in host
+             memory, every BE row in every decode step (the controller's effect, side by side)
+
+The ``omniserve`` rows also give the latency model's accuracy while serving (the server's
+``omniserve_step_time_prediction_error`` over the runs' steps): top-level JSON fields
+``latency_model_accuracy`` (mean) and ``latency_model_accuracy_p90``.
 
 Writes benchmarks/results/coserve-<profile>.{json,md} and coserve-<profile>-*.png.
 """
@@ -24,6 +32,7 @@ import asyncio
 import dataclasses
 import os
 import platform
+import shlex
 import shutil
 import signal
 import sys
@@ -33,17 +42,27 @@ from pathlib import Path
 import orjson
 from tqdm import tqdm
 
-from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.bench.launch import SGLangServer, histogram
 from omniserve_sgl.bench.loadgen import RequestStyle, poisson_arrivals, run_mix
-from omniserve_sgl.bench.slo import SLO, be_tokens_per_s, derive_slo, lost, ls_summary, tpot
+from omniserve_sgl.bench.slo import (
+    SLO,
+    accuracy_from_error_buckets,
+    be_tokens_per_s,
+    derive_slo,
+    lost,
+    ls_summary,
+    tpot,
+)
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.service_class import BE, LS
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-SYSTEMS = ("ls-only", "fcfs", "priority", "headroom", "omniserve")
+SYSTEMS = ("ls-only", "fcfs", "priority", "headroom", "omniserve-nocontrol", "omniserve")
 STYLES = {"ls-only": {"marker": "s", "ls": ":", "lw": 2.5}, "fcfs": {"marker": "v"}, "priority": {"marker": "^"},
-          "headroom": {"marker": "D"}, "omniserve": {"marker": "o", "lw": 2}}  # ls-only often overlaps
+          "headroom": {"marker": "D"}, "omniserve-nocontrol": {"marker": "x", "ls": "--"},
+          "omniserve": {"marker": "o", "lw": 2}}  # ls-only often overlaps
+ERROR_HISTOGRAM = "omniserve_step_time_prediction_error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +88,9 @@ class Profile:
 
 PROFILES = {
     # 2 CPU cores, SmolLM2-135M. A 4K-token KV cache plays a GPU whose memory is mostly weights:
-    # the BE backlog (4 x ~1.1K tokens) does not fit next to the LS stream.
-    "quick": Profile(ls_rates=(1.0, 2.0), duration_s=30.0, ls_max_prompt_tokens=192, ls_max_new_tokens=32,
+    # the BE backlog (4 x ~1.1K tokens) does not fit next to the LS stream. 90 s windows hold over
+    # 100 LS requests per row, so one request moves attainment by under 1 point.
+    "quick": Profile(ls_rates=(1.5, 2.5), duration_s=90.0, ls_max_prompt_tokens=192, ls_max_new_tokens=32,
                      be_prompt_tokens=(768, 1024), be_max_new_tokens=96, be_concurrency=4,
                      headroom_be_concurrency=1, ttft_factor=5.0, tpot_factor=3.0,
                      server_args=("--max-total-tokens", "4096"), omniserve_args=("--omniserve-cpu-kv-gb", "1")),
@@ -83,14 +103,19 @@ PROFILES = {
 }
 
 
-def server_args(system: str, profile: Profile) -> tuple[str, ...]:
-    """The extra ``launch_server`` arguments of ``system`` (systems with equal ones share a server)."""
+def server_args(system: str, profile: Profile, slo: SLO | None = None) -> tuple[str, ...]:
+    """The extra ``launch_server`` arguments of ``system`` (systems with equal ones share a server);
+    omniserve's controller is given ``slo`` (None: left out, for grouping before the SLOs are known)."""
     base = ("--schedule-policy", "fcfs", *profile.server_args)
     if system == "priority":
         return (*base, "--enable-priority-scheduling", "--default-priority-value", "0",
                 "--retraction-policy", "priority")
+    if system == "omniserve-nocontrol":
+        return (*base, "--omniserve", *profile.omniserve_args, "--omniserve-disable-control")
     if system == "omniserve":
-        return (*base, "--omniserve", *profile.omniserve_args)
+        slos = () if slo is None else ("--omniserve-ttft-slo", f"{slo.ttft_s:.4f}", "--omniserve-tpot-slo",
+                                       f"{slo.tpot_s:.4f}")
+        return (*base, "--omniserve", *profile.omniserve_args, *slos, "--enable-metrics")
     return base
 
 
@@ -182,10 +207,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-slo", type=float, default=None, help="fixed TTFT SLO, s (default: derived)")
     ap.add_argument("--tpot-slo", type=float, default=None, help="fixed TPOT SLO, s (default: derived)")
     ap.add_argument("--model-path", default=None, help="override the profile's model")
+    ap.add_argument("--omniserve-args", default="", help="more flags for the omniserve servers, e.g. "
+                    "'--omniserve-profile PATH --omniserve-cpu-cores 8-15'")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     profile = PROFILES[args.profile]
+    if args.omniserve_args:
+        profile = dataclasses.replace(profile, omniserve_args=(*profile.omniserve_args, *shlex.split(args.omniserve_args)))
     if args.rates:
         profile = dataclasses.replace(profile, ls_rates=tuple(float(x) for x in args.rates.split(",")))
     if args.duration:
@@ -218,13 +247,18 @@ def main(argv=None) -> int:
     by_server: dict[tuple[str, ...], list[str]] = {}
     for system in systems:
         by_server.setdefault(server_args(system, profile), []).append(system)
-    for extra, group in by_server.items():
+    errors_seen: dict[float, float] = {}
+    for group in by_server.values():
+        extra = server_args(group[0], profile, slo)
         print(f"starting SGLang {' '.join(extra)} for {', '.join(group)} ...", flush=True)
         with SGLangServer(model, *extra) as server:
             warm_up(server, profile, prompts)
             for system in group:
                 for i, rate in enumerate(profile.ls_rates):
+                    before = histogram(server.url, ERROR_HISTOGRAM) if system == "omniserve" else {}
                     records = run_one(server, system, rate, profile, prompts, args.seed + i)
+                    for edge, count in (histogram(server.url, ERROR_HISTOGRAM) if before else {}).items():
+                        errors_seen[edge] = errors_seen.get(edge, 0.0) + count - before.get(edge, 0.0)
                     if slo is None:
                         slo = derive_slo(records, profile.ttft_factor, profile.tpot_factor)
                         print(f"SLOs from ls-only at {rate:g} LS/s: TTFT {slo.ttft_s * 1e3:.0f} ms "
@@ -243,6 +277,10 @@ def main(argv=None) -> int:
         "workload": dataclasses.asdict(profile), "systems": systems,
         "wall_s": round(time.time() - started, 1), "rows": rows, "ls_tpot_samples_s": tpot_samples,
     }
+    if errors_seen:
+        acc, acc_p90 = accuracy_from_error_buckets(errors_seen)
+        result |= {"latency_model_accuracy": acc, "latency_model_accuracy_p90": acc_p90,
+                   "latency_model_steps": errors_seen.get(float("inf"), 0.0)}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"coserve-{args.profile}"
     stem.with_suffix(".json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
@@ -274,7 +312,11 @@ def report(result: dict, plots: list[Path]) -> str:
         f"of {w['be_prompt_tokens'][0]}-{w['be_prompt_tokens'][1]} tokens, {w['be_max_new_tokens']} output "
         "tokens; BE tokens/s counts tokens received inside the window"),
         (f"- every server: `--schedule-policy fcfs {' '.join(w['server_args'])}`; omniserve adds "
-        f"`--omniserve {' '.join(w['omniserve_args'])}`"),
+        f"`--omniserve {' '.join(w['omniserve_args'])}` and the SLOs (`--omniserve-ttft-slo`, "
+        "`--omniserve-tpot-slo`); omniserve-nocontrol adds `--omniserve-disable-control` instead"),
+        *([(f"- latency model while serving (omniserve rows, {result['latency_model_steps']:.0f} steps): "
+            f"accuracy mean {result['latency_model_accuracy']:.1%}, p90 {result['latency_model_accuracy_p90']:.1%}")]
+          if "latency_model_accuracy" in result else []),
         f"- wall time {result['wall_s']:.0f} s", "",
         ("| system | LS/s | SLO attainment | TTFT att. | TPOT att. | p50 TTFT ms | p99 TTFT ms | p50 TPOT ms "
         "| p99 TPOT ms | BE tok/s | BE done | lost |"),

@@ -22,7 +22,7 @@ class BEMetrics:
     and the BE KV pool) and ``omniserve_be_requests{placement="gpu"|"cpu"}`` (running BE requests
     by where their KV lives)."""
 
-    ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+    ERROR_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0, 2.0)
 
     def __init__(self):
         # Imported here: prometheus_client must be first imported after PROMETHEUS_MULTIPROC_DIR is set.

@@ -32,6 +32,25 @@ def metric_sum(url: str, name: str, **labels: str) -> float | None:
     return sum(values) if values else None
 
 
+def histogram(url: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts of Prometheus histogram ``name`` on the server's ``/metrics``:
+    ``{upper bound: count}``, ``inf`` included; empty when the histogram is not there.
+
+    Raises:
+        requests.RequestException: the server did not answer.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == f"{name}_bucket":
+                le = float(s.labels["le"])
+                out[le] = out.get(le, 0.0) + s.value
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -33,6 +33,31 @@ def tpot(rec: RequestRecord) -> float:
     return (rec.latency - rec.ttft) / (rec.output_len - 1) if rec.output_len > 1 else 0.0
 
 
+def accuracy_from_error_buckets(buckets: dict[float, float]) -> tuple[float, float]:
+    """Mean and p90 accuracy of the latency model, ``1 - |predicted - measured| / measured``, from
+    the cumulative buckets of ``omniserve_step_time_prediction_error`` (see ``bench.launch.histogram``;
+    a difference of two readings covers the steps between them). The mean takes each step at the
+    middle of its bucket; p90 is the accuracy 90% of the steps reach, ``1 - `` the error's 90th
+    percentile interpolated within its bucket (Prometheus' ``histogram_quantile``).
+
+    Returns:
+        ``(mean, p90)``; NaN for no steps.
+    """
+    edges = sorted(buckets)
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan"), float("nan")
+    mean_err, prev_edge, prev_count, p90_err = 0.0, 0.0, 0.0, None
+    for edge in edges:
+        n = buckets[edge] - prev_count
+        upper = edge if edge != float("inf") else prev_edge * 2
+        mean_err += n * (prev_edge + upper) / 2
+        if p90_err is None and buckets[edge] >= 0.9 * total:
+            p90_err = prev_edge + (upper - prev_edge) * (0.9 * total - prev_count) / n
+        prev_edge, prev_count = upper, buckets[edge]
+    return 1.0 - mean_err / total, 1.0 - p90_err
+
+
 def percentile(xs: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100, linear interpolation, numpy's default); NaN for no samples."""
     return float(np.percentile(xs, q)) if len(xs) else float("nan")

@@ -35,9 +35,9 @@ from omniserve_sgl.control import (
     BERequest,
     Controller,
     ControllerConfig,
-    LatencyModel,
     LSDecode,
     LSWaiting,
+    OnlineCorrection,
     ServerView,
     StepPlan,
 )

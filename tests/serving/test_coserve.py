@@ -13,23 +13,27 @@ import psutil
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "coserve.py"
 
 
-def test_short_run_writes_rows_report_and_plots(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--profile", "quick", "--systems", "ls-only,fcfs",
-                          "--rates", "2", "--duration", "6", "--be-max-new-tokens", "16", "--out", str(tmp_path)],
+def test_short_run_writes_rows_report_and_plots(tmp_path, latency_profile):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--profile", "quick", "--systems", "ls-only,fcfs,omniserve",
+                          "--rates", "2", "--duration", "6", "--be-max-new-tokens", "16", "--out", str(tmp_path),
+                          "--omniserve-args", f"--omniserve-profile {latency_profile.path}"],
                          check=False, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "SLOs from ls-only at 2 LS/s" in out.stdout
     result = json.loads((tmp_path / "coserve-quick.json").read_text())
-    assert [r["system"] for r in result["rows"]] == ["ls-only", "fcfs"]
+    assert [r["system"] for r in result["rows"]] == ["ls-only", "fcfs", "omniserve"]
     for r in result["rows"]:
         assert r["lost"] == 0 and r["ls_requests"] >= 1 and r["ls_requests"] == r["ls_requests_finished"]
         assert 0.0 <= r["ls_slo_attainment"] <= min(r["ttft_attainment"], r["tpot_attainment"]) <= 1.0
-    ls_only, fcfs = result["rows"]
-    assert ls_only["be_tokens_per_s"] == 0 and fcfs["be_tokens_per_s"] > 0
+    ls_only, fcfs, omniserve = result["rows"]
+    assert ls_only["be_tokens_per_s"] == 0 and fcfs["be_tokens_per_s"] > 0 and omniserve["be_tokens_per_s"] > 0
+    # The controller ran with the derived SLOs and its predictions were checked step by step.
+    assert 0.0 < result["latency_model_accuracy_p90"] < result["latency_model_accuracy"] <= 1.0
+    assert result["latency_model_steps"] >= 10
     assert ls_only["ls_slo_attainment"] == 1.0  # the SLOs are 5x / 3x its own medians
     assert result["slo"]["ttft_s"] > 0 and result["versions"]["sglang"]
     report = (tmp_path / "coserve-quick.md").read_text()
-    assert "| fcfs | 2 |" in report
+    assert "| fcfs | 2 |" in report and "| omniserve | 2 |" in report and "latency model while serving" in report
     for name in ("attainment", "be-throughput", "tpot-cdf"):
         assert (tmp_path / f"coserve-quick-{name}.png").stat().st_size > 1000
 

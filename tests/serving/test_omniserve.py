@@ -85,11 +85,12 @@ def test_16_ls_and_16_be_in_flight_together(omni_server, prompts):
     # Alone, requests start with the same tokens as in the mixed batch. Not all of them: bf16 GEMMs
     # over different batch sizes round differently, and plain SGLang on this CPU also changes about
     # one request in four (even its first token); rows mixed up between requests would change all.
+    # 16 requests, not 8: with the controller's deferrals the batches vary more from run to run.
     same = 0
-    for (text, cls), out in list(zip(jobs, outs))[:8]:
+    for (text, cls), out in list(zip(jobs, outs))[:16]:
         flush_cache(omni_server)
         same += generate(omni_server, text, 16, cls)["output_ids"][:8] == out["output_ids"][:8]
-    assert same >= 6
+    assert same >= 12
     assert metric(omni_server, "omniserve_be_pool_pages_used") == 0  # everything freed
     assert metric(omni_server, "omniserve_be_pool_pages_reserved") == 0
 

@@ -185,7 +185,7 @@ def test_reject_mode_refuses_an_ls_request_that_cannot_meet_its_ttft_and_queue_m
     view = _view(ls_decodes=LS_DECODES, ls_waiting=(late, LSWaiting("fresh", 100, arrival_s=9.99)))
     rejected = Controller(TRUE, ControllerConfig(ls_admission="reject")).plan(view)
     assert [rid for rid, _ in rejected.ls_rejected] == ["late"]
-    assert "predicted TTFT" in rejected.ls_rejected[0][1] and "SLO 2.00 s" in rejected.ls_rejected[0][1]
+    assert "predicted TTFT" in rejected.ls_rejected[0][1] and "TTFT SLO 2 s" in rejected.ls_rejected[0][1]
     assert rejected.ls_prefill_tokens > 0  # the next one is served
     queued = Controller(TRUE).plan(view)
     assert queued.ls_rejected == () and queued.ls_prefill_tokens > 0

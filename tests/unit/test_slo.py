@@ -2,10 +2,21 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from omniserve_sgl.bench.loadgen import RequestRecord, RequestStyle, poisson_arrivals
-from omniserve_sgl.bench.slo import SLO, be_tokens_per_s, derive_slo, lost, ls_summary, percentile, tpot
+from omniserve_sgl.bench.slo import (
+    SLO,
+    accuracy_from_error_buckets,
+    be_tokens_per_s,
+    derive_slo,
+    lost,
+    ls_summary,
+    percentile,
+    tpot,
+)
+from omniserve_sgl.metrics import BEMetrics
 
 
 def rec(cls="ls", ttft=0.1, latency=1.0, n=10, success=True, max_new=10, token_times=()):
@@ -83,3 +94,16 @@ def test_request_bodies_mark_the_class_and_the_priority_only_where_asked():
     assert "priority" not in plain and plain["stream"] is True
     prio = RequestStyle(ls_priority=1, be_priority=0)
     assert prio.body("hi", "ls", 8)["priority"] == 1 and prio.body("hi", "be", 8)["priority"] == 0
+
+
+def test_latency_model_accuracy_from_the_error_histogram_matches_the_samples():
+    """Buckets filled from known errors give back their mean and p90 accuracy within a bucket."""
+
+    rng = np.random.default_rng(0)
+    errors = np.abs(rng.normal(0.0, 0.08, 5000))
+    edges = [*BEMetrics.ERROR_BUCKETS, float("inf")]
+    buckets = {e: float((errors <= e).sum()) for e in edges}
+    mean, p90 = accuracy_from_error_buckets(buckets)
+    assert mean == pytest.approx(1 - errors.mean(), abs=0.01)
+    assert p90 == pytest.approx(1 - np.percentile(errors, 90), abs=0.01)
+    assert all(np.isnan(accuracy_from_error_buckets({})))
