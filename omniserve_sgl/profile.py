@@ -39,7 +39,7 @@ def main(argv=None) -> int:
           f"{len(meta['samples'])} steps and {len(meta['cpu_job_samples'])} CPU jobs; accuracy on held-out steps: "
           f"mean {100 * meta['accuracy_mean']:.1f}%, p90 {100 * meta['accuracy_p90']:.1f}%")
     print("coefficients (s per unit): " + ", ".join(
-        f"{k} {getattr(model, k):.3g}" for k in ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn",
+        f"{k} {getattr(model, k):.3g}" for k in ("c_step", "c_dense", "c_prefill_attn", "c_prefill_ctx", "c_decode_attn",
                                                   "c_decode_row", "c_cpu_bytes", "c_cpu_job"))
           + f"; dense staircase width {model.tile} tokens")
     return 0

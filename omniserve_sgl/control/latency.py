@@ -10,6 +10,9 @@ One step's time, in seconds::
                                                  smoothly
       + c_prefill_attn * prefill_attn_work       GPU attention of prefill chunks: sum over chunks of
                                                  chunk_len * (cached prefix + chunk_len)
+      + c_prefill_ctx * prefill_context          ... and the KV each chunk reads: sum over chunks of
+                                                 cached prefix + chunk_len (large on SGLang's CPU
+                                                 path, which gathers a request's whole KV per layer)
       + c_decode_attn * decode_context           GPU attention of decode rows: their summed context
       + c_decode_row * decode_rows               a cost per decode row beyond its dense work (per-request
                                                  attention calls, sampling; large on SGLang's CPU path)
@@ -31,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # staircase step widths tried by the fit, tokens
-_TERMS = ("c_step", "c_dense", "c_prefill_attn", "c_decode_attn", "c_decode_row", "c_cpu_bytes", "c_cpu_job")
-FORMAT_VERSION = 1
+_TERMS = ("c_step", "c_dense", "c_prefill_attn", "c_prefill_ctx", "c_decode_attn", "c_decode_row", "c_cpu_bytes",
+          "c_cpu_job")
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,7 @@ class StepShape:
             BE: BE rows run their dense work on the GPU too).
         prefill_attn_work: sum over prefill chunks of ``chunk_len * (prefix_len + chunk_len)``,
             token pairs.
+        prefill_context: sum over prefill chunks of ``prefix_len + chunk_len``, tokens.
         decode_context: summed context length of decode rows whose attention runs on the GPU, tokens.
         decode_rows: decode rows in the step (LS and BE, wherever their attention runs).
         cpu_kv_bytes: KV bytes the CPU worker reads for BE rows in this step, all layers.
@@ -52,6 +57,7 @@ class StepShape:
 
     tokens: int
     prefill_attn_work: float = 0.0
+    prefill_context: int = 0
     decode_context: int = 0
     decode_rows: int = 0
     cpu_kv_bytes: float = 0.0
@@ -99,6 +105,7 @@ class LatencyModel:
     c_step: float
     c_dense: float
     c_prefill_attn: float = 0.0
+    c_prefill_ctx: float = 0.0
     c_decode_attn: float = 0.0
     c_decode_row: float = 0.0
     c_cpu_bytes: float = 0.0
@@ -164,8 +171,8 @@ class LatencyModel:
 
 
 def _features(shape: StepShape, tile: int) -> np.ndarray:
-    return np.array([1.0, math.ceil(shape.tokens / tile), shape.prefill_attn_work, shape.decode_context,
-                     shape.decode_rows, shape.cpu_kv_bytes, shape.cpu_jobs], dtype=np.float64)
+    return np.array([1.0, math.ceil(shape.tokens / tile), shape.prefill_attn_work, shape.prefill_context,
+                     shape.decode_context, shape.decode_rows, shape.cpu_kv_bytes, shape.cpu_jobs], dtype=np.float64)
 
 
 def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -30,15 +30,28 @@ class ControllerConfig:
             behind a router that retries elsewhere).
         be_placement: ``"auto"`` lets BE requests decode on the GPU while there is slack and GPU
             KV headroom; ``"cpu"`` offloads every BE request after its prefill, for good.
+        ls_margin: an LS prefill chunk keeps the stalled decodes' next token within this share of
+            their TPOT SLO (TPOT is an average over a request's tokens: filling every gap to the
+            SLO would put half the requests over it).
         be_margin: BE work fits within this share of the TPOT SLO (a stricter bound than LS
             prefill's, so prediction error lands on BE, not on LS).
+        be_ttft_share: a BE prefill chunk takes at most this share of the TTFT SLO, so an LS
+            request arriving during it waits at most that long, with or without LS decodes.
+        ahead_share, ahead_cap: of the time the running LS decodes are ahead of their TPOT SLO
+            (``LSDecode.ahead_s``), this share, and at most ``ahead_cap`` TPOT SLOs, is spent on one
+            gap between two of their tokens (spending all of it would leave their average TPOT at
+            the SLO, and prediction error on either side of it).
         min_ls_chunk: the smallest LS prefill chunk, tokens: LS prefill always progresses.
         gpu_kv_reserve_tokens: GPU KV slots kept free for LS beyond the queued prompts.
     """
 
     ls_admission: str = "queue"
     be_placement: str = "auto"
+    ls_margin: float = 0.9
     be_margin: float = 0.8
+    be_ttft_share: float = 0.25
+    ahead_share: float = 0.5
+    ahead_cap: float = 4.0
     min_ls_chunk: int = 32
     gpu_kv_reserve_tokens: int = 0
 
@@ -47,8 +60,11 @@ class ControllerConfig:
             raise ValueError(f"ls_admission must be one of {ADMISSION}, got {self.ls_admission!r}")
         if self.be_placement not in BE_PLACEMENT:
             raise ValueError(f"be_placement must be one of {BE_PLACEMENT}, got {self.be_placement!r}")
-        if not 0.0 < self.be_margin <= 1.0:
-            raise ValueError(f"be_margin must be in (0, 1], got {self.be_margin}")
+        for name in ("ls_margin", "be_margin", "be_ttft_share", "ahead_share"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not self.ahead_cap >= 0:
+            raise ValueError(f"ahead_cap must be >= 0, got {self.ahead_cap}")
         if self.min_ls_chunk < 1:
             raise ValueError(f"min_ls_chunk must be >= 1, got {self.min_ls_chunk}")
 
@@ -82,7 +98,8 @@ class Controller:
                          cpu_jobs=view.num_layers if cpu_rows else 0)
 
     def _prefill_time(self, chunk: int, prefix: int) -> float:
-        return self.model.predict(StepShape(tokens=chunk, prefill_attn_work=chunk * (prefix + chunk)))
+        return self.model.predict(StepShape(tokens=chunk, prefill_attn_work=chunk * (prefix + chunk),
+                                            prefill_context=prefix + chunk))
 
     def tpot_budget(self, view: ServerView) -> float | None:
         """The tightest TPOT SLO of the running LS decodes, s (None: no LS decode to protect)."""
@@ -110,15 +127,20 @@ class Controller:
     def plan(self, view: ServerView) -> StepPlan:
         """The decision for this step (see the module docstring for the order and the bounds).
 
-        A prefill chunk fits when ``since_decode_s + t(chunk) + t(LS decode step)`` stays within
-        the TPOT SLO (LS) or ``be_margin`` of it (BE). When no LS chunk of at least
+        A prefill chunk fits when ``since_decode_s - ahead + t(chunk) + t(LS decode step)`` stays within
+        ``ls_margin`` (LS) or ``be_margin`` (BE) of the TPOT SLO; a BE chunk also within
+        ``be_ttft_share`` of the TTFT SLO. When no LS chunk of at least
         ``min_ls_chunk`` fits and the last step was not a decode, the LS decodes go first; right
         after a decode step the minimum chunk runs anyway, so LS prefill never stalls.
         """
         cfg = self.config
         tpot = self.tpot_budget(view)
         t_ls_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
-        since = view.since_decode_s if view.ls_decodes else 0.0
+        # How late the LS decodes' next token is against their schedule: the wait since their last
+        # token, less what the least-ahead of them can spend (0 when none is ahead).
+        spendable = [min(cfg.ahead_share * max(d.ahead_s, 0.0), cfg.ahead_cap * (d.tpot_slo_s or view.slo.tpot_s))
+                     for d in view.ls_decodes]
+        since = view.since_decode_s - min(spendable) if spendable else 0.0
         rejected = []
         waiting = list(view.ls_waiting)
         if cfg.ls_admission == "reject" and waiting:
@@ -143,28 +165,40 @@ class Controller:
             queued = sum(w.remaining for w in waiting)
             hi = min(queued, view.max_prefill_tokens)
             prefix = waiting[0].prefilled
-            chunk = hi if tpot is None else largest_fitting(1, hi, lambda c: fits(c, prefix, tpot))
+            chunk = hi if tpot is None else largest_fitting(1, hi, lambda c: fits(c, prefix, cfg.ls_margin * tpot))
             if chunk < min(cfg.min_ls_chunk, hi) and view.decoded_last_step:
                 chunk = min(cfg.min_ls_chunk, hi)
             if chunk >= min(cfg.min_ls_chunk, hi):
                 return StepPlan(ls_prefill_tokens=chunk, predicted_s=self._prefill_time(chunk, prefix),
                                 why=f"LS prefill {chunk} of {queued} queued tokens", **common)
-            why = f"LS decodes first ({1e3 * since:.0f} ms since their last token), then LS prefill; "
+            why = f"LS decodes first ({1e3 * since:.0f} ms late for their schedule), then LS prefill; "
         be_budget = None if tpot is None else cfg.be_margin * tpot
         be_waiting = [r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled]
         if be_waiting and not waiting:
             r = be_waiting[0]
             hi = min(r.prompt_len - r.prefilled, view.max_prefill_tokens)
-            chunk = hi if be_budget is None else largest_fitting(1, hi, lambda c: fits(c, r.prefilled, be_budget))
+            ttft_cap = cfg.be_ttft_share * view.slo.ttft_s
+
+            def be_fits(c: int) -> bool:
+                return self._prefill_time(c, r.prefilled) <= ttft_cap and (
+                    be_budget is None or fits(c, r.prefilled, be_budget))
+
+            chunk = largest_fitting(1, hi, be_fits)
             if chunk >= 1:
                 return StepPlan(be_prefill=(r.rid, chunk), predicted_s=self._prefill_time(chunk, r.prefilled),
                                 why=f"BE prefill {chunk} tokens of {r.rid}", **common)
-        # Decode step: every LS row, then BE rows, longest-deferred first, while the step fits.
+        # Decode step: every LS row, then BE rows, longest-deferred first, while the step fits; none
+        # while LS prompts wait (their prefill comes first, and BE rows would shrink its chunk).
         moved = {**{rid: CPU for rid in to_cpu}, **{rid: GPU for rid in to_gpu}}
         rows = sorted((dataclasses.replace(r, placement=moved.get(r.rid, r.placement)) for r in view.be
                        if r.placement != WAITING), key=lambda r: (r.last_run_step, r.rid))
-        n = len(rows) if be_budget is None else max(largest_fitting(
-            1, len(rows), lambda k: since + self.model.predict(self._decode_shape(view, rows[:k])) <= be_budget), 0)
+        if waiting:
+            n = 0
+        elif be_budget is None:
+            n = len(rows)
+        else:
+            n = max(largest_fitting(1, len(rows), lambda k: since + self.model.predict(
+                self._decode_shape(view, rows[:k])) <= be_budget), 0)
         chosen = rows[:n]
         return StepPlan(be_decode=tuple(r.rid for r in chosen), be_budget_per_layer=(n,) * view.num_layers,
                         predicted_s=self.model.predict(self._decode_shape(view, chosen)),

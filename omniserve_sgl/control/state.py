@@ -33,11 +33,14 @@ class SLO:
 
 @dataclasses.dataclass(frozen=True)
 class LSDecode:
-    """A running LS request: ``context_len`` tokens with KV; its own TPOT SLO, s, if it set one."""
+    """A running LS request: ``context_len`` tokens with KV; its own TPOT SLO, s, if it set one;
+    ``ahead_s``: how far ahead of its TPOT SLO it is, s (TPOT SLO x tokens since its first token,
+    less the time they took: TPOT is an average, so time a request is ahead may be spent)."""
 
     rid: str
     context_len: int
     tpot_slo_s: float | None = None
+    ahead_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

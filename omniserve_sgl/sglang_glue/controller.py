@@ -3,8 +3,9 @@
 plans the step, and the hooks here apply the plan:
 
 - ``Scheduler._should_defer_prefill`` (AROUND): plans the step; LS requests the plan rejects
-  (``--omniserve-ls-admission reject``) are answered with HTTP 503 at once; a decode step is forced
-  when the plan says the LS decodes come first.
+  (``--omniserve-ls-admission reject``) are answered with HTTP 503 at once; a BE prompt being
+  prefilled in chunks yields to a waiting LS prompt; BE KV moves; a decode step is forced when the
+  plan says the LS decodes come first.
 - ``Scheduler._get_new_batch_prefill_raw`` (``scheduler.admit_prefill``): the plan's chunk size;
   BE requests sit out unless the plan prefills one.
 - ``Scheduler.update_running_batch`` (AROUND): BE rows beyond the plan's budget sit out this decode
@@ -42,6 +43,8 @@ from omniserve_sgl.control import (
     StepPlan,
 )
 from omniserve_sgl.service_class import slos_of_custom_params
+from omniserve_sgl.sglang_glue import placement
+from omniserve_sgl.sglang_glue.placement import is_be, is_offloaded
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +93,6 @@ def current_plan() -> StepPlan | None:
     return _plan
 
 
-def _is_be(req) -> bool:
-    return getattr(req, "omniserve_be", False)
-
-
-def _is_offloaded(req) -> bool:
-    return getattr(req, "omniserve_offloaded", False)
-
-
 def _slos(req) -> tuple[float | None, float | None]:
     try:
         return slos_of_custom_params(req.sampling_params.custom_params)
@@ -120,12 +115,16 @@ def server_view(scheduler, running_batch, runtime) -> ServerView:
     for r in running_batch.reqs:
         if r.finished() or r.to_finish is not None:
             continue
-        if _is_be(r):
-            be.append(BERequest(r.rid, CPU if _is_offloaded(r) else GPU,
+        if is_be(r):
+            be.append(BERequest(r.rid, CPU if is_offloaded(r) else GPU,
                                 context_len=r.seqlen, last_run_step=getattr(r, "omniserve_last_step", -1)))
         else:
-            ls_decodes.append(LSDecode(r.rid, r.seqlen, _slos(r)[1]))
-            last_tokens.append(_last_token_time(r, now))
+            tpot = _slos(r)[1]
+            last = _last_token_time(r, now)
+            first = r.time_stats.prefill_finished_time or last
+            ahead = (tpot or _slo.tpot_s) * (len(r.output_ids) - 1) - (last - first)
+            ls_decodes.append(LSDecode(r.rid, r.seqlen, tpot, ahead_s=ahead))
+            last_tokens.append(last)
     ls_waiting = []
     queue = list(scheduler.waiting_queue)
     if scheduler.chunked_req is not None:
@@ -133,7 +132,7 @@ def server_view(scheduler, running_batch, runtime) -> ServerView:
     for r in queue:
         if r.finished() or r.to_finish is not None:
             continue
-        if _is_be(r):
+        if is_be(r):
             be.append(BERequest(r.rid, WAITING, prompt_len=len(r.origin_input_ids), prefilled=r.kv.kv_committed_len))
         else:
             ls_waiting.append(LSWaiting(r.rid, len(r.origin_input_ids), r.time_stats.wait_queue_entry_time or now,
@@ -188,14 +187,28 @@ def plan_step(original, self, running_batch) -> bool:
     _plan = _controller.plan(_view)
     for rid, why in _plan.ls_rejected:
         _reject(self, rid, why)
+    if _plan.ls_prefill_tokens and self.chunked_req is not None and is_be(self.chunked_req):
+        _park_be_prefill(self)
     _move(self, running_batch, glue.runtime(), _plan.to_cpu, _plan.to_gpu)
     return deferred or (not _plan.is_prefill and not running_batch.is_empty())
 
 
+def _park_be_prefill(scheduler) -> None:
+    """An LS prompt waits while a BE prompt is being prefilled in chunks (SGLang's chunked request
+    goes first in every prefill step): the BE request goes back to the queue, as SGLang retracts a
+    request, and the LS prompt takes this step (strict order: LS prefill > BE prefill). The chunks
+    it has prefilled stay in the radix cache (SGLang put them there at the start of this step), so
+    it resumes from them unless they are evicted meanwhile."""
+    from sglang.srt.mem_cache import common
+
+    req, scheduler.chunked_req = scheduler.chunked_req, None
+    common.release_kv_cache(req, scheduler.tree_cache, checkpoint=False)  # with omniserve's hook: pool pages too
+    req.reset_for_retract()
+    scheduler._add_request_to_queue(req, is_retracted=True)
+
+
 def _move(scheduler, running_batch, runtime, to_cpu, to_gpu) -> None:
     """Applies BE KV moves to requests of the running batch (between steps)."""
-    from omniserve_sgl.sglang_glue import placement
-
     by_rid = {r.rid: r for r in running_batch.reqs}
     for rid in to_cpu:
         placement.to_cpu(by_rid[rid], scheduler.tree_cache, runtime)
@@ -211,10 +224,10 @@ def _test_moves(scheduler, running_batch, runtime) -> None:
     _test_step += 1
     if _test_step % _TEST_MOVE_EVERY:
         return
-    live = [r for r in running_batch.reqs if _is_be(r) and not r.finished() and r.to_finish is None
+    live = [r for r in running_batch.reqs if is_be(r) and not r.finished() and r.to_finish is None
             and r.kv.kv_committed_len > 0]
-    on_cpu = [r.rid for r in live if _is_offloaded(r)]
-    _move(scheduler, running_batch, runtime, [r.rid for r in live if not _is_offloaded(r)], on_cpu)
+    on_cpu = [r.rid for r in live if is_offloaded(r)]
+    _move(scheduler, running_batch, runtime, [r.rid for r in live if not is_offloaded(r)], on_cpu)
 
 
 def prefill_chunk(scheduler) -> int | None:
@@ -225,7 +238,8 @@ def prefill_chunk(scheduler) -> int | None:
 
 
 def be_prefill_allowed() -> bool:
-    """Whether a BE request may start or continue its prefill in this step."""
+    """Whether a BE request may start its prefill in this step (one whose chunked prefill is under
+    way continues in any prefill step: SGLang's chunked request goes first)."""
     return _plan is None or _plan.be_prefill is not None
 
 
@@ -234,7 +248,7 @@ def _deferrable(req) -> bool:
     # Rows whose sampling keeps per-batch state (penalties, min_new_tokens, grammar, logprobs)
     # always run: rebuilding their batch would restart that state.
     sp = req.sampling_params
-    return (_is_be(req) and not req.finished() and req.to_finish is None and not req.return_logprob
+    return (is_be(req) and not req.finished() and req.to_finish is None and not req.return_logprob
             and req.grammar is None and sp.frequency_penalty == 0 and sp.presence_penalty == 0
             and sp.repetition_penalty == 1 and not sp.min_new_tokens)
 
@@ -259,7 +273,7 @@ def defer_be_rows(original, self, batch):
         if keep:
             batch.filter_batch(keep_indices=keep)
     for r in batch.reqs if keep else []:
-        if _is_be(r):
+        if is_be(r):
             r.omniserve_last_step = _step
     if not keep:  # nothing would run: the rows go back at once
         merge_deferred(None, self)
@@ -317,6 +331,6 @@ def merge_deferred(_result, self, *args, **kwargs) -> None:
         else:
             self.running_batch.merge_batch(part)
     if _metrics is not None:
-        be = [r for r in self.running_batch.reqs if _is_be(r) and not r.finished()]
-        _metrics.be_requests.labels(placement=CPU).set(sum(map(_is_offloaded, be)))
-        _metrics.be_requests.labels(placement=GPU).set(len(be) - sum(map(_is_offloaded, be)))
+        be = [r for r in self.running_batch.reqs if is_be(r) and not r.finished()]
+        _metrics.be_requests.labels(placement=CPU).set(sum(map(is_offloaded, be)))
+        _metrics.be_requests.labels(placement=GPU).set(len(be) - sum(map(is_offloaded, be)))

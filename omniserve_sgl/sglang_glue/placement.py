@@ -20,6 +20,16 @@ import torch
 from omniserve_sgl.be_runtime import BERuntime
 
 
+def is_be(req) -> bool:
+    """Whether SGLang's ``req`` is BE (``scheduler.tag_request`` marks it)."""
+    return getattr(req, "omniserve_be", False)
+
+
+def is_offloaded(req) -> bool:
+    """Whether ``req``'s KV lives in the BE KV pool (its decode attention on the CPU worker)."""
+    return getattr(req, "omniserve_offloaded", False)
+
+
 def _layers(kv_pool, runtime: BERuntime) -> range:
     start = getattr(kv_pool, "start_layer", 0) or 0
     return range(start, start + runtime.pool.spec.num_layers)

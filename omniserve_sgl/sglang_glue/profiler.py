@@ -26,6 +26,7 @@ import torch
 
 from omniserve_sgl import config
 from omniserve_sgl.control import CPUJobSample, LatencyModel, StepSample, StepShape, fit_and_check
+from omniserve_sgl.control.latency import FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 GRID = ((1, 16), (1, 128), (4, 32), (1, 512), (16, 16), (2, 256), (8, 64), (32, 16), (4, 256), (64, 8),
         (1, 1024), (16, 64), (2, 1024), (8, 256), (32, 64), (64, 32), (4, 1024), (16, 256), (64, 64))
 DECODE_STEPS = 3
+# (batch size, cached prefix, chunk) of the profiled prefill chunks that continue a prompt
+# (SGLang's chunked prefill): what a chunk costs beyond a fresh prefill of its length.
+CHUNK_GRID = ((1, 256, 32), (1, 1024, 32), (2, 512, 64), (1, 1024, 256), (4, 256, 64), (1, 2048, 64),
+              (1, 2048, 512), (2, 1536, 128))
 MAX_BATCH_TOKENS = 4096  # the grid's largest prefill (one pass, whatever --chunked-prefill-size says)
 BUDGET_S = 60.0  # the whole profile, forward passes and CPU jobs
 
@@ -64,7 +69,8 @@ def forward_samples(model_runner, budget_s: float) -> list[StepSample]:
             t0 = time.perf_counter()
             ids, _, batch = one_batch.extend(reqs, model_runner)
             _sync(model_runner.device)
-            steps = [(StepShape(tokens=bs * n, prefill_attn_work=float(bs * n * n)), time.perf_counter() - t0)]
+            steps = [(StepShape(tokens=bs * n, prefill_attn_work=float(bs * n * n), prefill_context=bs * n),
+                      time.perf_counter() - t0)]
             for k in range(DECODE_STEPS):
                 t0 = time.perf_counter()
                 ids, _ = one_batch.decode(ids, batch, model_runner)
@@ -79,6 +85,49 @@ def forward_samples(model_runner, budget_s: float) -> list[StepSample]:
     return samples
 
 
+def chunk_samples(model_runner, budget_s: float) -> list[StepSample]:
+    """Times prefill chunks that continue a prompt over ``CHUNK_GRID``: a prompt's first
+    ``prefix`` tokens are prefilled (not timed), then its next ``chunk`` tokens, as SGLang's
+    chunked prefill does (the same requests, holding their ``req_to_token`` rows). Cheapest first,
+    until ``budget_s`` is spent; skipped, with a warning, if SGLang refuses the batch.
+
+    Returns:
+        one :class:`StepSample` per timed chunk, seconds of wall time (synchronised).
+    """
+    from sglang.benchmark import one_batch
+
+    limit = min(MAX_BATCH_TOKENS, model_runner.max_total_num_tokens // 2)
+    rows = model_runner.req_to_token_pool.size
+    grid = sorted((g for g in CHUNK_GRID if g[0] * (g[1] + g[2]) <= limit and g[0] <= rows),
+                  key=lambda g: g[0] * (g[1] + g[2]))
+    samples, deadline = [], time.monotonic() + budget_s
+    for i, (bs, prefix, chunk) in enumerate([grid[0], *grid] if grid else []):  # the first warms up
+        if time.monotonic() > deadline:
+            break
+        reqs = one_batch.prepare_synthetic_inputs_for_latency_test(bs, prefix + chunk)
+        try:
+            for r in reqs:
+                r.extend_end = prefix
+            one_batch.extend(reqs, model_runner)
+            for r in reqs:
+                r.prefix_len, r.extend_end = prefix, prefix + chunk
+            _sync(model_runner.device)
+            t0 = time.perf_counter()
+            one_batch.extend(reqs, model_runner)
+            _sync(model_runner.device)
+            seconds = time.perf_counter() - t0
+        except (RuntimeError, AssertionError, ValueError) as e:  # SGLang internals this does not control
+            logger.warning("omniserve: prefill chunks with a cached prefix not profiled (%s)", e)
+            break
+        finally:
+            model_runner.req_to_token_pool.clear()
+            model_runner.token_to_kv_pool_allocator.clear()
+        if i > 0:
+            samples.append(StepSample(StepShape(tokens=bs * chunk, prefill_attn_work=float(bs * chunk * (prefix + chunk)),
+                                                prefill_context=bs * (prefix + chunk)), seconds))
+    return samples
+
+
 def setup_key(model_runner, cfg: config.OmniServeConfig) -> dict:
     """What a profile depends on: model files, dtype, device, TP size, the CPU worker's setup and the
     versions of SGLang, torch and omniserve-sgl."""
@@ -90,7 +139,7 @@ def setup_key(model_runner, cfg: config.OmniServeConfig) -> dict:
         if cfg_file.is_file() else None, "layers": mc.num_hidden_layers, "dtype": str(mc.dtype),
         "device": str(model_runner.device), "tp": model_runner.server_args.tp_size, "cpu_threads": cfg.worker_threads,
         "cpu_attention": cfg.cpu_attention, "page_size": cfg.page_size,
-        "versions": {p: version(p) for p in ("sglang", "torch", "omniserve-sgl")},
+        "versions": {p: version(p) for p in ("sglang", "torch", "omniserve-sgl")}, "format": FORMAT_VERSION,
     }
 
 
@@ -134,13 +183,17 @@ def load_or_profile(model_runner, runtime, cfg: config.OmniServeConfig) -> Laten
     key = setup_key(model_runner, cfg)
     path = profile_path(key, cfg)
     if path.is_file():
-        model = LatencyModel.load(path)
+        try:
+            model = LatencyModel.load(path)
+        except ValueError as e:
+            raise ValueError(f"--omniserve-profile {path}: {e}; delete it or name a new file to profile again") from None
         check_key(model, key, path)
         logger.info("omniserve: latency model from %s (accuracy mean %.1f%%, p90 %.1f%%)", path,
                     100 * model.meta.get("accuracy_mean", math.nan), 100 * model.meta.get("accuracy_p90", math.nan))
         return model
     t0 = time.monotonic()
-    steps = forward_samples(model_runner, BUDGET_S * 0.75)
+    steps = forward_samples(model_runner, BUDGET_S * 0.55)
+    steps += chunk_samples(model_runner, BUDGET_S * 0.8 - (time.monotonic() - t0))
     jobs = [CPUJobSample(b, t) for b, t in runtime.profile_attention(budget_s=BUDGET_S - (time.monotonic() - t0))]
     try:
         model, acc = fit_and_check(steps, holdout=0.25, cpu_jobs=jobs, meta={"key": key})

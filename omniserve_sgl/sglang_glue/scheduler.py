@@ -22,6 +22,7 @@ from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
 from omniserve_sgl.control import OnlineCorrection
 from omniserve_sgl.service_class import BE, class_of_custom_params
 from omniserve_sgl.sglang_glue import controller, placement, profiler, view
+from omniserve_sgl.sglang_glue.placement import is_be, is_offloaded
 from omniserve_sgl.sglang_glue.rows import select_rows
 
 logger = logging.getLogger(__name__)
@@ -39,14 +40,6 @@ def runtime() -> BERuntime | None:
 
 def latency_model() -> OnlineCorrection | None:
     return _latency_model
-
-
-def is_be(req) -> bool:
-    return getattr(req, "omniserve_be", False)
-
-
-def is_offloaded(req) -> bool:
-    return getattr(req, "omniserve_offloaded", False)
 
 
 def take_decode_plan() -> DecodePlan | None:

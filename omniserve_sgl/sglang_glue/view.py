@@ -16,7 +16,8 @@ def step_shape(batch, runtime: BERuntime, num_layers: int, offloaded) -> StepSha
     mode = batch.forward_mode
     if mode.is_extend() and not mode.is_mixed():
         pairs = list(zip(batch.extend_lens, batch.prefix_lens, strict=True))
-        return StepShape(tokens=sum(e for e, _ in pairs), prefill_attn_work=float(sum(e * (p + e) for e, p in pairs)))
+        return StepShape(tokens=sum(e for e, _ in pairs), prefill_attn_work=float(sum(e * (p + e) for e, p in pairs)),
+                         prefill_context=sum(p + e for e, p in pairs))
     if not mode.is_decode():
         return None
     cpu_ctx = sum(r.seqlen for r in batch.reqs if offloaded(r))

@@ -282,7 +282,8 @@ def test_step_shape_reads_sglangs_batch_for_the_latency_model():
 
     runtime = types.SimpleNamespace(kv_bytes_per_token_layer=100)
     extend = types.SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_lens=[10, 4], prefix_lens=[0, 6], reqs=[])
-    assert step_shape(extend, runtime, 3, lambda r: False) == StepShape(tokens=14, prefill_attn_work=10 * 10 + 4 * 10)
+    assert step_shape(extend, runtime, 3, lambda r: False) == StepShape(tokens=14, prefill_attn_work=10 * 10 + 4 * 10,
+                                                                               prefill_context=10 + 10)
     reqs = [types.SimpleNamespace(seqlen=n, off=off) for n, off in ((50, False), (70, True), (30, True))]
     decode = types.SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=reqs)
     assert step_shape(decode, runtime, 3, lambda r: r.off) == StepShape(
