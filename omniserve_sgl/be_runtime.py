@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omniserve_sgl.config import OmniServeConfig
+from omniserve_sgl.config import OmniServeConfig, WorkerSetup
 from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
 from omniserve_sgl.worker import CPUAttentionClient, Job, WorkerDiedError, WorkerError
 
@@ -73,6 +73,7 @@ class BERuntime:
 
     Args:
         config: the ``--omniserve*`` settings (pool size, worker threads and cores).
+        worker: where the worker runs and how it waits (default: ``config.worker_setup("cpu")``).
         num_layers, num_kv_heads, head_dim: KV geometry of the model (this rank's heads).
         num_qo_heads: query heads per layer.
         dtype: KV dtype (the GPU KV cache's), one of bf16/fp16/fp32.
@@ -88,10 +89,11 @@ class BERuntime:
     """
 
     def __init__(self, config: OmniServeConfig, num_layers: int, num_kv_heads: int, head_dim: int,
-                 num_qo_heads: int, dtype: torch.dtype, max_rows: int):
+                 num_qo_heads: int, dtype: torch.dtype, max_rows: int, worker: WorkerSetup | None = None):
         spec = BEKVPoolSpec.from_budget(config.cpu_kv_bytes, num_layers, num_kv_heads, head_dim,
                                         page_size=config.page_size, dtype=dtype)
         self.config, self.max_rows = config, max_rows
+        self.worker = worker or config.worker_setup("cpu")
         self.pool = BEKVPool.create(spec)
         self.pages = self.pool.allocator
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
@@ -104,15 +106,15 @@ class BERuntime:
         self.client: CPUAttentionClient | None = self._start_worker()
         atexit.register(self.close)
         logger.info("omniserve: BE KV pool %.2f GiB (%d pages of %d tokens, %d layers), CPU attention "
-                    "worker pid %d with %d threads", spec.total_bytes / (1 << 30), spec.num_pages,
-                    spec.page_size, num_layers, self.client.process.pid, config.worker_threads)
+                    "worker pid %d with %d threads, %s", spec.total_bytes / (1 << 30), spec.num_pages,
+                    spec.page_size, num_layers, self.client.process.pid, self.worker.threads, self.worker.why)
 
     # worker -------------------------------------------------------------------------------------
     def _start_worker(self) -> CPUAttentionClient:
         """A new worker process with the pool mapped and its staging slots made."""
-        cfg = self.config
+        w = self.worker
         self._starts.append(time.monotonic())
-        client = CPUAttentionClient.start(threads=cfg.worker_threads, cores=cfg.cpu_cores, spin_us=cfg.cpu_spin_us)
+        client = CPUAttentionClient.start(threads=w.threads, cores=w.cores, spin_us=w.spin_us)
         try:
             client.attach_pool(self.pool)
             # Two slots: the synchronous path uses one; piggybacking will keep more jobs in flight.

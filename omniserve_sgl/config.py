@@ -11,6 +11,51 @@ import os
 import orjson
 
 ENV_VAR = "OMNISERVE_CONFIG"
+# How long the worker (after a job) and the scheduler (waiting for one) busy-poll shared memory when
+# the worker has cores of its own: benchmarks/results/cpu_attention.md measures the per-layer
+# hand-off at about 40 us this way against about 280 us blocking on ZeroMQ, and a polling worker
+# that shares its cores with the forward nearly doubles each layer's time.
+SPIN_US = 2000.0
+# Cores left to SGLang's own processes on a GPU server before the worker gets the rest: the
+# scheduler (its event loop polls), the tokenizer manager and the detokenizer.
+SGLANG_HOST_CORES = 3
+
+
+def parse_cores(spec: str) -> list[int]:
+    """``"0-3,6"`` -> ``[0, 1, 2, 3, 6]``. Raises ValueError on a malformed list."""
+    cores: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"bad CPU core list {spec!r}: expected e.g. '0-3,6'") from None
+        if a < 0 or b < a:
+            raise ValueError(f"bad CPU core range {part!r} in {spec!r}")
+        cores.extend(range(a, b + 1))
+    if not cores:
+        raise ValueError(f"empty CPU core list {spec!r}")
+    return cores
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSetup:
+    """Where the CPU attention worker runs and how the per-layer hand-off waits.
+
+    Attributes:
+        threads: kernel threads.
+        cores: cores the worker is pinned to (``"4-7"``), or ``None`` (it shares every core).
+        spin_us: busy-poll window, us (0: block on ZeroMQ).
+        why: one line for the start-up log.
+    """
+
+    threads: int
+    cores: str | None
+    spin_us: float
+    why: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,15 +65,17 @@ class OmniServeConfig:
     Attributes:
         enabled: ``--omniserve``; without it the package changes nothing.
         cpu_kv_gb: size of the BE KV pool in host memory, GiB (``--omniserve-cpu-kv-gb``).
-        cpu_threads: OpenMP threads of the CPU attention worker; ``None`` = half the cores, >= 1.
-        cpu_cores: cores the worker's threads are pinned to, e.g. ``"4-7"`` (``None`` = no pinning).
+        cpu_threads: OpenMP threads of the CPU attention worker, >= 1; ``None``: see :meth:`worker_setup`.
+        cpu_cores: cores the worker's threads are pinned to, e.g. ``"4-7"`` (``None``: see
+            :meth:`worker_setup`).
         page_size: tokens per page of the BE KV pool (``--omniserve-cpu-page-size``), >= 1.
         cpu_attention: ``"kernel"`` (omniserve's AVX-512 decode kernel) or ``"sdpa"`` (torch SDPA
             per request, the exact math of SGLang's torch_native backend; slower).
         metrics: export omniserve's Prometheus metrics (SGLang's ``--enable-metrics``).
         cpu_spin_us: microseconds the worker (after a job) and the scheduler (waiting for one,
             beyond twice the previous job's kernel time) busy-poll shared memory before blocking
-            on ZeroMQ; for workers on cores of their own.
+            on ZeroMQ; ``None`` = ``SPIN_US`` when the worker has cores of its own, else 0 (see
+            :meth:`worker_setup`).
         cpu_job_timeout: seconds a CPU attention job may take before its worker counts as hung
             and is replaced (``--omniserve-cpu-job-timeout``); ``None`` = 10x the slowest job
             seen so far, and at least 2 s.
@@ -47,10 +94,10 @@ class OmniServeConfig:
     cpu_kv_gb: float = 4.0
     cpu_threads: int | None = None
     cpu_cores: str | None = None
-    page_size: int = 16
+    page_size: int = 64
     cpu_attention: str = "kernel"
     metrics: bool = False
-    cpu_spin_us: float = 0.0
+    cpu_spin_us: float | None = None
     cpu_job_timeout: float | None = None
     profile_path: str | None = None
     control: bool = True
@@ -66,7 +113,7 @@ class OmniServeConfig:
             raise ValueError(f"--omniserve-cpu-threads must be >= 1, got {self.cpu_threads}")
         if self.page_size < 1:
             raise ValueError(f"--omniserve-cpu-page-size must be >= 1, got {self.page_size}")
-        if not self.cpu_spin_us >= 0:
+        if self.cpu_spin_us is not None and not self.cpu_spin_us >= 0:
             raise ValueError(f"--omniserve-cpu-spin-us must be >= 0, got {self.cpu_spin_us}")
         if self.cpu_job_timeout is not None and not self.cpu_job_timeout > 0:
             raise ValueError(f"--omniserve-cpu-job-timeout must be > 0 seconds, got {self.cpu_job_timeout}")
@@ -80,9 +127,38 @@ class OmniServeConfig:
         if self.cpu_attention not in ("kernel", "sdpa"):
             raise ValueError(f"--omniserve-cpu-attention must be kernel or sdpa, got {self.cpu_attention!r}")
 
-    @property
-    def worker_threads(self) -> int:
-        return self.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
+    def worker_setup(self, device: str, affinity: list[int] | None = None) -> WorkerSetup:
+        """The CPU attention worker's cores, threads and hand-off for a scheduler on ``device``.
+
+        - ``--omniserve-cpu-cores`` given: the worker runs there (one thread per core unless
+          ``--omniserve-cpu-threads``) and busy-polls (``SPIN_US``): the user gave it cores of its own.
+        - A CUDA device: SGLang's processes keep the first ``SGLANG_HOST_CORES`` cores of
+          ``affinity`` (default: this process's) and the worker gets the rest, busy-polling; with
+          no core left, as on the CPU device. (``--omniserve`` runs without tensor parallelism.)
+        - The CPU device (SGLang's forward runs its threads on every core): the worker shares the
+          cores with half as many threads and blocks on ZeroMQ between jobs, since polling there
+          would take cores from the forward (benchmarks/results/cpu_attention.md).
+
+        ``--omniserve-cpu-spin-us`` and ``--omniserve-cpu-threads``, when given, win in every case.
+
+        Raises:
+            ValueError: a malformed ``--omniserve-cpu-cores``.
+        """
+        cores = sorted(os.sched_getaffinity(0) if affinity is None else affinity)
+        own: list[int] = []
+        if self.cpu_cores:
+            own, why = parse_cores(self.cpu_cores), "on --omniserve-cpu-cores"
+        elif device.startswith("cuda"):
+            own = cores[SGLANG_HOST_CORES:]
+            why = (f"on cores of its own ({len(cores)} cores, {SGLANG_HOST_CORES} left to SGLang)" if own
+                   else f"sharing the cores (only {len(cores)}: none to spare beside SGLang's processes)")
+        else:
+            why = f"sharing the cores with SGLang's {device} forward"
+        spin = self.cpu_spin_us if self.cpu_spin_us is not None else (SPIN_US if own else 0.0)
+        threads = self.cpu_threads or (len(own) if own else max(1, len(cores) // 2))
+        spec = ",".join(map(str, own)) if own and not self.cpu_cores else self.cpu_cores
+        mode = f"busy-polls {spin:.0f} us" if spin else "blocks on ZeroMQ"
+        return WorkerSetup(threads, spec, spin, f"{why}; {mode} between jobs")
 
     @property
     def cpu_kv_bytes(self) -> int:

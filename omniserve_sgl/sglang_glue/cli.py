@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from omniserve_sgl.config import ENV_VAR, OmniServeConfig
+from omniserve_sgl.config import ENV_VAR, SPIN_US, OmniServeConfig
 from omniserve_sgl.service_class import SERVICE_CLASS_KEY
 
 logger = logging.getLogger(__name__)
@@ -24,21 +24,25 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
     group.add_argument("--omniserve-cpu-kv-gb", type=float, default=_DEFAULTS.cpu_kv_gb,
                        help="Host memory for the BE KV pool, GiB (default %(default)s).")
     group.add_argument("--omniserve-cpu-page-size", type=int, default=_DEFAULTS.page_size,
-                       help="Tokens per page of the BE KV pool (default %(default)s). Each page is a jump in "
-                       "memory for the CPU kernel: for models with few, small KV heads, larger pages read "
-                       "faster (benchmarks/results/cpu_attention.md measures 16, 32 and 64).")
+                       help="Tokens per page of the BE KV pool (default %(default)s, the page size "
+                       "benchmarks/results/cpu_attention.md measures best: each page is a jump in memory for the "
+                       "CPU kernel, and a larger page wastes more of the pool).")
     group.add_argument("--omniserve-cpu-threads", type=int, default=None,
-                       help="Threads of the CPU attention worker (default: half the cores).")
+                       help="Threads of the CPU attention worker (default: one per core of its own, else half "
+                       "the cores).")
     group.add_argument("--omniserve-cpu-attention", choices=("kernel", "sdpa"), default=_DEFAULTS.cpu_attention,
                        help="BE decode attention on the CPU worker: omniserve's AVX-512 kernel (default), or "
                        "torch SDPA per request, bit-exact with SGLang's torch_native backend (slower).")
     group.add_argument("--omniserve-cpu-cores", type=str, default=None,
-                       help="Pin the CPU attention worker to these cores, e.g. 8-15 (default: no pinning).")
-    group.add_argument("--omniserve-cpu-spin-us", type=float, default=_DEFAULTS.cpu_spin_us,
+                       help="Pin the CPU attention worker to these cores, e.g. 8-15. Default: on a GPU server, "
+                       "every core but the first 3 (left to SGLang's scheduler, tokenizer and detokenizer); on "
+                       "the CPU device, no pinning (the forward uses every core).")
+    group.add_argument("--omniserve-cpu-spin-us", type=float, default=None,
                        help="Microseconds the CPU worker and the scheduler busy-poll shared memory for each "
                        "other before blocking on ZeroMQ (the scheduler beyond twice the previous job's kernel "
-                       "time); shortens the per-layer hand-off when the worker has "
-                       "cores of its own (--omniserve-cpu-cores). Default %(default)s: never spin.")
+                       f"time). Default: {SPIN_US:.0f} when the worker has cores of its own (about 40 us per "
+                       "layer hand-off against 280 blocking), else 0 (polling would take cores from the forward); "
+                       "benchmarks/results/cpu_attention.md measures both.")
     group.add_argument("--omniserve-cpu-job-timeout", type=float, default=None,
                        help="Seconds one CPU attention job may take before the worker counts as hung and is "
                        "replaced, its job run again (default: 10x the slowest job so far, at least 2 s).")

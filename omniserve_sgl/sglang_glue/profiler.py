@@ -128,7 +128,7 @@ def chunk_samples(model_runner, budget_s: float) -> list[StepSample]:
     return samples
 
 
-def setup_key(model_runner, cfg: config.OmniServeConfig) -> dict:
+def setup_key(model_runner, cfg: config.OmniServeConfig, worker: config.WorkerSetup) -> dict:
     """What a profile depends on: model files, dtype, device, TP size, the CPU worker's setup and the
     versions of SGLang, torch and omniserve-sgl."""
     mc = model_runner.model_config
@@ -137,7 +137,7 @@ def setup_key(model_runner, cfg: config.OmniServeConfig) -> dict:
     return {
         "model": str(model_path), "config_sha": hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
         if cfg_file.is_file() else None, "layers": mc.num_hidden_layers, "dtype": str(mc.dtype),
-        "device": str(model_runner.device), "tp": model_runner.server_args.tp_size, "cpu_threads": cfg.worker_threads,
+        "device": str(model_runner.device), "tp": model_runner.server_args.tp_size, "cpu_threads": worker.threads,
         "cpu_attention": cfg.cpu_attention, "page_size": cfg.page_size,
         "versions": {p: version(p) for p in ("sglang", "torch", "omniserve-sgl")}, "format": FORMAT_VERSION,
     }
@@ -180,7 +180,7 @@ def load_or_profile(model_runner, runtime, cfg: config.OmniServeConfig) -> Laten
     """
     if not cfg.profile_path and not cfg.control:
         return None
-    key = setup_key(model_runner, cfg)
+    key = setup_key(model_runner, cfg, runtime.worker)
     path = profile_path(key, cfg)
     if path.is_file():
         try:

@@ -85,7 +85,8 @@ def start_runtime(model_runner) -> BERuntime:
     kv_pool = model_runner.token_to_kv_pool
     _runtime = BERuntime(config.current(), num_layers=mc.num_hidden_layers, num_kv_heads=kv_pool.head_num,
                          head_dim=kv_pool.head_dim, num_qo_heads=mc.num_attention_heads,
-                         dtype=kv_pool.dtype, max_rows=max(model_runner.req_to_token_pool.size, 1))
+                         dtype=kv_pool.dtype, max_rows=max(model_runner.req_to_token_pool.size, 1),
+                         worker=config.current().worker_setup(str(model_runner.device)))
     if config.current().metrics:
         from omniserve_sgl.metrics import BEMetrics
 

@@ -11,25 +11,7 @@ import logging
 import os
 import signal
 
-
-def parse_cores(spec: str) -> list[int]:
-    """``"0-3,6"`` -> ``[0, 1, 2, 3, 6]``. Raises ValueError on a malformed list."""
-    cores: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        try:
-            a, b = int(lo), int(hi or lo)
-        except ValueError:
-            raise ValueError(f"bad CPU core list {spec!r}: expected e.g. '0-3,6'") from None
-        if a < 0 or b < a:
-            raise ValueError(f"bad CPU core range {part!r} in {spec!r}")
-        cores.extend(range(a, b + 1))
-    if not cores:
-        raise ValueError(f"empty CPU core list {spec!r}")
-    return cores
+from omniserve_sgl.config import parse_cores
 
 
 def _exit_on_signal(*_) -> None:

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from omniserve_sgl.bench.launch import SGLangServer, metric_sum
 from omniserve_sgl.bench.workload import sharegpt_prompts
+from omniserve_sgl.config import OmniServeConfig
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.kv import BEKVPoolSpec
 
@@ -38,8 +39,9 @@ class ModelShape:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         return cls(cfg["num_hidden_layers"], cfg["num_key_value_heads"], head_dim, cfg["max_position_embeddings"])
 
-    def be_pool_gb(self, num_pages: int, page_size: int = 16) -> str:
-        """``--omniserve-cpu-kv-gb`` for a bf16 BE KV pool of exactly ``num_pages`` pages."""
+    def be_pool_gb(self, num_pages: int, page_size: int = OmniServeConfig().page_size) -> str:
+        """``--omniserve-cpu-kv-gb`` for a bf16 BE KV pool of exactly ``num_pages`` pages (of the
+        default page size unless ``page_size``)."""
         page = BEKVPoolSpec(self.num_layers, self.num_kv_heads, self.head_dim, 1, page_size).bytes_per_page
         return repr((num_pages + 0.5) * page / (1 << 30))
 

@@ -1,6 +1,6 @@
 """Limits: a full BE KV pool makes BE requests wait, not fail, and one longer than the pool is
 refused; under GPU KV pressure SGLang retracts LS requests, never offloaded BE ones; a server
-killed with SIGKILL leaves nothing behind. One server for all: a BE KV pool of 11 pages, and
+killed with SIGKILL leaves nothing behind. One server for all: a BE KV pool of 5 pages, and
 SGLang's retraction test mode."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
 @pytest.fixture(scope="module")
 def server(model_path, model, latency_profile):
-    """11 BE KV pool pages of 16 tokens; SGLang retracts a decode request every 3 steps; the SLO
+    """5 BE KV pool pages of 64 tokens (the default page size); SGLang retracts a decode request every 3 steps; the SLO
     controller on, BE requests decoding on the CPU worker."""
     env = {"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"}
     shm_before = set(os.listdir("/dev/shm"))
-    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(11),
+    with SGLangServer(model_path, "--omniserve", "--omniserve-cpu-kv-gb", model.be_pool_gb(5),
                       "--enable-metrics", "--omniserve-profile", str(latency_profile.path),
                       "--omniserve-be-placement", "cpu", env=env) as s:
         s.shm_before = shm_before
@@ -37,8 +37,8 @@ def server(model_path, model, latency_profile):
 
 
 def test_full_be_pool_makes_be_requests_wait_then_complete(server):
-    # Two of these ~64-token requests fit in the 11 pages at a time; the third waits.
-    assert metric(server, "omniserve_be_pool_pages_capacity") == 11
+    # Two of these ~68-token requests (2 pages each) fit in the 5 pages at a time; the third waits.
+    assert metric(server, "omniserve_be_pool_pages_capacity") == 5
     seen_waiting = []
     done = threading.Event()
 
@@ -52,7 +52,7 @@ def test_full_be_pool_makes_be_requests_wait_then_complete(server):
     results = [None] * 3
 
     def run(i):
-        results[i] = generate(server, f"Count from {i} to ten:", 56, "be")
+        results[i] = generate(server, f"Count from {i} to ten:", 60, "be")
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for t in threads:
@@ -64,7 +64,7 @@ def test_full_be_pool_makes_be_requests_wait_then_complete(server):
     done.set()
     watcher.join()
     assert len(ls["output_ids"]) == 4
-    assert all(len(r["output_ids"]) == 56 for r in results)
+    assert all(len(r["output_ids"]) == 60 for r in results)
     assert max(seen_waiting) >= 1
     assert metric(server, "omniserve_be_pool_pages_used") == 0
 
