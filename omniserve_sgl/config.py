@@ -13,7 +13,7 @@ import orjson
 ENV_VAR = "OMNISERVE_CONFIG"
 # How long the worker (after a job) and the scheduler (waiting for one) busy-poll shared memory when
 # the worker has cores of its own: benchmarks/results/cpu_attention.md measures the per-layer
-# hand-off at about 40 us this way against about 280 us blocking on ZeroMQ, and a polling worker
+# hand-off at about 30-60 us this way against about 250 us blocking on ZeroMQ, and a polling worker
 # that shares its cores with the forward nearly doubles each layer's time.
 SPIN_US = 2000.0
 # Cores left to SGLang's own processes on a GPU server before the worker gets the rest: the

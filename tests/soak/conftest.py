@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 
 from omniserve_sgl.bench.launch import SGLangServer
+from omniserve_sgl.config import OmniServeConfig
 from tests.serving.conftest import model, model_path, prompts, tokenizer  # noqa: F401 - shared fixtures
 
-POOL_PAGES = 100
+PAGE = OmniServeConfig().page_size
+POOL_PAGES = 1664 // PAGE  # room for a 24-chunk BE prompt (test_aborts), in pages of the default size
 CHUNK = 64
 
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.serving.conftest import flush_cache, generate, metric
-from tests.soak.conftest import CHUNK, POOL_PAGES
+from tests.soak.conftest import CHUNK, PAGE, POOL_PAGES
 
 USED, RESERVED, WAITING = ("omniserve_be_pool_pages_used", "omniserve_be_pool_pages_reserved",
                            "omniserve_be_waiting_requests")
@@ -104,7 +104,7 @@ def _run(coro):
 def test_abort_while_waiting_for_pool_pages(soak_server, reference, how, stream):
     url = soak_server.url
     # Two requests of half the pool each (prompt + max_new_tokens) hold every page.
-    half = POOL_PAGES // 2 * 16 - 40
+    half = POOL_PAGES // 2 * PAGE - 40
 
     async def case(session):
         blockers = [(uuid.uuid4().hex, []) for _ in range(2)]
