@@ -41,6 +41,13 @@ class ControllerConfig:
             (``LSDecode.ahead_s``), this share, and at most ``ahead_cap`` TPOT SLOs, is spent on one
             gap between two of their tokens (spending all of it would leave their average TPOT at
             the SLO, and prediction error on either side of it).
+        be_chunk_waste: a BE prefill chunk costs at most this multiple of the time per token of
+            prefilling the rest of the prompt in one step (a tiny chunk pays the step's fixed cost,
+            and on backends whose chunk cost grows with the prefix, such as SGLang's CPU
+            torch_native, the whole prefix again, for a few tokens); when no chunk that fits is
+            that efficient, the slack goes to BE decode rows instead.
+        move_gain: a BE request moves between the GPU KV cache and the BE KV pool for speed only
+            when the predicted decode step gets at least this share faster (hysteresis).
         min_ls_chunk: the smallest LS prefill chunk, tokens: LS prefill always progresses.
         gpu_kv_reserve_tokens: GPU KV slots kept free for LS beyond the queued prompts.
     """
@@ -48,10 +55,12 @@ class ControllerConfig:
     ls_admission: str = "queue"
     be_placement: str = "auto"
     ls_margin: float = 0.9
-    be_margin: float = 0.8
+    be_margin: float = 0.6
     be_ttft_share: float = 0.25
     ahead_share: float = 0.5
     ahead_cap: float = 4.0
+    be_chunk_waste: float = 2.0
+    move_gain: float = 0.05
     min_ls_chunk: int = 32
     gpu_kv_reserve_tokens: int = 0
 
@@ -63,6 +72,10 @@ class ControllerConfig:
         for name in ("ls_margin", "be_margin", "be_ttft_share", "ahead_share"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not self.be_chunk_waste >= 1.0:
+            raise ValueError(f"be_chunk_waste must be >= 1, got {self.be_chunk_waste}")
+        if not 0.0 <= self.move_gain < 1.0:
+            raise ValueError(f"move_gain must be in [0, 1), got {self.move_gain}")
         if not self.ahead_cap >= 0:
             raise ValueError(f"ahead_cap must be >= 0, got {self.ahead_cap}")
         if self.min_ls_chunk < 1:
@@ -184,9 +197,11 @@ class Controller:
                     be_budget is None or fits(c, r.prefilled, be_budget))
 
             chunk = largest_fitting(1, hi, be_fits)
-            if chunk >= 1:
+            smallest = self._smallest_efficient_be_chunk(r.prompt_len - r.prefilled, r.prefilled, hi)
+            if chunk >= smallest:
                 return StepPlan(be_prefill=(r.rid, chunk), predicted_s=self._prefill_time(chunk, r.prefilled),
                                 why=f"BE prefill {chunk} tokens of {r.rid}", **common)
+            why += f"BE prefill of {r.rid} waits (fits {max(chunk, 0)} tokens, efficient from {smallest}); "
         # Decode step: every LS row, then BE rows, longest-deferred first, while the step fits; none
         # while LS prompts wait (their prefill comes first, and BE rows would shrink its chunk).
         moved = {**{rid: CPU for rid in to_cpu}, **{rid: GPU for rid in to_gpu}}
@@ -204,12 +219,23 @@ class Controller:
                         predicted_s=self.model.predict(self._decode_shape(view, chosen)),
                         why=f"{why}decode {len(view.ls_decodes)} LS + {n} of {len(rows)} BE rows", **common)
 
+    def _smallest_efficient_be_chunk(self, remaining: int, prefix: int, hi: int) -> int:
+        """The smallest BE chunk whose time per token is within ``be_chunk_waste`` of the time per
+        token of prefilling all ``remaining`` tokens in one step (time per token falls with the
+        chunk: the fixed and prefix terms are shared by its tokens)."""
+        bound = self.config.be_chunk_waste * self._prefill_time(remaining, prefix) / remaining
+        # largest_fitting over the mirrored range finds the boundary of a predicate true from it up.
+        n = largest_fitting(-hi, -1, lambda m: self._prefill_time(-m, prefix) / -m <= bound)
+        return hi + 1 if n < -hi else -n
+
     def _placement(self, view: ServerView) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """BE KV moves for this step (paper 3.3): GPU-resident BE requests go to the BE KV pool,
         largest first, while the GPU KV the LS requests need (queued prompts, a token per decode,
-        the reserve) is not free; one CPU-resident request (longest-deferred) comes back to the GPU
-        when its KV fits beside that need and the decode step with it on the GPU still fits the BE
-        budget."""
+        the reserve) is not free. Otherwise (``auto`` placement, no LS prompt waiting) one request
+        moves for speed: the largest GPU-resident one to the pool when its row costs a decode step
+        less there, else the longest-deferred CPU-resident one back to fresh GPU slots when its KV
+        fits beside the LS need, its row costs less on the GPU, and the GPU's BE rows with it still
+        fit the BE budget."""
         need = (sum(w.remaining for w in view.ls_waiting) + len(view.ls_decodes)
                 + self.config.gpu_kv_reserve_tokens)
         headroom = view.gpu_kv_free_tokens - need
@@ -222,13 +248,29 @@ class Controller:
                 headroom += r.context_len
         if to_cpu or self.config.be_placement == "cpu" or view.ls_waiting:
             return tuple(to_cpu), ()
+        # For speed: one move per step, to wherever the request's row adds less to a decode step of
+        # every BE row, by ``move_gain`` (on a GPU its own KV cache; on SGLang's CPU device, whose
+        # decode attention is slower than the worker's kernel, the BE KV pool).
         tpot = self.tpot_budget(view)
-        on_gpu = [r for r in view.be if r.placement == GPU]
-        for r in sorted((r for r in view.be if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid)):
+        rows = [r for r in view.be if r.placement in (GPU, CPU)]
+
+        def cost(rid: str, placement: str) -> float:
+            """What the row of ``rid`` at ``placement`` adds to the step, s."""
+            others = [r for r in rows if r.rid != rid]
+            moved = [*others, dataclasses.replace(next(r for r in rows if r.rid == rid), placement=placement)]
+            return (self.model.predict(self._decode_shape(view, moved))
+                    - self.model.predict(self._decode_shape(view, others)))
+
+        keep = 1.0 - self.config.move_gain
+        for r in sorted((r for r in rows if r.placement == GPU), key=lambda r: (-r.context_len, r.rid)):
+            if r.context_len <= view.be_pool_free_tokens and cost(r.rid, CPU) < keep * cost(r.rid, GPU):
+                return (r.rid,), ()
+        for r in sorted((r for r in rows if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid)):
             if r.context_len + 1 > headroom:
                 continue
-            back = [*on_gpu, dataclasses.replace(r, placement=GPU)]
-            if tpot is None or self.model.predict(self._decode_shape(view, back)) <= self.config.be_margin * tpot:
+            back = [*(x for x in rows if x.placement == GPU), dataclasses.replace(r, placement=GPU)]
+            fits = tpot is None or self.model.predict(self._decode_shape(view, back)) <= self.config.be_margin * tpot
+            if fits and cost(r.rid, GPU) < keep * cost(r.rid, CPU):
                 return (), (r.rid,)
             break
         return (), ()

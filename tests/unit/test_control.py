@@ -33,6 +33,10 @@ from omniserve_sgl.control import (
 # A GPU-like step: 4 ms fixed, 1.5 ms per 64-token tile, attention and CPU terms.
 TRUE = LatencyModel(tile=64, c_step=4e-3, c_dense=1.5e-3, c_prefill_attn=2e-9, c_prefill_ctx=2e-7, c_decode_attn=3e-8,
                     c_decode_row=2e-5, c_cpu_bytes=1e-10, c_cpu_job=5e-5)
+# SGLang's CPU device as fitted on the 2-core VM (default model): a chunk reads its whole prefix
+# again (0.38 ms per token of context), and its decode attention is slower than the CPU worker's.
+STANDIN = LatencyModel(tile=1, c_step=0.046, c_dense=5.6e-4, c_prefill_attn=2e-7, c_prefill_ctx=3.8e-4,
+                       c_decode_attn=3.1e-5, c_decode_row=2.9e-3, c_cpu_bytes=7.7e-11, c_cpu_job=2.5e-4)
 
 
 def _samples(n: int, noise: float, seed: int = 0) -> list[StepSample]:
@@ -162,11 +166,11 @@ def test_decodes_that_already_waited_go_before_more_prefill():
     smaller = ctl.plan(dataclasses.replace(view, since_decode_s=0.01)).ls_prefill_tokens
     assert ControllerConfig().min_ls_chunk <= smaller < fresh
     # The decode step's BE rows shrink with the decodes' wait, down to none.
-    loose = dataclasses.replace(view, ls_waiting=(), slo=SLO(ttft_s=2.0, tpot_s=0.1))
+    loose = dataclasses.replace(view, ls_waiting=(), slo=SLO(ttft_s=2.0, tpot_s=0.2))
     rows = len(ctl.plan(loose).be_decode)
-    fewer = len(ctl.plan(dataclasses.replace(loose, since_decode_s=0.02)).be_decode)
+    fewer = len(ctl.plan(dataclasses.replace(loose, since_decode_s=0.05)).be_decode)
     assert 0 < fewer < rows
-    assert ctl.plan(dataclasses.replace(loose, since_decode_s=0.1)).be_decode == ()
+    assert ctl.plan(dataclasses.replace(loose, since_decode_s=0.2)).be_decode == ()
 
 
 def test_a_be_chunk_takes_at_most_a_share_of_the_ttft_slo_even_without_ls_decodes():
@@ -175,6 +179,43 @@ def test_a_be_chunk_takes_at_most_a_share_of_the_ttft_slo_even_without_ls_decode
     chunk = ctl.plan(view).be_prefill[1]
     cap = ControllerConfig().be_ttft_share * 0.4
     assert ctl._prefill_time(chunk, 0) <= cap < ctl._prefill_time(chunk + 1, 0)
+
+
+def test_a_be_chunk_too_small_to_pay_for_its_fixed_and_prefix_costs_waits_and_decode_rows_run():
+    """On the CPU stand-in a chunk pays 46 ms plus 0.38 ms per token of prefix: late in a long BE
+    prompt, the chunk that fits the slack would prefill a few tokens for the price of hundreds."""
+    ctl = Controller(STANDIN)
+    slo = SLO(ttft_s=1.0, tpot_s=0.4)
+    decodes = tuple(LSDecode(f"ls{i}", 150) for i in range(3))
+    late = BERequest("b", WAITING, prompt_len=1000, prefilled=500)
+    plan = ctl.plan(_view(ls_decodes=decodes, be=(late, BERequest("r", CPU, context_len=900)), slo=slo,
+                          kv_bytes_per_token=30 * 2 * 3 * 64 * 2, num_layers=30))
+    assert plan.be_prefill is None and plan.be_decode == ("r",) and "BE prefill of b waits" in plan.why
+    # Early in the prompt the chunk that fits is efficient; with the decodes far ahead, so is the rest.
+    early = dataclasses.replace(late, prefilled=0)
+    assert ctl.plan(_view(ls_decodes=decodes, be=(early,), slo=slo)).be_prefill[1] > 50
+    ahead = tuple(dataclasses.replace(d, ahead_s=10.0) for d in decodes)
+    assert ctl.plan(_view(ls_decodes=ahead, be=(late,), slo=SLO(ttft_s=4.0, tpot_s=0.4))).be_prefill == ("b", 500)
+    # A GPU-like model: every chunk that fits is efficient.
+    assert Controller(TRUE).plan(_view(ls_decodes=LS_DECODES, be=(late,), slo=slo)).be_prefill is not None
+
+
+def test_be_requests_decode_where_their_rows_cost_less():
+    """With slack, a BE request's row goes where it adds less to a decode step: the CPU worker on
+    the CPU stand-in (SGLang's CPU decode attention is slower than the worker's kernel), the GPU on a
+    GPU; a move must gain ``move_gain`` of the row's cost, so a request does not go back and forth."""
+    kw = {"ls_decodes": LS_DECODES[:3], "slo": SLO(ttft_s=1.0, tpot_s=0.5), "kv_bytes_per_token": 30 * 2 * 3 * 64 * 2,
+          "num_layers": 30}
+    on_gpu = _view(be=(BERequest("g", GPU, context_len=900), BERequest("c", CPU, context_len=900)), **kw)
+    plan = Controller(STANDIN).plan(on_gpu)
+    assert (plan.to_cpu, plan.to_gpu) == (("g",), ())
+    moved = _view(be=(BERequest("g", CPU, context_len=900), BERequest("c", CPU, context_len=900)), **kw)
+    assert Controller(STANDIN).plan(moved).to_gpu == ()
+    plan = Controller(TRUE).plan(on_gpu)
+    assert (plan.to_cpu, plan.to_gpu) == ((), ("c",))
+    # Equal costs either way: no move.
+    even = ControllerConfig(move_gain=0.99)
+    assert Controller(TRUE, even).plan(on_gpu).to_gpu == ()
 
 
 def test_time_the_decodes_are_ahead_of_their_tpot_is_spent_on_be_work_up_to_a_cap():
@@ -293,6 +334,7 @@ def test_slack_brings_a_be_request_back_to_the_gpu_unless_placement_is_cpu():
 @pytest.mark.parametrize("kw,words", [
     ({"ls_admission": "drop"}, "ls_admission"), ({"be_placement": "gpu"}, "be_placement"),
     ({"be_margin": 0.0}, "be_margin"), ({"min_ls_chunk": 0}, "min_ls_chunk"),
+    ({"be_chunk_waste": 0.5}, "be_chunk_waste"), ({"move_gain": 1.0}, "move_gain"),
 ])
 def test_bad_controller_settings_are_refused(kw, words):
     with pytest.raises(ValueError, match=words):
