@@ -47,7 +47,8 @@ class ControllerConfig:
             torch_native, the whole prefix again, for a few tokens); when no chunk that fits is
             that efficient, the slack goes to BE decode rows instead.
         move_gain: a BE request moves between the GPU KV cache and the BE KV pool for speed only
-            when the predicted decode step gets at least this share faster (hysteresis).
+            when its row costs a decode step at least this share less at the other place
+            (hysteresis: no back and forth on prediction noise).
         min_ls_chunk: the smallest LS prefill chunk, tokens: LS prefill always progresses.
         gpu_kv_reserve_tokens: GPU KV slots kept free for LS beyond the queued prompts.
     """
