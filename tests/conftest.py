@@ -35,8 +35,9 @@ def pytest_collection_modifyitems(items):
 
 
 def live_servers() -> list[psutil.Process]:
-    """SGLang server launchers below this pytest process (SGLang's own children are spawned
-    interpreters whose command lines do not name the launcher, so each server counts once)."""
+    """SGLang server launchers below this pytest process, each server once: SGLang's own children
+    are spawned interpreters whose command lines do not name the launcher, and a child a launcher
+    forks (its command line is the launcher's until it execs, or for good) belongs to that server."""
     found = []
     for p in psutil.Process(os.getpid()).children(recursive=True):
         try:
@@ -44,7 +45,15 @@ def live_servers() -> list[psutil.Process]:
                 found.append(p)
         except psutil.Error:  # exited while we looked
             pass
-    return found
+    pids = {p.pid for p in found}
+    return [p for p in found if _ppid(p) not in pids]
+
+
+def _ppid(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.Error:
+        return None
 
 
 class _ServerWatch:
