@@ -40,8 +40,8 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
     group.add_argument("--omniserve-cpu-spin-us", type=float, default=None,
                        help="Microseconds the CPU worker and the scheduler busy-poll shared memory for each "
                        "other before blocking on ZeroMQ (the scheduler beyond twice the previous job's kernel "
-                       f"time). Default: {SPIN_US:.0f} when the worker has cores of its own (about 40 us per "
-                       "layer hand-off against 280 blocking), else 0 (polling would take cores from the forward); "
+                       f"time). Default: {SPIN_US:.0f} when the worker has cores of its own (about 30-60 us per "
+                       "layer hand-off against about 250 blocking), else 0 (polling would take cores from the forward); "
                        "benchmarks/results/cpu_attention.md measures both.")
     group.add_argument("--omniserve-cpu-job-timeout", type=float, default=None,
                        help="Seconds one CPU attention job may take before the worker counts as hung and is "
