@@ -161,6 +161,14 @@ class OmniServeConfig:
         return WorkerSetup(threads, spec, spin, f"{why}; {mode} between jobs")
 
     @property
+    def plans_every_step(self) -> bool:
+        """Whether the SLO controller must plan every step, LS traffic alone included: only to
+        refuse LS requests at admission (``--omniserve-ls-admission reject``). Otherwise the BE path,
+        and with it SGLang's synchronous loop, is on only while a BE request is in the server
+        (:mod:`omniserve_sgl.sglang_glue.mode`)."""
+        return self.control and self.ls_admission == "reject"
+
+    @property
     def cpu_kv_bytes(self) -> int:
         return int(self.cpu_kv_gb * (1 << 30))
 

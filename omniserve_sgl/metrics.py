@@ -20,7 +20,9 @@ class BEMetrics:
     ``omniserve_be_rows_deferred_total`` (BE decode rows that sat out a step: no slack),
     ``omniserve_be_moves_total{direction="to_cpu"|"to_gpu"}`` (BE KV moves between the GPU KV cache
     and the BE KV pool) and ``omniserve_be_requests{placement="gpu"|"cpu"}`` (running BE requests
-    by where their KV lives)."""
+    by where their KV lives); ``omniserve_mode_switches_total{to="be"|"ls"}`` (the scheduler's
+    switches between LS mode and BE mode, :mod:`omniserve_sgl.sglang_glue.mode`) and
+    ``omniserve_overlap_schedule`` (1 while SGLang's overlap loop runs)."""
 
     ERROR_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0, 2.0)
 
@@ -51,6 +53,10 @@ class BEMetrics:
                                 "the BE KV pool", ["direction"])
         self.be_requests = Gauge("omniserve_be_requests", "Running BE requests by where their KV lives",
                                  ["placement"], **gauge)
+        self.mode_switches = Counter("omniserve_mode_switches", "Switches of the scheduler between LS mode (SGLang "
+                                     "alone, its overlap schedule) and BE mode (the BE path on)", ["to"])
+        self.overlap_schedule = Gauge("omniserve_overlap_schedule", "1 while the scheduler runs SGLang's overlap "
+                                      "loop, 0 in its synchronous loop", **gauge)
         for placement in ("gpu", "cpu"):
             self.be_requests.labels(placement=placement).set(0)
         for direction in ("to_cpu", "to_gpu"):

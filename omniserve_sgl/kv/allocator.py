@@ -41,6 +41,11 @@ class PageAllocator:
         return self.num_pages - len(self._free)
 
     @property
+    def num_seqs(self) -> int:
+        """Sequences holding pages or a reservation."""
+        return len(self._pages)
+
+    @property
     def reserved_pages(self) -> int:
         """Pages reserved for sequences' future tokens and not yet used."""
         return self._reserved_total

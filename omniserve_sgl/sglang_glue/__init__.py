@@ -8,6 +8,8 @@ Hook map (target -> hook):
   http_server.serve_generate_request (AROUND; the HTTP server's process) -> tokenizer
   ModelRunner.init_attention_backends (AFTER)                            -> start the BE runtime, split attention
   ModelRunner.init_cuda_graphs (AFTER)                                   -> load or profile the latency model
+  DecodeCudaGraphRunner.can_run_graph, CPUGraphRunner.can_run_graph (AFTER) -> eager passes with BE rows
+  Scheduler.event_loop_overlap (AROUND), ingest_requests (AFTER)         -> mode (LS mode: SGLang alone)
   Scheduler._create_generation_req (AFTER), run_batch (AROUND: step time against the latency
   model), init_req_max_new_tokens (AFTER),
   Scheduler._get_new_batch_prefill_raw (AROUND),
@@ -43,6 +45,10 @@ _HTTP = ("sglang.srt.entrypoints.http_server.serve_generate_request",)
 _SERVING = (
     "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends",
     "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
+    "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
+    "sglang.srt.model_executor.cpu_graph_runner.CPUGraphRunner.can_run_graph",
+    f"{_S}.event_loop_overlap",
+    f"{_S}.ingest_requests",
     f"{_S}._create_generation_req",
     f"{_S}.run_batch",
     f"{_S}.init_req_max_new_tokens",
@@ -113,12 +119,20 @@ def register() -> None:
     if not enabled:  # the main process before argument parsing, or a server without --omniserve
         return
     _check(_SERVING, True)
-    from omniserve_sgl.sglang_glue import controller, scheduler
-    from omniserve_sgl.sglang_glue.model_runner import init_attention_backends, init_cuda_graphs
+    from omniserve_sgl.sglang_glue import controller, mode, scheduler
+    from omniserve_sgl.sglang_glue.model_runner import (
+        eager_for_be_rows,
+        init_attention_backends,
+        init_cuda_graphs,
+    )
 
     hooks = (
         (init_attention_backends, HookType.AFTER),
         (init_cuda_graphs, HookType.AFTER),
+        (eager_for_be_rows, HookType.AFTER),
+        (eager_for_be_rows, HookType.AFTER),
+        (mode.run_loops, HookType.AROUND),
+        (mode.check_switch, HookType.AFTER),
         (scheduler.tag_request, HookType.AFTER),
         (scheduler.time_step, HookType.AROUND),
         (scheduler.refuse_oversized_be, HookType.AFTER),

@@ -82,8 +82,8 @@ _REFUSED = (
 
 def from_cli_args(original, cls, args: argparse.Namespace):
     """AROUND ``ServerArgs.from_cli_args``: reads the ``--omniserve*`` flags (which SGLang would
-    drop), refuses configurations omniserve does not handle yet, switches off the ones it forces
-    off (overlap schedule, CUDA graphs), exports the config for the children, then builds
+    drop), refuses configurations omniserve does not handle yet, turns the overlap schedule off for
+    ``--omniserve-ls-admission reject`` (the controller plans every step), exports the config for the children, then builds
     SGLang's ``ServerArgs`` from the rest.
 
     Raises:
@@ -108,10 +108,11 @@ def from_cli_args(original, cls, args: argparse.Namespace):
         if refused:
             raise SystemExit(f"omniserve: --omniserve does not support {', '.join(refused)} yet; "
                              "remove these flags or run without --omniserve")
-        # The per-layer LS/BE split runs eagerly, one batch at a time.
-        args.disable_overlap_schedule = True
-        args.disable_decode_cuda_graph = True
-        args.disable_prefill_cuda_graph = True
+        # SGLang's overlap schedule and CUDA graphs stay as given: the scheduler leaves the overlap
+        # loop while BE requests are in the server, and decode passes with BE rows run eagerly
+        # (sglang_glue.mode). Refusing LS requests at admission plans every step, in the synchronous loop.
+        if config.plans_every_step:
+            args.disable_overlap_schedule = True
         if getattr(args, "enable_metrics", False):
             allowed = list(getattr(args, "tokenizer_metrics_allowed_custom_labels", None) or [])
             if SERVICE_CLASS_KEY not in allowed:

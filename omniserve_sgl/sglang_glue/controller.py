@@ -43,7 +43,7 @@ from omniserve_sgl.control import (
     StepPlan,
 )
 from omniserve_sgl.service_class import slos_of_custom_params
-from omniserve_sgl.sglang_glue import placement
+from omniserve_sgl.sglang_glue import mode, placement
 from omniserve_sgl.sglang_glue.placement import is_be, is_offloaded
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,9 @@ def start(model: OnlineCorrection | None, metrics=None) -> None:
                 cfg.ttft_slo, cfg.tpot_slo, cfg.ls_admission, cfg.be_placement)
 
 
-def active() -> bool:
-    return _controller is not None
+def deferred() -> list:
+    """The BE Reqs sitting out the decode step in flight (outside SGLang's batches until merged back)."""
+    return _deferred
 
 
 # Tests only (like SGLang's SGLANG_TEST_RETRACT): every N-th step, every running BE request moves
@@ -174,7 +175,7 @@ def plan_step(original, self, running_batch) -> bool:
     deferred = original(self, running_batch)
     from omniserve_sgl.sglang_glue import scheduler as glue
 
-    if glue.runtime() is None:
+    if glue.runtime() is None or not mode.be_mode():
         return deferred
     if _TEST_MOVE_EVERY:
         _test_moves(self, running_batch, glue.runtime())
@@ -320,6 +321,8 @@ def merge_deferred(_result, self, *args, **kwargs) -> None:
     """AFTER ``Scheduler.process_batch_result`` (and when no decode step runs after all): the BE
     rows that sat out go back into the running batch; ``omniserve_be_requests`` is published."""
     global _deferred, _decoded_last_step, _plan
+    if not mode.be_mode():
+        return
     if _plan is not None and _plan.is_prefill:
         _decoded_last_step = False
     _plan = None

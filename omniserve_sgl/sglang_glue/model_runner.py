@@ -1,5 +1,5 @@
-"""Model-runner hooks: start the BE runtime, split the attention backend, and load or profile the
-latency model."""
+"""Model-runner hooks: start the BE runtime, split the attention backend, load or profile the
+latency model, and run decode passes with BE rows eagerly (graphs stay on for the others)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,10 @@ def init_cuda_graphs(_result, model_runner, *args, **kwargs) -> None:
     """
     if scheduler.latency_model() is None:
         scheduler.load_latency_model(model_runner)
+
+
+def eager_for_be_rows(result, _runner, _forward_batch):
+    """AFTER ``DecodeCudaGraphRunner.can_run_graph`` and ``CPUGraphRunner.can_run_graph``: a decode
+    pass whose BE rows attend on the CPU worker runs eagerly (its attention is split per layer in
+    Python, :mod:`omniserve_sgl.sglang_glue.attention`); every other pass keeps SGLang's graphs."""
+    return False if result and scheduler.decode_plan_pending() else None

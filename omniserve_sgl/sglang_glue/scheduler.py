@@ -21,7 +21,7 @@ from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
 from omniserve_sgl.control import OnlineCorrection
 from omniserve_sgl.service_class import BE, class_of_custom_params
-from omniserve_sgl.sglang_glue import controller, placement, profiler, view
+from omniserve_sgl.sglang_glue import controller, mode, placement, profiler, view
 from omniserve_sgl.sglang_glue.placement import is_be, is_offloaded
 from omniserve_sgl.sglang_glue.rows import select_rows
 
@@ -40,6 +40,11 @@ def runtime() -> BERuntime | None:
 
 def latency_model() -> OnlineCorrection | None:
     return _latency_model
+
+
+def decode_plan_pending() -> bool:
+    """Whether the decode batch about to run has BE rows for the CPU worker."""
+    return _pending_plan is not None
 
 
 def take_decode_plan() -> DecodePlan | None:
@@ -92,6 +97,7 @@ def start_runtime(model_runner) -> BERuntime:
 
         _metrics = BEMetrics()
         _metrics.update(_runtime, waiting=0)
+    mode.start(config.current().plans_every_step, _metrics)
     return _runtime
 
 
@@ -106,12 +112,12 @@ def load_latency_model(model_runner) -> None:
 
 def time_step(original, self, batch, *args, **kwargs):
     """AROUND ``Scheduler.run_batch``: with a latency model loaded, times each prefill or decode
-    step (synchronised on a GPU: ``--omniserve`` runs without the overlap schedule, so the
+    step in BE mode (synchronised on a GPU: BE mode runs SGLang's synchronous loop, so the
     scheduler waits for the step's results right after anyway), publishes
     ``|predicted - measured| / measured``, logs the plan and both times at debug level, one line
     per step, and folds the measured time into the model's online correction."""
     shape = None
-    if _latency_model is not None and _runtime is not None:
+    if _latency_model is not None and _runtime is not None and mode.be_mode():
         shape = view.step_shape(batch, _runtime, _runtime.pool.spec.num_layers, is_offloaded)
     if shape is None:
         return original(self, batch, *args, **kwargs)
@@ -139,6 +145,8 @@ def tag_request(req, _self, _recv_req, *args, **kwargs):
     except ValueError:  # refused by the tokenizer hook already; never reached over HTTP
         req.omniserve_be = False
     req.omniserve_offloaded = False
+    if req.omniserve_be:
+        mode.note_be_arrival()
 
 
 def refuse_oversized_be(_result, _self, req):
@@ -181,7 +189,7 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
       prefill-only request and samples nothing).
     - Admitted BE requests get their pool reservation, so they never stall or fail mid-decode.
     """
-    if _runtime is None:
+    if _runtime is None or not mode.be_mode():
         return original(self, prefill_delayer_single_pass, running_batch)
     if (why := _check_worker()) is not None:
         for req in [*self.waiting_queue, *running_batch.reqs]:
@@ -229,7 +237,7 @@ def offload_after_prefill(_result, self, batch, *args, **kwargs):
     decode attention runs on the CPU worker (the paper's choice: prefill on the GPU). With the SLO
     controller and ``--omniserve-be-placement auto`` it stays in the GPU KV cache instead, and the
     controller moves it when LS work needs the room."""
-    if _runtime is None or controller.keeps_be_on_gpu():
+    if _runtime is None or not mode.be_mode() or controller.keeps_be_on_gpu():
         return
     for req in batch.reqs:
         if not is_be(req) or is_offloaded(req) or req.finished() or req.is_retracted or not _prefill_done(req):
@@ -260,6 +268,8 @@ def decode_tokens_needed(original, self, selected_indices=None):
     """AROUND ``ScheduleBatch.new_tokens_required_next_decode``: offloaded BE rows need no GPU KV
     slot for their next token (it goes to the BE KV pool), so only LS rows count towards the GPU KV
     the next decode step needs, and BE rows never make SGLang think it must retract."""
+    if not mode.be_mode():
+        return original(self, selected_indices)
     rows = range(len(self.reqs)) if selected_indices is None else selected_indices
     return original(self, [i for i in rows if not is_offloaded(self.reqs[i])])
 
@@ -270,13 +280,15 @@ def retraction_order(original, reqs):
     and throws its decode progress away. They move to the front, in SGLang's order, and LS
     requests are retracted first, in SGLang's order."""
     order = original(reqs)
+    if not mode.be_mode():
+        return order
     return [i for i in order if is_offloaded(reqs[i])] + [i for i in order if not is_offloaded(reqs[i])]
 
 
 def retract_decode(original, self):
     """AROUND ``ScheduleBatch.retract_decode``: a batch of offloaded BE requests only holds no GPU
     KV to free, so nothing is retracted (SGLang's loop retracts at least one request per call)."""
-    if self.reqs and all(is_offloaded(r) for r in self.reqs):
+    if mode.be_mode() and self.reqs and all(is_offloaded(r) for r in self.reqs):
         return [], NewTokenRatioTracker.estimate_new_token_ratio_after_retract(self.reqs), []
     return original(self)
 
@@ -287,6 +299,8 @@ def alloc_decode(original, batch, token_per_req: int):
     from the GPU KV cache) and their next token is placed in the BE KV pool instead."""
     global _pending_plan, _plan_reqs
     _pending_plan, _plan_reqs = None, []
+    if not mode.be_mode():
+        return original(batch, token_per_req)
     be_rows, ls_rows = [], []
     for i, r in enumerate(batch.reqs):
         (be_rows if is_offloaded(r) else ls_rows).append(i)

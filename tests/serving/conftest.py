@@ -80,12 +80,14 @@ class PlainRun:
         marked: ``/generate`` answers to requests marked ``be`` and ``gold`` (8 and 2 tokens).
         workers: CPU attention worker processes below the server.
         metrics: the ``/metrics`` text.
+        server_info: its ``/get_server_info`` (SGLang's arguments as it runs with them).
     """
 
     outputs: dict[str, list[int]]
     marked: dict[str, dict]
     workers: list
     metrics: str
+    server_info: dict
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +101,8 @@ def plain_run(model_path, exact_texts) -> PlainRun:
             outputs[text] = generate(plain, text, 32)["output_ids"]
         marked = {"be": generate(plain, FIRST_EXACT_TEXT, 8, "be"), "gold": generate(plain, "Hi", 2, "gold")}
         return PlainRun(outputs, marked, worker_processes(plain),
-                        requests.get(f"{plain.url}/metrics", timeout=30).text)
+                        requests.get(f"{plain.url}/metrics", timeout=30).text,
+                        requests.get(f"{plain.url}/get_server_info", timeout=30).json())
 
 
 def flush_cache(server) -> None:

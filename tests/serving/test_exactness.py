@@ -1,13 +1,17 @@
 """Greedy BE output equals LS output token for token, and LS output under ``--omniserve`` equals
 plain SGLang's, where no side rounds differently: SDPA on the worker in bf16, or the kernel in
-float32. A CPU attention worker killed mid-decode changes no output either.
+float32, with the scheduler switching between SGLang's overlap loop (no BE request) and the BE
+path around a BE request amid streaming LS requests. A CPU attention worker killed mid-decode
+changes no output either.
 
 The sdpa and moves tests run their own servers; the float32 tests share ``f32_server``, started after them."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,6 +80,63 @@ def test_be_output_with_the_cpu_kernel_equals_ls_output_in_float32(f32_server, m
         flush_cache(server)
         be = generate(server, text, 32, "be")["output_ids"]
         assert len(be) == 32 and be == ls
+
+
+def test_without_be_requests_the_scheduler_runs_sglangs_overlap_loop(f32_server, plain_run):
+    """``--omniserve`` leaves the overlap schedule and the graph settings as plain SGLang has them,
+    and with no BE request in the server its scheduler runs SGLang's overlap loop."""
+    info = requests.get(f"{f32_server.url}/get_server_info", timeout=30).json()
+    for key in ("disable_overlap_schedule", "disable_cuda_graph", "disable_decode_cuda_graph",
+                "disable_prefill_cuda_graph"):
+        assert info[key] == plain_run.server_info[key], key
+    assert not info["disable_overlap_schedule"]
+    generate(f32_server, "Hi", 4, "ls")
+    assert metric(f32_server, "omniserve_overlap_schedule") == 1
+
+
+def _stream(server, text, max_new, first_chunk: threading.Event) -> list[int]:
+    """Streamed greedy ``/generate``; sets ``first_chunk`` at the first chunk; the output ids."""
+    body = {"text": text, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
+                                                             "ignore_eos": True}}
+    out = []
+    with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                out = json.loads(line[6:])["output_ids"]
+                first_chunk.set()
+    return out
+
+
+def test_a_be_request_amid_streaming_ls_requests_switches_mode_twice_and_changes_no_output(f32_server, exact_texts):
+    """LS requests stream; a BE request arrives, the scheduler leaves SGLang's overlap loop for the
+    BE path, the BE request finishes, the scheduler goes back while the LS requests still stream:
+    every request gets its whole greedy output, the one it gets alone (float32)."""
+    alone = {}
+    for text in exact_texts:
+        flush_cache(f32_server)
+        alone[text] = generate(f32_server, text, 96, "ls")["output_ids"]
+
+    def switches():
+        return tuple(metric(f32_server, "omniserve_mode_switches_total", to=to) for to in ("be", "ls"))
+
+    before = switches()
+    assert metric(f32_server, "omniserve_overlap_schedule") == 1
+    flush_cache(f32_server)
+    started = [threading.Event() for _ in exact_texts]
+    with ThreadPoolExecutor(len(exact_texts)) as pool:
+        ls = [pool.submit(_stream, f32_server, t, 96, e) for t, e in zip(exact_texts, started)]
+        assert all(e.wait(300) for e in started)
+        be = generate(f32_server, exact_texts[0], 8, "be")["output_ids"]
+        deadline = time.monotonic() + 60
+        while metric(f32_server, "omniserve_overlap_schedule") != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        back_while_streaming = not any(f.done() for f in ls)
+        outs = [f.result() for f in ls]
+    assert outs == [alone[t] for t in exact_texts]
+    assert be == alone[exact_texts[0]][:8]
+    assert switches() == (before[0] + 1, before[1] + 1)
+    assert back_while_streaming
 
 
 def test_a_worker_killed_mid_decode_changes_no_output(f32_server, prompts):

@@ -54,6 +54,7 @@ def test_reservation_is_counted_and_never_fails_within_it():
     a = PageAllocator(num_pages=10, page_size=4)
     a.allocate("r1", 0, reserve_tokens=20)  # 5 pages reserved
     assert a.free_pages == 5 and a.used_pages == 0 and a.reserved_pages == 5
+    assert a.num_seqs == 1  # a reservation alone counts: the server is in BE mode while one is held
     assert not a.can_allocate(24)  # 6 pages: only 5 are neither held nor reserved
     a.allocate("r2", 20)
     assert a.free_pages == 0
@@ -64,4 +65,4 @@ def test_reservation_is_counted_and_never_fails_within_it():
     with pytest.raises(BEPoolFullError):
         a.extend("r1", 1)
     a.free("r1")
-    assert a.free_pages == 5 and a.reserved_pages == 0
+    assert a.free_pages == 5 and a.reserved_pages == 0 and a.num_seqs == 1

@@ -63,7 +63,58 @@ def _reqs(*offloaded):
     return [types.SimpleNamespace(rid=i, omniserve_be=o, omniserve_offloaded=o) for i, o in enumerate(offloaded)]
 
 
-def test_retraction_keeps_offloaded_be_requests_and_takes_ls_ones_in_sglangs_order():
+@pytest.fixture
+def be_mode():
+    """The scheduler hooks with the BE path on (a BE request is in the server)."""
+    from omniserve_sgl.sglang_glue import mode
+
+    mode.start(pinned=True)
+    yield
+    mode.start(pinned=False)
+
+
+def test_in_ls_mode_the_hooks_pass_sglangs_own_answers_through():
+    from omniserve_sgl.sglang_glue import mode, scheduler
+
+    assert not mode.be_mode()
+    reqs = _reqs(False, True, False, True)
+    assert scheduler.retraction_order(lambda rs: [2, 3, 0, 1], reqs) == [2, 3, 0, 1]
+    seen = []
+    scheduler.decode_tokens_needed(lambda self, rows: seen.append(rows), types.SimpleNamespace(reqs=reqs), None)
+    assert seen == [None]
+
+
+def _sched(queue=(), running=(), last_extend=False, overlap=True):
+    last = types.SimpleNamespace(forward_mode=types.SimpleNamespace(is_extend=lambda: last_extend))
+    return types.SimpleNamespace(waiting_queue=list(queue), chunked_req=None, last_batch=last,
+                                 running_batch=types.SimpleNamespace(reqs=list(running)), enable_overlap=overlap)
+
+
+def test_mode_switches_at_the_loop_top_on_a_be_arrival_and_back_once_none_is_left():
+    from omniserve_sgl.sglang_glue import mode
+
+    mode.start(pinned=False)
+    be, ls = (types.SimpleNamespace(omniserve_be=c, finished=lambda: False) for c in (True, False))
+    done = types.SimpleNamespace(omniserve_be=True, finished=lambda: True)
+    try:
+        mode.check_switch(None, _sched(queue=[ls]))
+        assert not mode.be_mode()  # LS traffic alone: nothing happens
+        mode.note_be_arrival()
+        with pytest.raises(mode._Switch):  # SGLang's overlap loop is left (run_loops drains it)
+            mode.check_switch(None, _sched(queue=[be, ls]))
+        mode.note_be_arrival()
+        mode.check_switch(None, _sched(queue=[be], overlap=False))  # the synchronous loop: in place
+        assert mode.be_mode()
+        mode.check_switch(None, _sched(running=[be, ls], overlap=False))
+        mode.check_switch(None, _sched(running=[ls], last_extend=True, overlap=False))
+        assert mode.be_mode()  # a BE request runs, or the last step was a prefill: stay
+        mode.check_switch(None, _sched(running=[ls, done], overlap=False))  # finished, not yet filtered out
+        assert not mode.be_mode()
+    finally:
+        mode.start(pinned=False)
+
+
+def test_retraction_keeps_offloaded_be_requests_and_takes_ls_ones_in_sglangs_order(be_mode):
     from omniserve_sgl.sglang_glue import scheduler
 
     reqs = _reqs(False, True, False, True)
@@ -71,7 +122,7 @@ def test_retraction_keeps_offloaded_be_requests_and_takes_ls_ones_in_sglangs_ord
     assert order == [3, 1, 2, 0]  # SGLang retracts from the end: LS 0 first, then LS 2
 
 
-def test_next_decode_step_counts_gpu_kv_for_ls_rows_only():
+def test_next_decode_step_counts_gpu_kv_for_ls_rows_only(be_mode):
     from omniserve_sgl.sglang_glue import scheduler
 
     batch = types.SimpleNamespace(reqs=_reqs(True, False, True, False))
@@ -81,7 +132,7 @@ def test_next_decode_step_counts_gpu_kv_for_ls_rows_only():
     assert seen == [[1, 3], [1]]
 
 
-def test_a_batch_of_offloaded_be_requests_only_retracts_nothing():
+def test_a_batch_of_offloaded_be_requests_only_retracts_nothing(be_mode):
     from omniserve_sgl.sglang_glue import scheduler
 
     def sglang_retract(self):
@@ -226,9 +277,12 @@ def test_unsupported_or_bad_settings_are_refused_before_sglang_builds_its_args(n
     assert config.ENV_VAR not in os.environ
 
 
-def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_children(no_config, monkeypatch):
-    """Through SGLang's own ``ServerArgs.from_cli_args`` on the default model's config; a server
-    without ``--omniserve`` drops a config inherited from its caller's environment."""
+def test_omniserve_flags_keep_sglangs_schedule_and_graphs_and_reach_the_children(no_config, monkeypatch):
+    """Through SGLang's own ``ServerArgs.from_cli_args`` on the default model's config: ``--omniserve``
+    leaves the overlap schedule and the CUDA graph settings as plain SGLang has them (the scheduler
+    leaves the overlap loop only while BE requests are in the server), except with
+    ``--omniserve-ls-admission reject``, whose controller plans every step in the synchronous loop; a
+    server without ``--omniserve`` drops a config inherited from its caller's environment."""
     from sglang.srt.server_args import ServerArgs
 
     from omniserve_sgl.default_model import ensure_default_model
@@ -240,16 +294,23 @@ def test_omniserve_flags_switch_off_what_the_split_cannot_run_and_reach_the_chil
     config.OmniServeConfig(enabled=True).export()  # stale, from the caller
     plain = cli.from_cli_args(sglang_from_cli_args, ServerArgs, _parse(argv, ensure_default_model()))
     assert not plain.disable_overlap_schedule and not config.current().enabled
+    graphs = ("disable_cuda_graph", "disable_decode_cuda_graph", "disable_prefill_cuda_graph")
+
+    omni = cli.from_cli_args(sglang_from_cli_args, ServerArgs, _parse([*argv, "--omniserve"], ensure_default_model()))
+    assert not omni.disable_overlap_schedule
+    assert [getattr(omni, g) for g in graphs] == [getattr(plain, g) for g in graphs]
+    assert not config.current().plans_every_step
 
     args = _parse([*argv, "--omniserve", "--omniserve-cpu-kv-gb", "0.5", "--omniserve-cpu-page-size", "64",
                    "--omniserve-tpot-slo", "0.1", "--omniserve-ls-admission", "reject"], ensure_default_model())
     server_args = cli.from_cli_args(sglang_from_cli_args, ServerArgs, args)
     assert isinstance(server_args, ServerArgs)
     assert server_args.disable_overlap_schedule
-    assert server_args.disable_decode_cuda_graph and server_args.disable_prefill_cuda_graph
+    assert [getattr(server_args, g) for g in graphs] == [getattr(plain, g) for g in graphs]
     assert "omniserve_class" in server_args.tokenizer_metrics_allowed_custom_labels
     assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True, tpot_slo=0.1,
                                                            ls_admission="reject")
+    assert config.current().plans_every_step
 
 
 def test_mla_model_is_refused_before_loading(no_config, monkeypatch, tmp_path):

@@ -1,0 +1,203 @@
+"""What ``--omniserve`` costs LS traffic: SGLang's own benchmark client (``python -m
+sglang.benchmark.serving``) drives the same LS stream against plain SGLang and ``--omniserve``,
+alternating, pair after pair (each pair's order flips, so drift in the machine falls on both
+sides), and reports each pair's ratio omniserve / plain of median and p99 TTFT and TPOT, then their
+median and spread over the pairs.
+
+    .venv/bin/python benchmarks/ls_cost.py            # CPU, default model, about 30 min
+
+Two workloads per server, both the same random-token LS stream (fixed seed):
+  ls-only  LS requests alone: ``--omniserve`` should run as plain SGLang (its overlap schedule)
+  burst    the same, plus a short burst of requests marked BE in the middle (``x-omniserve-class:
+           be``; plain SGLang ignores the marker and serves them as any request): the scheduler
+           switches to the BE path and back; the LS numbers show what the burst costs each system
+
+One server is alive at a time (``--enable-metrics`` on both, the omniserve one with its defaults:
+the SLO controller on, the latency profile cached from an earlier start). Writes
+benchmarks/results/ls_cost.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from omniserve_sgl.bench.launch import SGLangServer, metric_sum
+from omniserve_sgl.bench.workload import sharegpt_json
+from omniserve_sgl.default_model import ensure_default_model
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+SYSTEMS = {"plain": (), "omniserve": ("--omniserve",)}
+WORKLOADS = ("ls-only", "burst")
+KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """The LS stream (SGLang's ``random`` dataset: ``input_len`` / ``output_len`` tokens per
+    request, Poisson arrivals at ``rate`` requests/s) and the BE burst, sent ``burst_at_s`` after
+    the stream starts: ``burst_requests`` requests of ``burst_input_len`` / ``burst_output_len``."""
+
+    pairs: int = 5
+    rate: float = 1.5
+    num_prompts: int = 60
+    input_len: int = 200
+    output_len: int = 32
+    burst_at_s: float = 25.0
+    burst_requests: int = 3
+    burst_input_len: int = 200
+    burst_output_len: int = 16
+
+
+def bench(server: SGLangServer, p: Profile, seed: int) -> dict:
+    """One run of SGLang's client against ``server``; its JSON result (times in ms).
+
+    Raises:
+        RuntimeError: the client failed or a request did not complete.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.jsonl"
+        cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", server.url,
+               "--dataset-name", "random", "--dataset-path", str(sharegpt_json()),
+               "--random-input-len", str(p.input_len), "--random-output-len", str(p.output_len),
+               "--random-range-ratio", "1.0", "--num-prompts", str(p.num_prompts), "--request-rate", str(p.rate),
+               "--seed", str(seed), "--output-file", str(out), "--disable-tqdm"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        if res.returncode != 0 or not out.exists():
+            raise RuntimeError(f"sglang.benchmark.serving failed ({res.returncode}):\n{res.stdout[-2000:]}"
+                               f"\n{res.stderr[-2000:]}")
+        result = json.loads(out.read_text().splitlines()[-1])
+    if result["completed"] != p.num_prompts:
+        raise RuntimeError(f"{result['completed']} of {p.num_prompts} LS requests completed")
+    return result
+
+
+def burst(server: SGLangServer, p: Profile, start: float, done: list) -> None:
+    """Sends the BE burst ``p.burst_at_s`` after ``start`` (all at once) and appends its seconds
+    from first send to last answer to ``done``."""
+    time.sleep(max(0.0, start + p.burst_at_s - time.monotonic()))
+    body = {"input_ids": [100 + i for i in range(p.burst_input_len)],
+            "sampling_params": {"max_new_tokens": p.burst_output_len, "temperature": 0, "ignore_eos": True}}
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=lambda: requests.post(f"{server.url}/generate", json=body, timeout=1800,
+                                                             headers={"x-omniserve-class": "be"}).raise_for_status())
+               for _ in range(p.burst_requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.append(time.monotonic() - t0)
+
+
+def run(server: SGLangServer, system: str, workload: str, p: Profile, seed: int) -> dict:
+    """One measured run; the client's four LS numbers, the burst's time and the mode switches."""
+    server.flush_cache()
+    switches = [metric_sum(server.url, "omniserve_mode_switches_total") or 0.0]
+    burst_s: list[float] = []
+    helper = None
+    if workload == "burst":
+        # The client starts sending after loading its tokenizer and dataset, about as long as this lead.
+        helper = threading.Thread(target=burst, args=(server, p, time.monotonic(), burst_s))
+        helper.start()
+    result = bench(server, p, seed)
+    if helper is not None:
+        helper.join()
+    switches.append(metric_sum(server.url, "omniserve_mode_switches_total") or 0.0)
+    row = {"system": system, "workload": workload, "seed": seed, **{k: result[k] for k in KEYS},
+           "mode_switches": switches[1] - switches[0]}
+    if burst_s:
+        row["burst_s"] = burst_s[0]
+    print(f"  {system:9s} {workload:7s} " + " ".join(f"{k} {row[k]:7.1f}" for k in KEYS)
+          + f" switches {row['mode_switches']:.0f}", flush=True)
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per workload and key: each pair's ratio omniserve / plain, their median, min and max."""
+    out = {}
+    for w in WORKLOADS:
+        by = {(r["system"], r["seed"]): r for r in rows if r["workload"] == w}
+        seeds = sorted({s for _, s in by})
+        out[w] = {}
+        for k in KEYS:
+            ratios = [by["omniserve", s][k] / by["plain", s][k] for s in seeds if by["plain", s][k] > 0]
+            out[w][k] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios),
+                         "max": max(ratios)}
+    return out
+
+
+def report(result: dict) -> str:
+    p, s = result["profile"], result["summary"]
+    lines = [
+        "# LS cost of `--omniserve`",
+        "",
+        (f"SGLang's own client (`python -m sglang.benchmark.serving`), random-token LS requests of "
+        f"{p['input_len']} / {p['output_len']} tokens at {p['rate']} req/s ({p['num_prompts']} per run), against "
+        f"plain SGLang and `--omniserve` alternating, {p['pairs']} pairs (order flipped every pair). "
+        f"`burst`: the same stream plus {p['burst_requests']} requests marked BE "
+        f"({p['burst_input_len']} / {p['burst_output_len']} tokens) sent together {p['burst_at_s']:.0f} s in. "
+        f"Machine: {result['machine']}."),
+        "",
+        "Ratio omniserve / plain, median over the pairs (min - max):",
+        "",
+        "| workload | median TTFT | p99 TTFT | median TPOT | p99 TPOT | mode switches per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for w in WORKLOADS:
+        sw = [r["mode_switches"] for r in result["rows"] if r["workload"] == w and r["system"] == "omniserve"]
+        cells = [f"{s[w][k]['median']:.3f} ({s[w][k]['min']:.2f} - {s[w][k]['max']:.2f})" for k in KEYS]
+        lines.append(f"| {w} | " + " | ".join(cells) + f" | {statistics.median(sw):.0f} |")
+    lines += ["", "Every run (ms):", "", ("| pair | system | workload | median TTFT | p99 TTFT | median TPOT | "
+              "p99 TPOT | burst done (s) |"), "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['seed']} | {r['system']} | {r['workload']} | "
+                     + " | ".join(f"{r[k]:.1f}" for k in KEYS) + f" | {r.get('burst_s', float('nan')):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=Profile.pairs)
+    ap.add_argument("--num-prompts", type=int, default=Profile.num_prompts)
+    ap.add_argument("--rate", type=float, default=Profile.rate)
+    ap.add_argument("--out", type=Path, default=RESULTS / "ls_cost")
+    args = ap.parse_args(argv)
+    p = dataclasses.replace(Profile(), pairs=args.pairs, num_prompts=args.num_prompts, rate=args.rate)
+    model = ensure_default_model()
+    # Order P O | O P | P O ...: the server in use carries over from one pair to the next.
+    order = [s for i in range(p.pairs) for s in (("plain", "omniserve") if i % 2 == 0 else ("omniserve", "plain"))]
+    rows = []
+    i = 0
+    while i < len(order):
+        system = order[i]
+        with SGLangServer(model, "--enable-metrics", *SYSTEMS[system]) as server:
+            while i < len(order) and order[i] == system:
+                seed = i // 2
+                print(f"pair {seed}:", flush=True)
+                for w in WORKLOADS:
+                    rows.append(run(server, system, w, p, seed))
+                i += 1
+    result = {"profile": dataclasses.asdict(p), "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+              "rows": rows, "summary": summarise(rows)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(report(result))
+    print(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

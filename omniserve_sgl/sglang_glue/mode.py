@@ -1,0 +1,163 @@
+"""The scheduler's two modes under ``--omniserve``, so the flag costs LS traffic nothing while no BE
+request is in the server.
+
+- **LS mode** (no BE request waiting, running, deferred or holding BE KV pool pages): SGLang runs
+  as without ``--omniserve``: its overlap schedule (``Scheduler.event_loop_overlap``, step N+1 is
+  launched before step N's results are processed), CUDA graphs on a GPU, and every omniserve
+  scheduler hook passes straight through (:func:`be_mode` is False).
+- **BE mode**: SGLang's synchronous loop (``Scheduler.event_loop_normal``) with the BE path on.
+  The BE path decides each step from the previous step's results: a BE request's KV moves to the
+  BE KV pool once its prefill's result is processed, the controller plans from the state after the
+  last step and times each step against the latency model, and BE rows that sat out a step rejoin
+  after its results. In the overlap loop, step N+1 is built before step N's results exist, so
+  these would act one step late on batches already launched; a mode switch costs one step
+  without overlap instead.
+
+Switches happen at the top of a loop iteration, right after SGLang ingests new requests, which is
+where SGLang's own runtime PD role switch leaves its loop (``disaggregation/role_switch.py``). To BE
+mode: when a BE request has arrived, the result of the step in flight is processed first (the
+drain). Back to LS mode: when no BE request is left and the last step was not a prefill (SGLang
+merges a prefill's requests into the running batch at the next step, from ``last_batch``, which
+the overlap loop must start without). Each switch is logged and counted
+(``omniserve_mode_switches_total``; ``omniserve_overlap_schedule`` says which loop runs).
+
+A server started with ``--disable-overlap-schedule`` runs SGLang's synchronous loop throughout and
+only turns the BE path on and off; with ``--omniserve-ls-admission reject`` the controller plans
+every step, so the BE path is always on (the command line turns the overlap schedule off).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from omniserve_sgl.sglang_glue.placement import is_be
+
+logger = logging.getLogger(__name__)
+
+_be = False  # the BE path is on
+_pinned = False  # the BE path stays on (reject admission: the controller plans every step)
+_arrived = False  # a BE request arrived since the last check
+_overlap_configured = False  # SGLang runs its overlap loop (no --disable-overlap-schedule): run_loops
+_metrics = None  # BEMetrics with --enable-metrics
+
+
+class _Switch(Exception):
+    """Leaves the running event loop at the top of an iteration (caught by :func:`run_loops`)."""
+
+
+def be_mode() -> bool:
+    """Whether the BE path is on: the omniserve scheduler hooks do their work only then."""
+    return _be
+
+
+def start(pinned: bool, metrics=None) -> None:
+    """Sets the starting mode: LS mode, or BE mode for good when ``pinned``."""
+    global _be, _pinned, _metrics
+    _be = _pinned = pinned
+    _metrics = metrics
+    if metrics is not None:
+        for to in ("be", "ls"):
+            metrics.mode_switches.labels(to=to).inc(0)
+
+
+def note_be_arrival() -> None:
+    """A BE request was just created (``Scheduler._create_generation_req``): BE mode from the next
+    loop iteration on."""
+    global _arrived
+    _arrived = True
+
+
+def be_present(scheduler, runtime, deferred) -> bool:
+    """Whether any BE request is still in the server: queued (waiting or for its grammar), being
+    prefilled in chunks, running, sitting out a step (``deferred``), or holding BE KV pool pages."""
+    if runtime is not None and runtime.pages.num_seqs:
+        return True
+    chunked = [scheduler.chunked_req] if scheduler.chunked_req is not None else []
+    grammar = getattr(getattr(scheduler, "grammar_manager", None), "grammar_queue", ())
+    # A finished one stays in the running batch until SGLang filters it, its KV already released.
+    return any(is_be(r) and not r.finished() for r in itertools.chain(
+        deferred, chunked, scheduler.waiting_queue, scheduler.running_batch.reqs, grammar))
+
+
+def _set_overlap(scheduler, on: bool) -> None:
+    """Every copy SGLang keeps of ``enable_overlap`` (read at start-up from
+    ``--disable-overlap-schedule``), as SGLang's role switch syncs its components' copies of the
+    disaggregation mode (``Scheduler._sync_disaggregation_mode_to_subcomponents``)."""
+    scheduler.enable_overlap = on
+    scheduler.enable_skip_finishing_decode = on
+    object.__setattr__(scheduler.batch_result_processor, "enable_overlap", on)  # a frozen dataclass
+    if hasattr(scheduler.tp_worker, "enable_overlap"):
+        scheduler.tp_worker.enable_overlap = on
+    scheduler.running_batch.enable_overlap = on
+
+
+def _switched(to_be: bool, why: str) -> None:
+    global _be
+    _be = to_be
+    logger.info("omniserve: %s", why)
+    if _metrics is not None:
+        _metrics.mode_switches.labels(to="be" if to_be else "ls").inc()
+
+
+def check_switch(_result, scheduler, *args, **kwargs) -> None:
+    """AFTER ``Scheduler.ingest_requests`` (the top of each loop iteration): switches mode when a
+    BE request has arrived in LS mode, or when none is left in BE mode; in SGLang's overlap loop by
+    leaving it for :func:`run_loops`, else in place."""
+    global _arrived
+    from omniserve_sgl.sglang_glue import controller
+    from omniserve_sgl.sglang_glue import scheduler as glue
+
+    if not _be:
+        if not _arrived:
+            return
+        _arrived = False
+        if scheduler.enable_overlap:
+            raise _Switch()
+        _switched(True, "a BE request arrived: BE path on")
+    elif not _pinned:
+        last = scheduler.last_batch
+        if last is not None and last.forward_mode.is_extend():
+            return
+        if be_present(scheduler, glue.runtime(), controller.deferred()):
+            return
+        if _overlap_configured:
+            raise _Switch()
+        _switched(False, "no BE request left: BE path off")
+    _arrived = False
+
+
+def _drain(scheduler) -> None:
+    """Processes the results of the steps the overlap loop has launched and not yet processed
+    (SGLang's ``pop_and_process``), in order."""
+    while scheduler.result_queue:
+        batch, result = scheduler.result_queue.popleft()
+        scheduler.process_batch_result(batch, result)
+
+
+def _publish_loop(overlap: bool) -> None:
+    if _metrics is not None:
+        _metrics.overlap_schedule.set(1 if overlap else 0)
+
+
+def run_loops(original, scheduler) -> None:
+    """AROUND ``Scheduler.event_loop_overlap`` (SGLang runs it unless ``--disable-overlap-schedule``):
+    SGLang's overlap loop in LS mode, its synchronous loop in BE mode, and the switches between them
+    (see the module docstring). Returns when SGLang's loop does (shutdown)."""
+    global _overlap_configured
+    _overlap_configured = True
+    while True:
+        try:
+            _publish_loop(not _be)
+            if _be:
+                return scheduler.event_loop_normal()
+            return original(scheduler)
+        except _Switch:
+            if not _be:
+                _drain(scheduler)
+                _set_overlap(scheduler, False)
+                _switched(True, "a BE request arrived: BE path on, SGLang's synchronous loop")
+            else:
+                scheduler.last_batch = None  # a decode step (or none): its requests are the running batch
+                _set_overlap(scheduler, True)
+                _switched(False, "no BE request left: BE path off, SGLang's overlap loop")
