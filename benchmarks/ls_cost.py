@@ -4,7 +4,7 @@ alternating, pair after pair (each pair's order flips, so drift in the machine f
 sides), and reports each pair's ratio omniserve / plain of median and p99 TTFT and TPOT, then their
 median and spread over the pairs.
 
-    .venv/bin/python benchmarks/ls_cost.py            # CPU, default model, about 30 min
+    .venv/bin/python benchmarks/ls_cost.py            # CPU, default model, about 20 min
 
 Two workloads per server, both the same random-token LS stream (fixed seed):
   ls-only  LS requests alone: ``--omniserve`` should run as plain SGLang (its overlap schedule)
@@ -12,20 +12,22 @@ Two workloads per server, both the same random-token LS stream (fixed seed):
            be``; plain SGLang ignores the marker and serves them as any request): the scheduler
            switches to the BE path and back; the LS numbers show what the burst costs each system
 
-One server is alive at a time (``--enable-metrics`` on both, the omniserve one with its defaults:
-the SLO controller on, the latency profile cached from an earlier start). Writes
+Both servers stay up for the whole run, each sleeping while the other is measured
+(``--sleep-on-idle``), with ``--enable-metrics`` and, for omniserve, its defaults (the SLO
+controller on, the latency profile cached from an earlier start). Writes
 benchmarks/results/ls_cost.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +37,6 @@ from pathlib import Path
 import requests
 
 from omniserve_sgl.bench.launch import SGLangServer, metric_sum
-from omniserve_sgl.bench.workload import sharegpt_json
 from omniserve_sgl.default_model import ensure_default_model
 
 HERE = Path(__file__).parent
@@ -47,16 +48,18 @@ KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """The LS stream (SGLang's ``random`` dataset: ``input_len`` / ``output_len`` tokens per
-    request, Poisson arrivals at ``rate`` requests/s) and the BE burst, sent ``burst_at_s`` after
-    the stream starts: ``burst_requests`` requests of ``burst_input_len`` / ``burst_output_len``."""
+    """The LS stream (SGLang's ``random`` dataset: ``num_prompts`` requests of ``input_len`` /
+    ``output_len`` tokens, ``concurrency`` in flight, each sent as one finishes: every decode step
+    has about the same rows, so the run-to-run spread is the machine's, not the arrivals') and the
+    BE burst, sent ``burst_at_s`` after the client starts: ``burst_requests`` requests of
+    ``burst_input_len`` / ``burst_output_len`` tokens."""
 
-    pairs: int = 5
-    rate: float = 1.5
-    num_prompts: int = 60
+    pairs: int = 12
+    concurrency: int = 4
+    num_prompts: int = 24
     input_len: int = 200
     output_len: int = 32
-    burst_at_s: float = 25.0
+    burst_at_s: float = 6.0
     burst_requests: int = 3
     burst_input_len: int = 200
     burst_output_len: int = 16
@@ -65,20 +68,28 @@ class Profile:
 def bench(server: SGLangServer, p: Profile, seed: int) -> dict:
     """One run of SGLang's client against ``server``; its JSON result (times in ms).
 
+    The client runs in this process (its command-line entry point, ``cli_main``, with the
+    arguments a shell would give): loaded once, so the runs of a pair follow each other within
+    seconds and the machine's drift falls on both alike.
+
     Raises:
-        RuntimeError: the client failed or a request did not complete.
+        RuntimeError: a request did not complete.
     """
+    from sglang.benchmark.serving import cli_main
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.jsonl"
-        cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang", "--base-url", server.url,
-               "--dataset-name", "random", "--dataset-path", str(sharegpt_json()),
-               "--random-input-len", str(p.input_len), "--random-output-len", str(p.output_len),
-               "--random-range-ratio", "1.0", "--num-prompts", str(p.num_prompts), "--request-rate", str(p.rate),
-               "--seed", str(seed), "--output-file", str(out), "--disable-tqdm"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-        if res.returncode != 0 or not out.exists():
-            raise RuntimeError(f"sglang.benchmark.serving failed ({res.returncode}):\n{res.stdout[-2000:]}"
-                               f"\n{res.stderr[-2000:]}")
+        argv = ["sglang.benchmark.serving", "--backend", "sglang", "--base-url", server.url,
+                "--dataset-name", "random-ids", "--random-input-len", str(p.input_len),
+                "--random-output-len", str(p.output_len), "--random-range-ratio", "1.0",
+                "--num-prompts", str(p.num_prompts), "--max-concurrency", str(p.concurrency),
+                "--seed", str(seed), "--output-file", str(out), "--disable-tqdm"]
+        saved, sys.argv = sys.argv, argv
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                cli_main()
+        finally:
+            sys.argv = saved
         result = json.loads(out.read_text().splitlines()[-1])
     if result["completed"] != p.num_prompts:
         raise RuntimeError(f"{result['completed']} of {p.num_prompts} LS requests completed")
@@ -109,7 +120,7 @@ def run(server: SGLangServer, system: str, workload: str, p: Profile, seed: int)
     burst_s: list[float] = []
     helper = None
     if workload == "burst":
-        # The client starts sending after loading its tokenizer and dataset, about as long as this lead.
+        # About a third of the way into the run: the client starts within a second.
         helper = threading.Thread(target=burst, args=(server, p, time.monotonic(), burst_s))
         helper.start()
     result = bench(server, p, seed)
@@ -145,10 +156,10 @@ def report(result: dict) -> str:
         "# LS cost of `--omniserve`",
         "",
         (f"SGLang's own client (`python -m sglang.benchmark.serving`), random-token LS requests of "
-        f"{p['input_len']} / {p['output_len']} tokens at {p['rate']} req/s ({p['num_prompts']} per run), against "
+        f"{p['input_len']} / {p['output_len']} tokens, {p['concurrency']} in flight ({p['num_prompts']} per run), against "
         f"plain SGLang and `--omniserve` alternating, {p['pairs']} pairs (order flipped every pair). "
         f"`burst`: the same stream plus {p['burst_requests']} requests marked BE "
-        f"({p['burst_input_len']} / {p['burst_output_len']} tokens) sent together {p['burst_at_s']:.0f} s in. "
+        f"({p['burst_input_len']} / {p['burst_output_len']} tokens) sent together {p['burst_at_s']:.0f} s after the client starts. "
         f"Machine: {result['machine']}."),
         "",
         "Ratio omniserve / plain, median over the pairs (min - max):",
@@ -172,24 +183,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=Profile.pairs)
     ap.add_argument("--num-prompts", type=int, default=Profile.num_prompts)
-    ap.add_argument("--rate", type=float, default=Profile.rate)
     ap.add_argument("--out", type=Path, default=RESULTS / "ls_cost")
     args = ap.parse_args(argv)
-    p = dataclasses.replace(Profile(), pairs=args.pairs, num_prompts=args.num_prompts, rate=args.rate)
+    p = dataclasses.replace(Profile(), pairs=args.pairs, num_prompts=args.num_prompts)
     model = ensure_default_model()
-    # Order P O | O P | P O ...: the server in use carries over from one pair to the next.
-    order = [s for i in range(p.pairs) for s in (("plain", "omniserve") if i % 2 == 0 else ("omniserve", "plain"))]
     rows = []
-    i = 0
-    while i < len(order):
-        system = order[i]
-        with SGLangServer(model, "--enable-metrics", *SYSTEMS[system]) as server:
-            while i < len(order) and order[i] == system:
-                seed = i // 2
-                print(f"pair {seed}:", flush=True)
-                for w in WORKLOADS:
-                    rows.append(run(server, system, w, p, seed))
-                i += 1
+    # Both servers stay up (each sleeps while idle: --sleep-on-idle), so runs alternate without
+    # restarts: P O | O P | P O ... for each workload in turn.
+    with (SGLangServer(model, "--enable-metrics", *SYSTEMS["plain"]) as plain,
+          SGLangServer(model, "--enable-metrics", *SYSTEMS["omniserve"]) as omni):
+        servers = {"plain": plain, "omniserve": omni}
+        for w in WORKLOADS:
+            for seed in range(p.pairs):
+                print(f"{w} pair {seed}:", flush=True)
+                order = ("plain", "omniserve") if seed % 2 == 0 else ("omniserve", "plain")
+                for system in order:
+                    rows.append(run(servers[system], system, w, p, seed))
     result = {"profile": dataclasses.asdict(p), "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
               "rows": rows, "summary": summarise(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,8 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        "the slack it leaves; a request may set its own in custom_params omniserve_tpot_slo.")
     group.add_argument("--omniserve-ls-admission", choices=("queue", "reject"), default=_DEFAULTS.ls_admission,
                        help="An LS request predicted to miss its TTFT SLO: queue it as SGLang does (default), or "
-                       "reject it at once with HTTP 503 (behind a router that retries elsewhere).")
+                       "reject it at once with HTTP 503 (behind a router that retries elsewhere; the controller then "
+                       "plans every step, so SGLang's overlap schedule is off even without BE requests).")
     group.add_argument("--omniserve-be-placement", choices=("auto", "cpu"), default=_DEFAULTS.be_placement,
                        help="Where BE requests decode: auto (default) keeps them in the GPU KV cache while the LS "
                        "SLOs and GPU KV headroom allow and moves them to the BE KV pool and the CPU worker when "

@@ -239,7 +239,8 @@ def test_sglang_benchmark_client_drives_be_traffic(omni_server, tmp_path, model)
 
 
 def test_server_checks_its_step_time_predictions(omni_server):
-    """Every prefill and decode step of the module's traffic was timed against the latency model.
+    """Every prefill and decode step the module's traffic ran in BE mode was timed against the
+    latency model (in LS mode the scheduler is plain SGLang and times nothing).
     Under the soak's mixed load on this 2-core VM the mean error was 22% (accuracy 78%), 52% of
     steps within 20%; the bound leaves room for a VM whose steps vary by 15% run to run."""
     steps = metric(omni_server, "omniserve_step_time_prediction_error_count")
