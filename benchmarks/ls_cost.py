@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -136,8 +137,23 @@ def run(server: SGLangServer, system: str, workload: str, p: Profile, seed: int)
     return row
 
 
+def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval holding the median of ``xs``'s population with at least
+    ``confidence`` (the sign test's order statistics: the k-th smallest and k-th largest, k the
+    largest with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2); the whole range when n is too
+    small for that."""
+    xs, n = sorted(xs), len(xs)
+    k, tail = 0, 0.0
+    while k < n // 2 and tail + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        tail += math.comb(n, k) / 2**n
+        k += 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Per workload and key: each pair's ratio omniserve / plain, their median, min and max."""
+    """Per workload and key: each pair's ratio omniserve / plain, their median, min, max and the
+    95% interval of the median (:func:`median_interval`)."""
     out = {}
     for w in WORKLOADS:
         by = {(r["system"], r["seed"]): r for r in rows if r["workload"] == w}
@@ -145,8 +161,9 @@ def summarise(rows: list[dict]) -> dict:
         out[w] = {}
         for k in KEYS:
             ratios = [by["omniserve", s][k] / by["plain", s][k] for s in seeds if by["plain", s][k] > 0]
+            lo, hi = median_interval(ratios)
             out[w][k] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios),
-                         "max": max(ratios)}
+                         "max": max(ratios), "median_interval_95": [lo, hi]}
     return out
 
 
@@ -162,14 +179,15 @@ def report(result: dict) -> str:
         f"({p['burst_input_len']} / {p['burst_output_len']} tokens) sent together {p['burst_at_s']:.0f} s after the client starts. "
         f"Machine: {result['machine']}."),
         "",
-        "Ratio omniserve / plain, median over the pairs (min - max):",
+        "Ratio omniserve / plain, median over the pairs [95% interval of that median, sign test] (min - max):",
         "",
         "| workload | median TTFT | p99 TTFT | median TPOT | p99 TPOT | mode switches per run |",
         "|---|---|---|---|---|---|",
     ]
     for w in WORKLOADS:
         sw = [r["mode_switches"] for r in result["rows"] if r["workload"] == w and r["system"] == "omniserve"]
-        cells = [f"{s[w][k]['median']:.3f} ({s[w][k]['min']:.2f} - {s[w][k]['max']:.2f})" for k in KEYS]
+        cells = [f"{s[w][k]['median']:.3f} [{s[w][k]['median_interval_95'][0]:.2f} - "
+                 f"{s[w][k]['median_interval_95'][1]:.2f}] ({s[w][k]['min']:.2f} - {s[w][k]['max']:.2f})" for k in KEYS]
         lines.append(f"| {w} | " + " | ".join(cells) + f" | {statistics.median(sw):.0f} |")
     lines += ["", "Every run (ms):", "", ("| pair | system | workload | median TTFT | p99 TTFT | median TPOT | "
               "p99 TPOT | burst done (s) |"), "|---|---|---|---|---|---|---|---|"]
@@ -184,7 +202,15 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=Profile.pairs)
     ap.add_argument("--num-prompts", type=int, default=Profile.num_prompts)
     ap.add_argument("--out", type=Path, default=RESULTS / "ls_cost")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite OUT.md (and OUT.json's summary) from OUT.json's runs, without running")
     args = ap.parse_args(argv)
+    if args.report_only:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        result["summary"] = summarise(result["rows"])
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(report(result))
+        return 0
     p = dataclasses.replace(Profile(), pairs=args.pairs, num_prompts=args.num_prompts)
     model = ensure_default_model()
     rows = []
