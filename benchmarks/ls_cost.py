@@ -98,27 +98,32 @@ def bench(server: SGLangServer, p: Profile, seed: int) -> dict:
 
 
 def burst(server: SGLangServer, p: Profile, start: float, done: list) -> None:
-    """Sends the BE burst ``p.burst_at_s`` after ``start`` (all at once) and appends its seconds
-    from first send to last answer to ``done``."""
+    """Sends the BE burst ``p.burst_at_s`` after ``start`` (all at once) and appends to ``done``
+    its seconds from first send to last answer, or the failed answers."""
     time.sleep(max(0.0, start + p.burst_at_s - time.monotonic()))
     body = {"input_ids": [100 + i for i in range(p.burst_input_len)],
             "sampling_params": {"max_new_tokens": p.burst_output_len, "temperature": 0, "ignore_eos": True}}
+    failed = []
+
+    def send():
+        r = requests.post(f"{server.url}/generate", json=body, timeout=1800, headers={"x-omniserve-class": "be"})
+        if r.status_code != 200:
+            failed.append(f"{r.status_code} {r.text[:200]}")
+
     t0 = time.monotonic()
-    threads = [threading.Thread(target=lambda: requests.post(f"{server.url}/generate", json=body, timeout=1800,
-                                                             headers={"x-omniserve-class": "be"}).raise_for_status())
-               for _ in range(p.burst_requests)]
+    threads = [threading.Thread(target=send) for _ in range(p.burst_requests)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    done.append(time.monotonic() - t0)
+    done.append(failed or time.monotonic() - t0)
 
 
 def run(server: SGLangServer, system: str, workload: str, p: Profile, seed: int) -> dict:
     """One measured run; the client's four LS numbers, the burst's time and the mode switches."""
     server.flush_cache()
     switches = [metric_sum(server.url, "omniserve_mode_switches_total") or 0.0]
-    burst_s: list[float] = []
+    burst_s: list = []
     helper = None
     if workload == "burst":
         # About a third of the way into the run: the client starts within a second.
@@ -131,6 +136,8 @@ def run(server: SGLangServer, system: str, workload: str, p: Profile, seed: int)
     row = {"system": system, "workload": workload, "seed": seed, **{k: result[k] for k in KEYS},
            "mode_switches": switches[1] - switches[0]}
     if burst_s:
+        if isinstance(burst_s[0], list):
+            raise RuntimeError(f"BE burst requests failed: {burst_s[0]}")
         row["burst_s"] = burst_s[0]
     print(f"  {system:9s} {workload:7s} " + " ".join(f"{k} {row[k]:7.1f}" for k in KEYS)
           + f" switches {row['mode_switches']:.0f}", flush=True)
