@@ -96,6 +96,10 @@ def _switched(to_be: bool, why: str) -> None:
     global _be
     _be = to_be
     logger.info("omniserve: %s", why)
+    if not to_be:
+        from omniserve_sgl.sglang_glue import scheduler as glue
+
+        glue.publish_no_be()
     if _metrics is not None:
         _metrics.mode_switches.labels(to="be" if to_be else "ls").inc()
 

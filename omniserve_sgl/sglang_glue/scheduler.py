@@ -103,6 +103,15 @@ def start_runtime(model_runner) -> BERuntime:
     return _runtime
 
 
+def publish_no_be() -> None:
+    """The BE path's gauges with no BE request left (LS mode updates none of them): nothing waits
+    for the pool, no BE request runs; the pool's pages as they are."""
+    if _metrics is not None and _runtime is not None:
+        _metrics.update(_runtime, waiting=0)
+        for where in ("gpu", "cpu"):
+            _metrics.be_requests.labels(placement=where).set(0)
+
+
 def load_latency_model(model_runner) -> None:
     """Loads (or profiles, see :mod:`omniserve_sgl.sglang_glue.profiler`) this process's latency
     model and starts the SLO controller over it."""
