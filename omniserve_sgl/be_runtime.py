@@ -161,6 +161,8 @@ class BERuntime:
                 reason = f"a new CPU attention worker failed to start ({e})"
                 continue
             self.worker_restarts += 1
+            logger.warning("omniserve: CPU attention worker pid %d ready in %.2f s",
+                           self.client.process.pid, time.monotonic() - now)
             return
 
     def job_timeout(self) -> float:

@@ -142,7 +142,8 @@ def test_a_be_request_amid_streaming_ls_requests_switches_mode_twice_and_changes
 def test_a_worker_killed_mid_decode_changes_no_output(f32_server, prompts):
     """SIGKILL of the CPU attention worker while 2 LS and 2 BE requests decode: the scheduler starts
     a new worker on the same BE KV pool and runs the layer in flight again. Every request completes
-    in full with the tokens it gets alone, and the server serves new LS and BE requests at once."""
+    in full with the tokens it gets alone, and the server serves new LS and BE requests at once: they
+    are answered while the requests in flight at the kill still decode."""
     server = f32_server
     jobs = [(prompts[3], "ls"), (prompts[4], "be"), (prompts[5], "ls"), (prompts[6], "be")]
     alone = []
@@ -160,12 +161,11 @@ def test_a_worker_killed_mid_decode_changes_no_output(f32_server, prompts):
             assert time.monotonic() < deadline, "BE decode never started"
             time.sleep(0.05)
         os.kill(worker.pid, signal.SIGKILL)
-        killed = time.monotonic()
         after = [generate(server, "Name three colors.", 4, cls)["output_ids"] for cls in ("ls", "be")]
-        answered_s = time.monotonic() - killed
+        in_flight_still_decoding = not any(f.done() for f in futures)
         outs = [f.result()["output_ids"] for f in futures]
     assert outs == alone
-    assert [len(a) for a in after] == [4, 4] and answered_s < 5.0
+    assert [len(a) for a in after] == [4, 4] and in_flight_still_decoding
     assert metric(server, "omniserve_worker_restarts_total") == restarts + 1
     [new_worker] = worker_processes(server)
     assert new_worker.pid != worker.pid
