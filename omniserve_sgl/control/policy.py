@@ -14,7 +14,7 @@ import dataclasses
 
 from omniserve_sgl.control.latency import LatencyModel, StepShape
 from omniserve_sgl.control.online import OnlineCorrection
-from omniserve_sgl.control.state import CPU, GPU, WAITING, BERequest, ServerView, StepPlan
+from omniserve_sgl.control.state import CPU, GPU, WAITING, BERequest, LSDecode, ServerView, StepPlan
 
 ADMISSION = ("queue", "reject")
 BE_PLACEMENT = ("auto", "cpu")
@@ -37,10 +37,12 @@ class ControllerConfig:
             prefill's, so prediction error lands on BE, not on LS).
         be_ttft_share: a BE prefill chunk takes at most this share of the TTFT SLO, so an LS
             request arriving during it waits at most that long, with or without LS decodes.
-        ahead_share, ahead_cap: of the time the running LS decodes are ahead of their TPOT SLO
-            (``LSDecode.ahead_s``), this share, and at most ``ahead_cap`` TPOT SLOs, is spent on one
-            gap between two of their tokens (spending all of it would leave their average TPOT at
-            the SLO, and prediction error on either side of it).
+        ahead_share, ahead_cap: of the time the running LS decodes are ahead of
+            ``lead_target`` of their TPOT SLO (:meth:`Controller.lead`), this share, and at most
+            ``ahead_cap`` TPOT SLOs, is spent on one gap between two of their tokens.
+        lead_target: the average TPOT the lead is counted against, as a share of the TPOT SLO
+            (spending a lead counted against the SLO itself would leave the average at the SLO,
+            and prediction error on either side of it).
         be_chunk_waste: a BE prefill chunk costs at most this multiple of the time per token of
             prefilling the rest of the prompt in one step (a tiny chunk pays the step's fixed cost,
             and on backends whose chunk cost grows with the prefix, such as SGLang's CPU
@@ -50,6 +52,11 @@ class ControllerConfig:
             when its row costs a decode step at least this share less at the other place
             (hysteresis: no back and forth on prediction noise).
         min_ls_chunk: the smallest LS prefill chunk, tokens: LS prefill always progresses.
+        ls_ttft_share: when a waiting LS request's TTFT, predicted at full prefill pace, exceeds this
+            share of its TTFT SLO, LS prefill runs at full pace (SGLang's own chunk), whatever the
+            decodes' slack: a request past its TTFT SLO misses it whole, while one prefill step
+            more adds a fraction of a step to the decodes' average TPOT. Under overload the
+            queue is then drained as fast as SGLang alone would drain it.
         gpu_kv_reserve_tokens: GPU KV slots kept free for LS beyond the queued prompts.
     """
 
@@ -57,12 +64,14 @@ class ControllerConfig:
     be_placement: str = "auto"
     ls_margin: float = 0.9
     be_margin: float = 0.6
-    be_ttft_share: float = 0.25
+    be_ttft_share: float = 0.5
     ahead_share: float = 0.5
     ahead_cap: float = 4.0
+    lead_target: float = 0.8
     be_chunk_waste: float = 2.0
     move_gain: float = 0.05
     min_ls_chunk: int = 32
+    ls_ttft_share: float = 0.5
     gpu_kv_reserve_tokens: int = 0
 
     def __post_init__(self):
@@ -70,7 +79,7 @@ class ControllerConfig:
             raise ValueError(f"ls_admission must be one of {ADMISSION}, got {self.ls_admission!r}")
         if self.be_placement not in BE_PLACEMENT:
             raise ValueError(f"be_placement must be one of {BE_PLACEMENT}, got {self.be_placement!r}")
-        for name in ("ls_margin", "be_margin", "be_ttft_share", "ahead_share"):
+        for name in ("ls_margin", "be_margin", "be_ttft_share", "ahead_share", "ls_ttft_share", "lead_target"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if not self.be_chunk_waste >= 1.0:
@@ -121,6 +130,18 @@ class Controller:
             return None
         return min(d.tpot_slo_s or view.slo.tpot_s for d in view.ls_decodes)
 
+    def lead(self, d: LSDecode, view: ServerView, t_decode: float) -> float:
+        """How far ``d`` is ahead of a ``lead_target`` share of its TPOT SLO, s, over the tokens it
+        has produced and those it will produce for certain (``tokens_left``), were the latter to
+        come at its pace so far (at least ``t_decode``, the LS decode step's predicted time, s):
+        ``target * (done + left) - elapsed - left * pace``. A gap it takes now slows its pace, so
+        what it lends shrinks as it lends."""
+        tpot = d.tpot_slo_s or view.slo.tpot_s
+        target = self.config.lead_target * tpot
+        elapsed = tpot * d.tokens_done - d.ahead_s
+        pace = max(elapsed / d.tokens_done if d.tokens_done else 0.0, t_decode)
+        return target * (d.tokens_done + d.tokens_left) - elapsed - d.tokens_left * pace
+
     # LS admission --------------------------------------------------------------------------
     def predicted_ttfts(self, view: ServerView) -> list[float]:
         """Predicted TTFT of each waiting LS request, in queue order, s: its wait so far plus the
@@ -145,14 +166,16 @@ class Controller:
         ``ls_margin`` (LS) or ``be_margin`` (BE) of the TPOT SLO; a BE chunk also within
         ``be_ttft_share`` of the TTFT SLO. When no LS chunk of at least
         ``min_ls_chunk`` fits and the last step was not a decode, the LS decodes go first; right
-        after a decode step the minimum chunk runs anyway, so LS prefill never stalls.
+        after a decode step the minimum chunk runs anyway, so LS prefill never stalls. When a
+        waiting LS request's TTFT is at risk (``ls_ttft_share``), the largest chunk runs.
         """
         cfg = self.config
         tpot = self.tpot_budget(view)
         t_ls_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
         # How late the LS decodes' next token is against their schedule: the wait since their last
         # token, less what the least-ahead of them can spend (0 when none is ahead).
-        spendable = [min(cfg.ahead_share * max(d.ahead_s, 0.0), cfg.ahead_cap * (d.tpot_slo_s or view.slo.tpot_s))
+        spendable = [min(cfg.ahead_share * max(self.lead(d, view, t_ls_decode), 0.0),
+                         cfg.ahead_cap * (d.tpot_slo_s or view.slo.tpot_s))
                      for d in view.ls_decodes]
         since = view.since_decode_s - min(spendable) if spendable else 0.0
         rejected = []
@@ -179,12 +202,18 @@ class Controller:
             queued = sum(w.remaining for w in waiting)
             hi = min(queued, view.max_prefill_tokens)
             prefix = waiting[0].prefilled
-            chunk = hi if tpot is None else largest_fitting(1, hi, lambda c: fits(c, prefix, cfg.ls_margin * tpot))
+            at_risk = [w.rid for w, ttft in zip(view.ls_waiting, self.predicted_ttfts(view), strict=True)
+                       if ttft > cfg.ls_ttft_share * (w.ttft_slo_s or view.slo.ttft_s)]
+            if tpot is None or at_risk:
+                chunk = hi
+            else:
+                chunk = largest_fitting(1, hi, lambda c: fits(c, prefix, cfg.ls_margin * tpot))
             if chunk < min(cfg.min_ls_chunk, hi) and view.decoded_last_step:
                 chunk = min(cfg.min_ls_chunk, hi)
             if chunk >= min(cfg.min_ls_chunk, hi):
+                risk = f" (TTFT at risk: {', '.join(at_risk[:3])})" if at_risk else ""
                 return StepPlan(ls_prefill_tokens=chunk, predicted_s=self._prefill_time(chunk, prefix),
-                                why=f"LS prefill {chunk} of {queued} queued tokens", **common)
+                                why=f"LS prefill {chunk} of {queued} queued tokens{risk}", **common)
             why = f"LS decodes first ({1e3 * since:.0f} ms late for their schedule), then LS prefill; "
         be_budget = None if tpot is None else cfg.be_margin * tpot
         be_waiting = [r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled]

@@ -35,12 +35,17 @@ class SLO:
 class LSDecode:
     """A running LS request: ``context_len`` tokens with KV; its own TPOT SLO, s, if it set one;
     ``ahead_s``: how far ahead of its TPOT SLO it is, s (TPOT SLO x tokens since its first token,
-    less the time they took: TPOT is an average, so time a request is ahead may be spent)."""
+    less the time they took: TPOT is an average, so time a request is ahead may be spent);
+    ``tokens_left``: output tokens it will still produce for certain (``ignore_eos`` and no stop
+    condition, or ``min_new_tokens``), 0 when it may end at any token; ``tokens_done``: tokens
+    since its first (the gaps ``ahead_s`` counts)."""
 
     rid: str
     context_len: int
     tpot_slo_s: float | None = None
     ahead_s: float = 0.0
+    tokens_left: int = 0
+    tokens_done: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,6 +106,17 @@ def _last_token_time(req, now: float) -> float:
     return max(ts.last_decode_finish_time, ts.prefill_finished_time) or now
 
 
+def _tokens_left(req) -> int:
+    """Output tokens ``req`` will still produce for certain: up to ``max_new_tokens`` with
+    ``ignore_eos`` and no stop token, else up to ``min_new_tokens``; 0 with a stop string or
+    regex (either may end it at any token)."""
+    sp = req.sampling_params
+    if sp.stop_strs or sp.stop_regex_strs:
+        return 0
+    certain = sp.max_new_tokens if sp.ignore_eos and not sp.stop_token_ids else sp.min_new_tokens
+    return max((certain or 0) - len(req.output_ids), 0)
+
+
 def server_view(scheduler, running_batch, runtime) -> ServerView:
     """SGLang's scheduler state as the controller reads it (see ``ServerView``): running LS
     decodes and their last token times, waiting LS requests (the chunked one first), BE requests
@@ -124,7 +135,8 @@ def server_view(scheduler, running_batch, runtime) -> ServerView:
             last = _last_token_time(r, now)
             first = r.time_stats.prefill_finished_time or last
             ahead = (tpot or _slo.tpot_s) * (len(r.output_ids) - 1) - (last - first)
-            ls_decodes.append(LSDecode(r.rid, r.seqlen, tpot, ahead_s=ahead))
+            ls_decodes.append(LSDecode(r.rid, r.seqlen, tpot, ahead_s=ahead, tokens_left=_tokens_left(r),
+                                       tokens_done=len(r.output_ids) - 1))
             last_tokens.append(last)
     ls_waiting = []
     queue = list(scheduler.waiting_queue)

@@ -145,6 +145,24 @@ def test_ls_chunk_is_the_largest_that_keeps_the_decodes_within_their_tpot():
     assert ctl.plan(dataclasses.replace(view, ls_decodes=())).ls_prefill_tokens == 6000
 
 
+def test_an_ls_request_whose_ttft_is_at_risk_gets_the_full_chunk():
+    """Under overload the decodes' slack would leave queued prompts at the minimum chunk; once a
+    waiting request's predicted TTFT passes ``ls_ttft_share`` of its SLO, prefill runs at full pace."""
+    slow = dataclasses.replace(TRUE, c_step=0.06)  # no slack at all: the minimum chunk
+    queue = (LSWaiting("w", 600, arrival_s=9.9), LSWaiting("x", 400, arrival_s=9.95))
+    view = _view(ls_decodes=LS_DECODES, ls_waiting=queue)
+    assert Controller(slow).plan(view).ls_prefill_tokens == ControllerConfig().min_ls_chunk
+    ttfts = Controller(slow).predicted_ttfts(view)
+    assert max(ttfts) < ControllerConfig().ls_ttft_share * SLOS.ttft_s
+    # The head has waited long enough that its predicted TTFT passes the share: the whole queue.
+    late = dataclasses.replace(view, ls_waiting=(dataclasses.replace(queue[0], arrival_s=10.0 - SLOS.ttft_s / 2), queue[1]))
+    plan = Controller(slow).plan(late)
+    assert plan.ls_prefill_tokens == 1000 and "TTFT at risk: w" in plan.why
+    # A request's own tighter TTFT SLO puts it at risk sooner.
+    own = dataclasses.replace(view, ls_waiting=(queue[0], dataclasses.replace(queue[1], ttft_slo_s=max(ttfts))))
+    assert Controller(slow).plan(own).ls_prefill_tokens == 1000
+
+
 def test_ls_prefill_always_progresses_even_without_slack():
     slow = dataclasses.replace(TRUE, c_step=0.06)  # a decode step alone exceeds the TPOT SLO
     view = _view(ls_decodes=LS_DECODES, ls_waiting=(LSWaiting("w", 6000, arrival_s=9.9),))
@@ -236,6 +254,26 @@ def test_time_the_decodes_are_ahead_of_their_tpot_is_spent_on_be_work_up_to_a_ca
     assert ctl.plan(far_ahead).be_prefill == ctl.plan(capped).be_prefill
 
 
+def test_tokens_a_decode_will_surely_produce_add_their_share_of_the_tpot_to_its_lead():
+    """A request certain to produce more tokens (``ignore_eos``) can take a longer gap now: each of
+    those tokens, at its pace so far (at least an LS decode step), leaves the rest of
+    ``lead_target`` of the TPOT SLO. One that may end at any token lends only its lead so far, and
+    a slow pace lends less."""
+    ctl = Controller(TRUE)
+    view = _view(ls_decodes=LS_DECODES, be=(BERequest("b", WAITING, prompt_len=8000),), slo=SLO(ttft_s=10.0, tpot_s=0.05))
+    may_end = ctl.plan(view).be_prefill[1]
+    sure = dataclasses.replace(view, ls_decodes=tuple(dataclasses.replace(d, tokens_left=20) for d in LS_DECODES))
+    t_decode = TRUE.predict(ctl._decode_shape(view, []))
+    target = ControllerConfig().lead_target * 0.05
+    assert ctl.lead(sure.ls_decodes[0], sure, t_decode) == pytest.approx(20 * (target - t_decode))
+    assert ctl.plan(sure).be_prefill[1] > may_end
+    one_may_end = dataclasses.replace(sure, ls_decodes=(*sure.ls_decodes, LSDecode("open", 100)))
+    assert ctl.plan(one_may_end).be_prefill[1] == may_end
+    # 10 tokens at 0.9 of the target each: 0.1 of it ahead on each, past and future.
+    slow = LSDecode("s", 100, ahead_s=10 * (0.05 - 0.9 * target), tokens_done=10, tokens_left=20)
+    assert ctl.lead(slow, view, t_decode) == pytest.approx(30 * 0.1 * target)
+
+
 def test_no_be_rows_while_ls_prompts_wait():
     """Strict order: a decode step forced while LS prompts wait (the decodes come first) carries no
     BE row, which would eat the TPOT slack the next LS chunk needs."""
@@ -247,7 +285,7 @@ def test_no_be_rows_while_ls_prompts_wait():
 
 
 def test_online_correction_learns_a_systematic_bias_per_step_kind():
-    corrected = OnlineCorrection(TRUE, alpha=0.1)
+    corrected = OnlineCorrection(TRUE, alpha=0.1, pace_alpha=0.0)
     decode = StepShape(tokens=8, decode_context=8000, decode_rows=8)
     prefill = StepShape(tokens=512, prefill_attn_work=512.0 * 512)
     for _ in range(60):  # the server runs decode steps 1.4x slower than profiled
@@ -257,6 +295,24 @@ def test_online_correction_learns_a_systematic_bias_per_step_kind():
     corrected.observe(prefill, 100 * TRUE.predict(prefill))  # one wild step moves it within bounds
     assert corrected.predict(prefill) <= 3.0 * TRUE.predict(prefill)
     assert step_kind(dataclasses.replace(decode, cpu_jobs=32)) == "decode+cpu"
+
+
+def test_the_pace_factor_follows_a_slow_spell_of_the_host_for_every_kind_and_recovers():
+    corrected = OnlineCorrection(TRUE)
+    decode = StepShape(tokens=8, decode_context=8000, decode_rows=8)
+    prefill = StepShape(tokens=512, prefill_attn_work=512.0 * 512)
+    for _ in range(10):  # a spell of steps 1.3x slower than predicted
+        corrected.observe(decode, 1.3 * TRUE.predict(decode))
+    assert corrected.predict(decode) / TRUE.predict(decode) == pytest.approx(1.3, rel=0.05)  # both factors learn it
+    # The prefill steps that follow are predicted slower too, through the pace factor alone (the
+    # decode kind's slow factor took the rest of the spell).
+    assert corrected.factors["prefill"] == 1.0
+    assert 1.1 < corrected.predict(prefill) / TRUE.predict(prefill) < 1.3
+    for _ in range(10):  # the host is back to its profiled speed
+        corrected.observe(prefill, TRUE.predict(prefill))
+    assert corrected.predict(prefill) == pytest.approx(TRUE.predict(prefill), rel=0.02)
+    with pytest.raises(ValueError, match="pace_alpha"):
+        OnlineCorrection(TRUE, pace_alpha=1.5)
 
 
 def test_reject_mode_refuses_an_ls_request_that_cannot_meet_its_ttft_and_queue_mode_keeps_it():
@@ -333,7 +389,7 @@ def test_slack_brings_a_be_request_back_to_the_gpu_unless_placement_is_cpu():
 
 @pytest.mark.parametrize("kw,words", [
     ({"ls_admission": "drop"}, "ls_admission"), ({"be_placement": "gpu"}, "be_placement"),
-    ({"be_margin": 0.0}, "be_margin"), ({"min_ls_chunk": 0}, "min_ls_chunk"),
+    ({"be_margin": 0.0}, "be_margin"), ({"min_ls_chunk": 0}, "min_ls_chunk"), ({"ls_ttft_share": 1.5}, "ls_ttft_share"),
     ({"be_chunk_waste": 0.5}, "be_chunk_waste"), ({"move_gain": 1.0}, "move_gain"),
 ])
 def test_bad_controller_settings_are_refused(kw, words):

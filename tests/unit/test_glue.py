@@ -335,6 +335,20 @@ def test_mla_model_is_refused_before_loading(no_config, monkeypatch, tmp_path):
         cli.from_cli_args(ServerArgs.from_cli_args.__func__, ServerArgs, args)
 
 
+def test_tokens_left_counts_only_tokens_a_request_will_surely_produce():
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from omniserve_sgl.sglang_glue.controller import _tokens_left
+
+    def left(**kw):
+        sp = SamplingParams(max_new_tokens=32, **kw)
+        return _tokens_left(types.SimpleNamespace(sampling_params=sp, output_ids=[1, 2]))
+
+    assert left(ignore_eos=True) == 30
+    assert left() == 0 and left(min_new_tokens=10) == 8
+    assert left(ignore_eos=True, stop=["\n"]) == 0 and left(ignore_eos=True, stop_token_ids=[7]) == 0
+
+
 def test_step_shape_reads_sglangs_batch_for_the_latency_model():
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
