@@ -149,7 +149,11 @@ async def run_mix(url: str, style: RequestStyle, *, ls_prompts: Sequence[str], l
         on_done: called with each record as it completes (progress display).
     """
     timeout = aiohttp.ClientTimeout(total=None, sock_read=drain_timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # A connection per request: a pooled keep-alive connection that the server closes as idle
+    # (uvicorn, after 5 s) while a request is being sent on it resets that request, which would
+    # count as lost against the server (seen once in a 231-request run).
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = time.perf_counter()
         records: list[RequestRecord] = []
         tasks: set[asyncio.Task] = set()

@@ -64,7 +64,7 @@ class ControllerConfig:
     be_placement: str = "auto"
     ls_margin: float = 0.9
     be_margin: float = 0.6
-    be_ttft_share: float = 0.5
+    be_ttft_share: float = 0.75
     ahead_share: float = 0.5
     ahead_cap: float = 4.0
     lead_target: float = 0.8
