@@ -64,14 +64,14 @@ class ControllerConfig:
     be_placement: str = "auto"
     ls_margin: float = 0.9
     be_margin: float = 0.6
-    be_ttft_share: float = 0.75
+    be_ttft_share: float = 0.5
     ahead_share: float = 0.5
     ahead_cap: float = 4.0
     lead_target: float = 0.8
     be_chunk_waste: float = 2.0
     move_gain: float = 0.05
     min_ls_chunk: int = 32
-    ls_ttft_share: float = 0.5
+    ls_ttft_share: float = 0.75
     gpu_kv_reserve_tokens: int = 0
 
     def __post_init__(self):

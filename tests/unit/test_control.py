@@ -155,7 +155,8 @@ def test_an_ls_request_whose_ttft_is_at_risk_gets_the_full_chunk():
     ttfts = Controller(slow).predicted_ttfts(view)
     assert max(ttfts) < ControllerConfig().ls_ttft_share * SLOS.ttft_s
     # The head has waited long enough that its predicted TTFT passes the share: the whole queue.
-    late = dataclasses.replace(view, ls_waiting=(dataclasses.replace(queue[0], arrival_s=10.0 - SLOS.ttft_s / 2), queue[1]))
+    waited = ControllerConfig().ls_ttft_share * SLOS.ttft_s
+    late = dataclasses.replace(view, ls_waiting=(dataclasses.replace(queue[0], arrival_s=10.0 - waited), queue[1]))
     plan = Controller(slow).plan(late)
     assert plan.ls_prefill_tokens == 1000 and "TTFT at risk: w" in plan.why
     # A request's own tighter TTFT SLO puts it at risk sooner.
