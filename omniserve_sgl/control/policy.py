@@ -180,9 +180,10 @@ class Controller:
         since = view.since_decode_s - min(spendable) if spendable else 0.0
         rejected = []
         waiting = list(view.ls_waiting)
+        ttfts = self.predicted_ttfts(view) if waiting else []
         if cfg.ls_admission == "reject" and waiting:
             kept = []
-            for w, ttft in zip(waiting, self.predicted_ttfts(view), strict=True):
+            for w, ttft in zip(waiting, ttfts, strict=True):
                 slo = w.ttft_slo_s or view.slo.ttft_s
                 # The head of the queue decides (later ones re-evaluate next step); a prompt whose
                 # prefill has begun is not thrown away.
@@ -202,7 +203,7 @@ class Controller:
             queued = sum(w.remaining for w in waiting)
             hi = min(queued, view.max_prefill_tokens)
             prefix = waiting[0].prefilled
-            at_risk = [w.rid for w, ttft in zip(view.ls_waiting, self.predicted_ttfts(view), strict=True)
+            at_risk = [w.rid for w, ttft in zip(view.ls_waiting, ttfts, strict=True)
                        if ttft > cfg.ls_ttft_share * (w.ttft_slo_s or view.slo.ttft_s)]
             if tpot is None or at_risk:
                 chunk = hi

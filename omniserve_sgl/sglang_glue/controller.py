@@ -134,9 +134,9 @@ def server_view(scheduler, running_batch, runtime) -> ServerView:
             tpot = _slos(r)[1]
             last = _last_token_time(r, now)
             first = r.time_stats.prefill_finished_time or last
-            ahead = (tpot or _slo.tpot_s) * (len(r.output_ids) - 1) - (last - first)
-            ls_decodes.append(LSDecode(r.rid, r.seqlen, tpot, ahead_s=ahead, tokens_left=_tokens_left(r),
-                                       tokens_done=len(r.output_ids) - 1))
+            done = max(len(r.output_ids) - 1, 0)  # gaps since its first token
+            ls_decodes.append(LSDecode(r.rid, r.seqlen, tpot, ahead_s=(tpot or _slo.tpot_s) * done - (last - first),
+                                       tokens_left=_tokens_left(r), tokens_done=done))
             last_tokens.append(last)
     ls_waiting = []
     queue = list(scheduler.waiting_queue)

@@ -3,9 +3,8 @@ BE request's KV to the pool after its prefill, and no GPU KV slots for its decod
 
 Every hook is a named function whose docstring says what it changes in SGLang and why; in LS
 mode (no BE request in the server, :mod:`omniserve_sgl.sglang_glue.mode`) each passes SGLang's own
-answer through. BE request
-state lives in two attributes on SGLang's ``Req`` (``omniserve_be``, ``omniserve_offloaded``) and,
-for the KV, in :class:`omniserve_sgl.be_runtime.BERuntime`.
+answer through. BE request state lives in two attributes on SGLang's ``Req`` (``omniserve_be``,
+``omniserve_offloaded``) and, for the KV, in :class:`omniserve_sgl.be_runtime.BERuntime`.
 """
 
 from __future__ import annotations
