@@ -44,25 +44,18 @@ from tqdm import tqdm
 
 from omniserve_sgl.bench.launch import SGLangServer, histogram
 from omniserve_sgl.bench.loadgen import RequestStyle, poisson_arrivals, run_mix
-from omniserve_sgl.bench.slo import (
-    SLO,
-    accuracy_from_error_buckets,
-    be_tokens_per_s,
-    derive_slo,
-    lost,
-    ls_summary,
-    tpot,
-)
+from omniserve_sgl.bench.report import format_row, row, rows_table, write_plots
+from omniserve_sgl.bench.slo import SLO, accuracy_from_error_buckets, derive_slo, tpot
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.service_class import BE, LS
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 SYSTEMS = ("ls-only", "fcfs", "priority", "headroom", "omniserve-nocontrol", "omniserve")
-STYLES = {"ls-only": {"marker": "s", "ls": ":", "lw": 2.5}, "fcfs": {"marker": "v"}, "priority": {"marker": "^"},
-          "headroom": {"marker": "D"}, "omniserve-nocontrol": {"marker": "x", "ls": "--"},
-          "omniserve": {"marker": "o", "lw": 2}}  # ls-only often overlaps
 ERROR_HISTOGRAM = "omniserve_step_time_prediction_error"
+# What the simulator needs to replay a system (benchmarks/sim_validate.py), from /server_info.
+SERVER_INFO = ("chunked_prefill_size", "max_running_requests", "max_total_num_tokens", "max_prefill_tokens",
+               "priority_scheduling_preemption_threshold", "enable_mixed_chunk", "page_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,15 +181,6 @@ def warm_up(server: SGLangServer, profile: Profile, prompts: dict) -> None:
                         be_max_new_tokens=4, duration_s=0.01))
 
 
-def row(system: str, rate: float, records, slo: SLO, profile: Profile) -> dict:
-    be = [r for r in records if r.service_class == BE]
-    return {"system": system, "ls_rate": rate, **ls_summary(records, slo, profile.duration_s),
-            "be_tokens_per_s": be_tokens_per_s(records, profile.duration_s),
-            "be_requests_finished": sum(r.finished for r in be),
-            "ls_requests_finished": sum(r.finished for r in records if r.service_class == LS),
-            "lost": lost(records), "errors": sorted({r.error for r in records if r.error})[:3]}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -248,11 +232,15 @@ def main(argv=None) -> int:
     for system in systems:
         by_server.setdefault(server_args(system, profile), []).append(system)
     errors_seen: dict[float, float] = {}
+    server_info: dict[str, dict] = {}
     for group in by_server.values():
         extra = server_args(group[0], profile, slo)
         print(f"starting SGLang {' '.join(extra)} for {', '.join(group)} ...", flush=True)
         with SGLangServer(model, *extra) as server:
             warm_up(server, profile, prompts)
+            info = server.server_info(*SERVER_INFO)
+            for system in group:
+                server_info[system] = info
             for system in group:
                 for i, rate in enumerate(profile.ls_rates):
                     before = histogram(server.url, ERROR_HISTOGRAM) if system == "omniserve" else {}
@@ -264,7 +252,7 @@ def main(argv=None) -> int:
                         print(f"SLOs from ls-only at {rate:g} LS/s: TTFT {slo.ttft_s * 1e3:.0f} ms "
                               f"({profile.ttft_factor:g} x median), TPOT {slo.tpot_s * 1e3:.1f} ms "
                               f"({profile.tpot_factor:g} x median)", flush=True)
-                    rows.append(row(system, rate, records, slo, profile))
+                    rows.append(row(system, rate, records, slo, profile.duration_s))
                     tpot_samples.setdefault(system, {})[f"{rate:g}"] = sorted(
                         tpot(r) for r in records if r.service_class == LS and r.success)
                     print(format_row(rows[-1]), flush=True)
@@ -276,6 +264,7 @@ def main(argv=None) -> int:
                 f"{profile.tpot_factor:g} x median TPOT"},
         "workload": dataclasses.asdict(profile), "systems": systems,
         "wall_s": round(time.time() - started, 1), "rows": rows, "ls_tpot_samples_s": tpot_samples,
+        "server_info": server_info,
     }
     if errors_seen:
         acc, acc_p90 = accuracy_from_error_buckets(errors_seen)
@@ -288,13 +277,6 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(report(result, plots))
     print(f"wrote {stem}.json, {stem}.md and {len(plots)} plots in {result['wall_s']:.0f} s")
     return 0 if all(r["lost"] == 0 for r in rows) else 1
-
-
-def format_row(r: dict) -> str:
-    return (f"  {r['system']:>9} @ {r['ls_rate']:g} LS/s: SLO attainment {r['ls_slo_attainment']:.0%} "
-            f"(TTFT {r['ttft_attainment']:.0%}, TPOT {r['tpot_attainment']:.0%}), p99 TTFT "
-            f"{r['ls_p99_ttft_s'] * 1e3:.0f} ms, p99 TPOT {r['ls_p99_tpot_s'] * 1e3:.1f} ms, "
-            f"BE {r['be_tokens_per_s']:.1f} tok/s, lost {r['lost']}")
 
 
 def report(result: dict, plots: list[Path]) -> str:
@@ -318,64 +300,9 @@ def report(result: dict, plots: list[Path]) -> str:
             f"accuracy mean {result['latency_model_accuracy']:.1%}, p90 {result['latency_model_accuracy_p90']:.1%}")]
           if "latency_model_accuracy" in result else []),
         f"- wall time {result['wall_s']:.0f} s", "",
-        ("| system | LS/s | SLO attainment | TTFT att. | TPOT att. | p50 TTFT ms | p99 TTFT ms | p50 TPOT ms "
-        "| p99 TPOT ms | BE tok/s | BE done | lost |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['system']} | {r['ls_rate']:g} | {r['ls_slo_attainment']:.1%} | {r['ttft_attainment']:.1%} "
-            f"| {r['tpot_attainment']:.1%} | {r['ls_p50_ttft_s'] * 1e3:.0f} | {r['ls_p99_ttft_s'] * 1e3:.0f} "
-            f"| {r['ls_p50_tpot_s'] * 1e3:.1f} | {r['ls_p99_tpot_s'] * 1e3:.1f} | {r['be_tokens_per_s']:.1f} "
-            f"| {r['be_requests_finished']} | {r['lost']} |")
-    lines += ["", *(f"![{p.stem}]({p.name})" for p in plots), ""]
+    lines += [*rows_table(result["rows"]), "", *(f"![{p.stem}]({p.name})" for p in plots), ""]
     return "\n".join(lines)
-
-
-def write_plots(result: dict, stem: Path) -> list[Path]:
-    """LS SLO attainment vs LS rate, BE tokens/s vs LS rate, LS TPOT CDF per system (highest rate)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, paths = result["rows"], []
-    for key, ylabel, name in (("ls_slo_attainment", "LS SLO attainment", "attainment"),
-                              ("be_tokens_per_s", "BE output tokens/s", "be-throughput")):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for system in result["systems"]:
-            pts = [(r["ls_rate"], r[key]) for r in rows if r["system"] == system]
-            if pts and not (key == "be_tokens_per_s" and system == "ls-only"):
-                ax.plot(*zip(*pts), label=system, **STYLES[system])
-        ax.set(xlabel="LS rate (requests/s)", ylabel=ylabel, title=f"{ylabel} ({result['profile']})")
-        if key == "ls_slo_attainment":
-            ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        paths.append(_save(fig, stem, name))
-    rate = f"{max(r['ls_rate'] for r in rows):g}"
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for system, by_rate in result["ls_tpot_samples_s"].items():
-        xs = by_rate.get(rate, [])
-        if xs:
-            ax.step([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], where="post",
-                    label=system, ls=STYLES[system].get("ls", "-"))
-    ax.axvline(result["slo"]["tpot_s"] * 1e3, color="k", ls="--", lw=1, label="TPOT SLO")
-    ax.set(xlabel="LS TPOT (ms)", ylabel="fraction of LS requests", title=f"LS TPOT CDF at {rate} LS/s")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths.append(_save(fig, stem, "tpot-cdf"))
-    return paths
-
-
-def _save(fig, stem: Path, name: str) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = stem.with_name(f"{stem.name}-{name}.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -115,6 +115,16 @@ class SGLangServer:
             time.sleep(0.1)
         raise RuntimeError("the server refused /flush_cache for 10 s")
 
+    def server_info(self, *keys: str) -> dict:
+        """The server's arguments and state as ``/server_info`` reports them (only ``keys``
+        when given; a key it lacks is left out).
+
+        Raises:
+            requests.RequestException: the server did not answer.
+        """
+        info = requests.get(f"{self.url}/server_info", timeout=30).json()
+        return {k: info[k] for k in keys if k in info} if keys else info
+
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 

@@ -114,7 +114,7 @@ class Controller:
     # step shapes ---------------------------------------------------------------------------
     def _decode_shape(self, view: ServerView, be_rows: list[BERequest]) -> StepShape:
         gpu_ctx = sum(d.context_len for d in view.ls_decodes) + sum(r.context_len for r in be_rows if r.placement == GPU)
-        cpu_rows = [r for r in be_rows if r.placement == CPU]
+        cpu_rows = [] if view.cpu_overlap else [r for r in be_rows if r.placement == CPU]
         rows = len(view.ls_decodes) + len(be_rows)
         return StepShape(tokens=rows, decode_context=gpu_ctx, decode_rows=rows,
                          cpu_kv_bytes=sum(r.context_len for r in cpu_rows) * view.kv_bytes_per_token,
@@ -218,9 +218,14 @@ class Controller:
             why = f"LS decodes first ({1e3 * since:.0f} ms late for their schedule), then LS prefill; "
         be_budget = None if tpot is None else cfg.be_margin * tpot
         be_waiting = [r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled]
-        if be_waiting and not waiting:
+        # A BE prompt needs GPU KV beside what the LS decodes' next tokens need: all of it before
+        # its first chunk (SGLang's PrefillAdder admits a request whole), then its next chunk.
+        be_room = view.gpu_kv_free_tokens - len(view.ls_decodes) - cfg.gpu_kv_reserve_tokens
+        if be_waiting and not waiting and be_room < (be_waiting[0].prompt_len if be_waiting[0].prefilled == 0 else 1):
+            why += f"BE prefill of {be_waiting[0].rid} waits for GPU KV; "
+        elif be_waiting and not waiting:
             r = be_waiting[0]
-            hi = min(r.prompt_len - r.prefilled, view.max_prefill_tokens)
+            hi = min(r.prompt_len - r.prefilled, view.max_prefill_tokens, be_room)
             ttft_cap = cfg.be_ttft_share * view.slo.ttft_s
 
             def be_fits(c: int) -> bool:
@@ -242,9 +247,10 @@ class Controller:
             n = 0
         elif be_budget is None:
             n = len(rows)
-        else:
-            n = max(largest_fitting(1, len(rows), lambda k: since + self.model.predict(
-                self._decode_shape(view, rows[:k])) <= be_budget), 0)
+        else:  # what BE rows add to the step fits the slack left (rows that add nothing always fit)
+            slack = max(be_budget - since - t_ls_decode, 0.0)
+            n = max(largest_fitting(1, len(rows), lambda k: self.model.predict(
+                self._decode_shape(view, rows[:k])) - t_ls_decode <= slack), 0)
         chosen = rows[:n]
         return StepPlan(be_decode=tuple(r.rid for r in chosen), be_budget_per_layer=(n,) * view.num_layers,
                         predicted_s=self.model.predict(self._decode_shape(view, chosen)),

@@ -98,6 +98,9 @@ class ServerView:
             (the oldest wait among them).
         decoded_last_step: the previous step was a decode step (then an LS prefill may take at
             least the minimum chunk, so LS prefill always progresses).
+        cpu_overlap: the CPU worker's attention overlaps the GPU pass (asynchronous piggybacking:
+            a BE row on the CPU costs the pass only its dense work); False when the GPU waits for
+            the worker in each layer (the synchronous path).
     """
 
     now_s: float
@@ -113,6 +116,7 @@ class ServerView:
     max_prefill_tokens: int = 8192
     since_decode_s: float = 0.0
     decoded_last_step: bool = True
+    cpu_overlap: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -348,6 +348,33 @@ def test_be_rows_never_exceed_the_budget_and_the_next_row_would():
     assert len(ctl.plan(_view(be=_be_rows(40))).be_decode) == 40
 
 
+def test_a_be_prompt_starts_only_when_all_of_it_fits_the_gpu_kv():
+    be = (BERequest("b0", WAITING, prompt_len=3000), BERequest("b1", GPU, context_len=800))
+    view = _view(ls_decodes=LS_DECODES[:2], be=be, gpu_kv_free_tokens=2000)
+    plan = Controller(TRUE).plan(view)
+    assert plan.be_prefill is None and "waits for GPU KV" in plan.why and plan.be_decode == ("b1",)
+    # Once begun (SGLang admitted it whole), its next chunk needs only room for itself.
+    begun = dataclasses.replace(view, be=(dataclasses.replace(be[0], prefilled=1500), be[1]))
+    assert Controller(TRUE).plan(begun).be_prefill[0] == "b0"
+
+
+def test_with_cpu_overlap_offloaded_rows_cost_the_step_only_their_dense_work():
+    rows = tuple(BERequest(f"b{i}", CPU, context_len=20_000, last_run_step=i) for i in range(64))
+    view = _view(ls_decodes=LS_DECODES, be=rows, since_decode_s=0.02)
+    sync, overlap = Controller(TRUE).plan(view), Controller(TRUE).plan(dataclasses.replace(view, cpu_overlap=True))
+    assert len(overlap.be_decode) > len(sync.be_decode)
+    assert overlap.be_budget_per_layer == (len(overlap.be_decode),) * 32
+
+
+def test_be_rows_that_add_nothing_to_the_step_ride_along_even_without_slack():
+    flat = LatencyModel(tile=64, c_step=4e-3, c_dense=1.5e-3, c_cpu_bytes=1e-10, c_cpu_job=1e-5)  # dense: one tile
+    rows = tuple(BERequest(f"b{i}", CPU, context_len=1000, last_run_step=i) for i in range(8))
+    view = _view(ls_decodes=LS_DECODES, be=rows, since_decode_s=1.0, cpu_overlap=True)  # far behind
+    ctl = Controller(flat, ControllerConfig(be_placement="cpu"))  # no move to the (free) GPU
+    assert len(ctl.plan(view).be_decode) == 8
+    assert ctl.plan(dataclasses.replace(view, cpu_overlap=False)).be_decode == ()  # the CPU wait is not free
+
+
 def test_no_be_request_waits_forever():
     """Replaying the plan (rows that ran get the step's number) serves every BE request within a
     few steps, though only a fraction fit in each."""

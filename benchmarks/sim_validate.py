@@ -1,0 +1,163 @@
+"""Validates the co-serving simulator against the real server, in one run:
+
+    .venv/bin/python benchmarks/sim_validate.py            # about 30 min on 2 cores
+
+1. profiles the default model on this machine (``python -m omniserve_sgl.profile``, the quick
+   profile's server flags), unless ``--latency-profile`` names one;
+2. runs ``benchmarks/coserve.py --profile quick`` with that profile (every system, every rate, real
+   servers), or reads a finished run with ``--real PATH``;
+3. simulates the same systems, rates, workload and SLOs with ``python -m omniserve_sgl.simulate``'s
+   code on the profile (the real ``omniserve`` row runs the synchronous path: the simulator's
+   ``omniserve-sync``);
+4. compares them: LS SLO attainment within 5 points, BE tokens/s within 20%, p50 TPOT within 15%.
+
+Writes benchmarks/results/sim-validate.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from omniserve_sgl.bench.report import rows_table
+from omniserve_sgl.control import SLO, LatencyModel
+from omniserve_sgl.default_model import ensure_default_model
+from omniserve_sgl.simulate import ModelSpec, ProfileTiming, Scenario, SimConfig, run
+from omniserve_sgl.simulate.hardware import GB
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+SIM_SYSTEM = {"omniserve": "omniserve-sync"}  # the server's --omniserve is the synchronous path
+BOUNDS = {"attainment_points": 5.0, "be_tokens_ratio": 0.20, "p50_tpot_ratio": 0.15}
+
+
+def profile_machine(path: Path, server_args: list[str]) -> None:
+    subprocess.run([sys.executable, "-m", "omniserve_sgl.profile", "--out", str(path), *server_args], check=True)
+
+
+def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
+    """The simulator's rows for the systems, rates, workload and SLOs of the coserve result ``real``."""
+    w, info = real["workload"], real.get("server_info", {})
+    model = ModelSpec.from_config(real["model"])
+    lm = LatencyModel.load(profile)
+    if "float32" in str((lm.meta.get("key") or {}).get("dtype", "")):
+        model = ModelSpec(**{**model.__dict__, "dtype_bytes": 4})
+    timing = ProfileTiming(lm, model.kv_bytes_per_token, model.layers, qo_bytes_per_row_layer=model.qo_bytes_per_row_layer)
+    slo = SLO(real["slo"]["ttft_s"], real["slo"]["tpot_s"])
+    systems = tuple(SIM_SYSTEM.get(s, s) for s in real["systems"])
+    gb = float(w["omniserve_args"][w["omniserve_args"].index("--omniserve-cpu-kv-gb") + 1])
+    one = next(iter(info.values()), {})
+    kv = int(one.get("max_total_num_tokens") or w["server_args"][w["server_args"].index("--max-total-tokens") + 1])
+    scenario = Scenario("quick (simulated)", systems, tuple(w["ls_rates"]), w["duration_s"], slo,
+                        ls_max_prompt_tokens=w["ls_max_prompt_tokens"], ls_output_tokens=w["ls_max_new_tokens"],
+                        be_lengths=f"{w['be_prompt_tokens'][0]}-{w['be_prompt_tokens'][1]}:{w['be_max_new_tokens']}",
+                        be_concurrency=w["be_concurrency"], headroom_be_concurrency=w["headroom_be_concurrency"])
+
+    def config(system: str) -> SimConfig:
+        real_info = info.get({v: k for k, v in SIM_SYSTEM.items()}.get(system, system), one)
+        return SimConfig(system, timing, slo, kv, int(gb * GB // model.kv_bytes_per_token),
+                         chunk_tokens=int(real_info.get("chunked_prefill_size") or 8192),
+                         max_running=int(real_info.get("max_running_requests") or 256), noise=noise, seed=seed)
+    return run(scenario, config, f"latency profile {profile.name}", seed=seed, progress=None)
+
+
+def compare(real: dict, sim: dict) -> list[dict]:
+    """One line per (system, rate): real and simulated attainment, BE tokens/s, p50 TPOT, and
+    whether each is within :data:`BOUNDS`."""
+    by = {(r["system"], r["ls_rate"]): r for r in sim["rows"]}
+    out = []
+    for r in real["rows"]:
+        s = by.get((SIM_SYSTEM.get(r["system"], r["system"]), r["ls_rate"]))
+        if s is None:
+            continue
+        att = 100 * abs(r["ls_slo_attainment"] - s["ls_slo_attainment"])
+        be = (abs(s["be_tokens_per_s"] - r["be_tokens_per_s"]) / r["be_tokens_per_s"]
+              if r["be_tokens_per_s"] > 0 else (0.0 if s["be_tokens_per_s"] < 0.5 else float("inf")))
+        tp = abs(s["ls_p50_tpot_s"] - r["ls_p50_tpot_s"]) / r["ls_p50_tpot_s"]
+        out.append({"system": r["system"], "sim_system": s["system"], "ls_rate": r["ls_rate"],
+                    "real_attainment": r["ls_slo_attainment"], "sim_attainment": s["ls_slo_attainment"],
+                    "attainment_points": att, "attainment_ok": att <= BOUNDS["attainment_points"],
+                    "real_be_tokens_per_s": r["be_tokens_per_s"], "sim_be_tokens_per_s": s["be_tokens_per_s"],
+                    "be_ratio_error": be, "be_ok": r["system"] == "ls-only" or be <= BOUNDS["be_tokens_ratio"],
+                    "real_p50_tpot_s": r["ls_p50_tpot_s"], "sim_p50_tpot_s": s["ls_p50_tpot_s"],
+                    "p50_tpot_error": tp, "tpot_ok": tp <= BOUNDS["p50_tpot_ratio"]})
+    return out
+
+
+def report(result: dict) -> str:
+    lines = ["# Simulator against the real server (quick profile)", "",
+             (f"- real: `benchmarks/coserve.py --profile quick` ({result['real_source']}), SLOs TTFT "
+             f"{result['slo']['ttft_s'] * 1e3:.0f} ms, TPOT {result['slo']['tpot_s'] * 1e3:.0f} ms"),
+             (f"- simulated: the same systems, rates, workload and SLOs on the latency profile "
+             f"`{result['latency_profile']}` (profiled accuracy {result['profile_accuracy']:.1%}), step-time "
+             f"noise {result['noise']:.0%}; the real `omniserve` row is the simulator's `omniserve-sync`"),
+             (f"- bounds: attainment within {BOUNDS['attainment_points']:g} points, BE tokens/s within "
+             f"{BOUNDS['be_tokens_ratio']:.0%}, p50 TPOT within {BOUNDS['p50_tpot_ratio']:.0%}; "
+             f"{result['within']} of {result['checks']} checks within"),
+             f"- wall time {result['wall_s']:.0f} s", "",
+             "| system | LS/s | attainment real / sim | BE tok/s real / sim | p50 TPOT ms real / sim |",
+             "|---|---|---|---|---|"]
+    mark = {True: "", False: " **x**"}
+    for c in result["comparison"]:
+        lines.append(
+            f"| {c['system']} | {c['ls_rate']:g} | {c['real_attainment']:.1%} / {c['sim_attainment']:.1%}"
+            f"{mark[c['attainment_ok']]} | {c['real_be_tokens_per_s']:.1f} / {c['sim_be_tokens_per_s']:.1f}"
+            f"{mark[c['be_ok']]} | {c['real_p50_tpot_s'] * 1e3:.0f} / {c['sim_p50_tpot_s'] * 1e3:.0f}"
+            f"{mark[c['tpot_ok']]} |")
+    lines += ["", "Simulated rows:", "", *rows_table(result["sim"]["rows"]), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--real", type=Path, help="a finished coserve-quick.json instead of running coserve")
+    ap.add_argument("--latency-profile", type=Path, help="a latency profile instead of profiling now")
+    ap.add_argument("--noise", type=float, default=None,
+                    help="step-time noise (default: 1 - profiled accuracy, at most 0.3)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    started = time.time()
+    work = args.out / "sim-validate-work"
+    work.mkdir(parents=True, exist_ok=True)
+    profile = args.latency_profile or work / "latency-profile.json"
+    if not profile.is_file():
+        sys.path.insert(0, str(HERE))
+        from coserve import PROFILES
+
+        quick = PROFILES["quick"]
+        profile_machine(profile, ["--model-path", ensure_default_model(), "--schedule-policy", "fcfs",
+                                  *quick.server_args, *quick.omniserve_args])
+    if args.real:
+        real_path = args.real
+    else:
+        subprocess.run([sys.executable, str(HERE / "coserve.py"), "--profile", "quick", "--out", str(work),
+                        "--seed", str(args.seed), "--omniserve-args", f"--omniserve-profile {profile}"], check=False)
+        real_path = work / "coserve-quick.json"
+    real = orjson.loads(real_path.read_bytes())
+    lm = LatencyModel.load(profile)
+    acc = float(lm.meta.get("accuracy_mean", 0.9))
+    # The profile's held-out error stands for the step-to-step noise (bounded: a profile made on a
+    # busy machine fits badly, and the noise would then swamp every step).
+    noise = args.noise if args.noise is not None else min(max(1.0 - acc, 0.0), 0.3)
+    sim = simulate_like(real, profile, noise, args.seed)
+    comparison = compare(real, sim)
+    checks = [c[k] for c in comparison for k in ("attainment_ok", "be_ok", "tpot_ok")]
+    result = {"real_source": str(real_path.relative_to(args.out) if real_path.is_relative_to(args.out) else real_path),
+              "latency_profile": profile.name, "profile_accuracy": acc, "noise": noise, "slo": real["slo"],
+              "bounds": BOUNDS, "comparison": comparison, "within": sum(checks), "checks": len(checks),
+              "wall_s": round(time.time() - started, 1), "sim": sim, "real_rows": real["rows"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sim-validate.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (args.out / "sim-validate.md").write_text(report(result))
+    print(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The co-serving simulator: hardware models, workloads, the step loop of every system (the
+omniserve ones running the controller's own code) and the command line."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+import pytest
+
+from omniserve_sgl.bench.slo import SLO as BenchSLO
+from omniserve_sgl.bench.slo import be_tokens_per_s, ls_summary
+from omniserve_sgl.control import SLO, LatencyModel, StepShape
+from omniserve_sgl.simulate import (
+    CPUS,
+    GPUS,
+    LINKS,
+    ProfileTiming,
+    RooflineTiming,
+    SimConfig,
+    Simulation,
+    shipped_model,
+    simulate,
+)
+from omniserve_sgl.simulate.__main__ import main
+from omniserve_sgl.simulate.workload import arrivals, bursty_arrivals, document_lengths, ls_requests
+
+# A small machine: 5 ms per step, 2 ms per 16-token tile, attention and CPU terms of a small model.
+MODEL = LatencyModel(tile=16, c_step=5e-3, c_dense=2e-3, c_prefill_attn=2e-8, c_prefill_ctx=1e-6,
+                     c_decode_attn=2e-6, c_decode_row=2e-4, c_cpu_bytes=2e-9, c_cpu_job=1e-4)
+TIMING = ProfileTiming(MODEL, kv_bytes_per_token=4096, num_layers=4, qo_bytes_per_row_layer=256)
+SLOS = SLO(ttft_s=1.0, tpot_s=0.08)
+DURATION = 60.0
+
+
+def ls_stream(rate: float, seed: int = 0):
+    return ls_requests(arrivals("poisson", rate, DURATION, seed), lambda rng: (rng.randint(32, 192), 32), seed)
+
+
+def run(system: str, rate: float = 2.0, be_concurrency: int = 4, **cfg):
+    config = SimConfig(system, TIMING, SLOS, gpu_kv_tokens=cfg.pop("gpu_kv_tokens", 4096), be_pool_tokens=200_000,
+                       chunk_tokens=512, **cfg)
+    sim = Simulation(config, ls_stream(rate), DURATION, be_backlog=document_lengths("768-1024:96"),
+                     be_concurrency=be_concurrency)
+    records = sim.run()
+    return sim, records, ls_summary(records, BenchSLO(SLOS.ttft_s, SLOS.tpot_s), DURATION)
+
+
+# hardware ------------------------------------------------------------------------------------
+def test_llama_2_70b_has_its_published_size_and_kv_per_token():
+    m = shipped_model("llama-2-70b")
+    params = m.weight_bytes / m.dtype_bytes
+    assert abs(params - 68.98e9) / 68.98e9 < 0.01  # Llama 2 paper: 70B (68.98B in the HF checkpoint)
+    assert m.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2
+
+
+def test_unknown_model_config_names_the_shipped_ones():
+    with pytest.raises(ValueError, match="llama-2-70b"):
+        shipped_model("gpt-17")
+
+
+def test_roofline_dense_work_is_a_staircase_and_tensor_parallelism_shortens_it():
+    m = shipped_model("llama-3-8b")
+    one = RooflineTiming(m, GPUS["h100"], CPUS["xeon-gold-6342"], tp=1, kernel_efficiency=0.5)
+    four = RooflineTiming(m, GPUS["h100"], CPUS["xeon-gold-6342"], tp=4, kernel_efficiency=0.5)
+    assert one.gpu_step_s(StepShape(tokens=1)) == one.gpu_step_s(StepShape(tokens=one.a.tile))
+    assert one.gpu_step_s(StepShape(tokens=8192)) > 2 * one.gpu_step_s(StepShape(tokens=64))
+    assert four.gpu_step_s(StepShape(tokens=8192)) < one.gpu_step_s(StepShape(tokens=8192)) / 2
+    # The CPU job is linear in KV bytes; the synchronous step adds one per layer.
+    j1, j2 = one.cpu_job_s(1e8), one.cpu_job_s(2e8)
+    assert j2 - j1 == pytest.approx(j1 - one.cpu_job_s(0))
+    sync = one.predict(StepShape(tokens=8, decode_rows=8, cpu_kv_bytes=32e8, cpu_jobs=32))
+    assert sync == pytest.approx(one.gpu_step_s(StepShape(tokens=8, decode_rows=8)) + 32 * one.cpu_job_s(1e8))
+
+
+def test_a_model_that_does_not_fit_the_gpus_is_refused():
+    t = RooflineTiming(shipped_model("llama-2-70b"), GPUS["a100-80gb"], CPUS["xeon-gold-6342"], tp=1,
+                       kernel_efficiency=0.5)
+    with pytest.raises(ValueError, match="does not fit"):
+        t.gpu_kv_tokens()
+
+
+# workloads -----------------------------------------------------------------------------------
+def test_bursty_arrivals_keep_the_mean_rate_and_vary_it():
+    times = bursty_arrivals(4.0, 2000.0, seed=1, period_s=5.0)
+    assert abs(len(times) / 2000.0 - 4.0) < 0.3
+    per_period = [sum(5 * k <= t < 5 * (k + 1) for t in times) for k in range(400)]
+    assert statistics.pstdev(per_period) > 1.5 * (20 ** 0.5)  # more spread than a steady Poisson's
+
+
+def test_document_lengths_follow_the_published_mean_and_bad_specs_are_refused():
+    draw, rng = document_lengths("longbench-v2"), random.Random(0)
+    prompts, outputs = zip(*(draw(rng) for _ in range(4000)))
+    assert abs(statistics.mean(prompts) - 8952) / 8952 < 0.05 and set(outputs) == {136}
+    assert document_lengths("10-20:5")(rng)[1] == 5
+    for bad in ("wiki", "20-10:5", "10-20", "10-20:0"):
+        with pytest.raises(ValueError, match="BE lengths"):
+            document_lengths(bad)
+
+
+# the step loop -------------------------------------------------------------------------------
+def test_ls_alone_serves_every_request_whole_and_returns_every_kv_slot():
+    sim, records, summary = run("ls-only")
+    assert records and all(r.success and r.output_len == 32 and len(r.token_times) == 32 for r in records)
+    assert summary["ls_slo_attainment"] == 1.0
+    assert all(r.ttft >= MODEL.c_step for r in records)
+    assert sim.gpu_free == 4096 and not sim.running and not sim.waiting
+
+
+def test_the_same_seed_gives_the_same_run():
+    a, b = run("omniserve-sync")[1], run("omniserve-sync")[1]
+    assert [r.token_times for r in a] == [r.token_times for r in b]
+
+
+def test_baselines_order_as_sglang_schedules_them():
+    _, _, alone = run("ls-only")
+    _, _, fcfs = run("fcfs")
+    _, _, prio = run("priority")
+    # BE documents ahead in one FCFS queue delay LS first tokens; priority puts LS first.
+    assert fcfs["ls_p50_ttft_s"] > 2 * alone["ls_p50_ttft_s"]
+    assert prio["ls_p50_ttft_s"] < fcfs["ls_p50_ttft_s"]
+
+
+def test_the_controller_holds_ls_slos_where_every_be_row_in_every_step_does_not():
+    _, _, alone = run("ls-only")
+    _, rec_sync, sync = run("omniserve-sync")
+    _, _, nocontrol = run("omniserve-nocontrol")
+    assert sync["ls_slo_attainment"] >= 0.99 * alone["ls_slo_attainment"]
+    assert be_tokens_per_s(rec_sync, DURATION) > 0
+    assert nocontrol["ls_p50_tpot_s"] > sync["ls_p50_tpot_s"]
+
+
+def test_asynchronous_piggybacking_moves_be_tokens_through_cpu_attention_without_slowing_ls():
+    sim, records, summary = run("omniserve", controller=__import__(
+        "omniserve_sgl.control", fromlist=["ControllerConfig"]).ControllerConfig(be_placement="cpu"))
+    assert summary["ls_slo_attainment"] >= 0.99
+    assert sim.stats.be_cpu_tokens > 0 and sim.stats.cpu_utilisation > 0
+    be = [r for r in records if r.service_class == "be" and r.success]
+    assert be and all(len(r.token_times) == 96 for r in be)
+    assert sim.gpu_free == 4096 and all(n.pool_free == 200_000 for n in sim.nodes)
+
+
+def test_remote_cpu_servers_add_cpu_attention_capacity():
+    base = run("omniserve-nocontrol", rate=0.5, be_concurrency=16, gpu_kv_tokens=32768)
+    more = run("omniserve-nocontrol", rate=0.5, be_concurrency=16, gpu_kv_tokens=32768, remote_cpus=3,
+               link=LINKS["100gbit"])
+    assert be_tokens_per_s(more[1], DURATION) > 1.2 * be_tokens_per_s(base[1], DURATION)
+    assert sum(n.busy_s > 0 for n in more[0].nodes) == 4
+
+
+def test_a_prompt_longer_than_the_kv_cache_fails_with_a_reason():
+    config = SimConfig("ls-only", TIMING, SLOS, gpu_kv_tokens=100, be_pool_tokens=0)
+    records, _ = simulate(config, ls_requests([0.5], lambda rng: (200, 4), 0), 10.0)
+    assert not records[0].success and "exceeds the KV cache" in records[0].error
+
+
+def test_invalid_configurations_are_refused():
+    with pytest.raises(ValueError, match="unknown system"):
+        SimConfig("vllm", TIMING, SLOS, 100, 100)
+    with pytest.raises(ValueError, match="link"):
+        SimConfig("omniserve", TIMING, SLOS, 100, 100, remote_cpus=2)
+
+
+# the command line ----------------------------------------------------------------------------
+def test_the_command_line_writes_coserves_rows_table_and_simulator_columns(tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    profile.write_text(MODEL.to_json())
+    rc = main(["--profile", str(profile), "--model", "llama-3-8b", "--gpu-kv-tokens", "4096", "--be-pool-gb", "1",
+               "--systems", "ls-only,omniserve-sync", "--rates", "1", "--duration", "20", "--ls-output", "16",
+               "--ls-max-prompt", "192", "--be-lengths", "768-1024:32", "--be-concurrency", "2",
+               "--out", str(tmp_path), "--name", "t", "--no-plots"])
+    assert rc == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [r["system"] for r in result["rows"]] == ["ls-only", "omniserve-sync"]
+    assert {"ls_slo_attainment", "be_tokens_per_s", "gpu_utilisation", "be_cpu_tokens"} <= set(result["rows"][1])
+    assert "| GPU util |" in (tmp_path / "t.md").read_text()
+
+
+def test_the_command_line_refuses_bad_input_with_a_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--systems", "ls-only,vllm", "--rates", "1", "--duration", "1"])
+    assert e.value.code == 2 and "unknown systems ['vllm']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--profile", "/nonexistent.json", "--rates", "1"])
