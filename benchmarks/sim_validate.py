@@ -17,6 +17,7 @@ Writes benchmarks/results/sim-validate.{json,md}.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--real", type=Path, help="a finished coserve-quick.json instead of running coserve")
     ap.add_argument("--latency-profile", type=Path, help="a latency profile instead of profiling now")
+    ap.add_argument("--coserve-args", default="", help="more coserve.py flags, e.g. '--rates 0.3,0.6' on a "
+                    "machine too slow for the quick profile's rates")
     ap.add_argument("--noise", type=float, default=None,
                     help="step-time noise (default: 1 - profiled accuracy, at most 0.3)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -137,7 +140,8 @@ def main(argv=None) -> int:
         real_path = args.real
     else:
         subprocess.run([sys.executable, str(HERE / "coserve.py"), "--profile", "quick", "--out", str(work),
-                        "--seed", str(args.seed), "--omniserve-args", f"--omniserve-profile {profile}"], check=False)
+                        "--seed", str(args.seed), "--omniserve-args", f"--omniserve-profile {profile}",
+                        *shlex.split(args.coserve_args)], check=False)
         real_path = work / "coserve-quick.json"
     real = orjson.loads(real_path.read_bytes())
     lm = LatencyModel.load(profile)

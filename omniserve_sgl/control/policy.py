@@ -110,15 +110,22 @@ class Controller:
     def __init__(self, model: LatencyModel | OnlineCorrection, config: ControllerConfig | None = None):
         self.model = model
         self.config = config or ControllerConfig()
+        self._ls_ctx: tuple = (None, 0)
 
     # step shapes ---------------------------------------------------------------------------
     def _decode_shape(self, view: ServerView, be_rows: list[BERequest]) -> StepShape:
-        gpu_ctx = sum(d.context_len for d in view.ls_decodes) + sum(r.context_len for r in be_rows if r.placement == GPU)
-        cpu_rows = [] if view.cpu_overlap else [r for r in be_rows if r.placement == CPU]
-        rows = len(view.ls_decodes) + len(be_rows)
-        return StepShape(tokens=rows, decode_context=gpu_ctx, decode_rows=rows,
-                         cpu_kv_bytes=sum(r.context_len for r in cpu_rows) * view.kv_bytes_per_token,
-                         cpu_jobs=view.num_layers if cpu_rows else 0)
+        return self._shape(view, _BESum.of(be_rows))
+
+    def _shape(self, view: ServerView, be: _BESum) -> StepShape:
+        """The decode step of every LS row and the BE rows summed in ``be`` (a CPU row's attention
+        costs the step nothing under ``cpu_overlap``)."""
+        if self._ls_ctx[0] is not view.ls_decodes:  # summed once per view: plans call this often
+            self._ls_ctx = (view.ls_decodes, sum(d.context_len for d in view.ls_decodes))
+        rows = len(view.ls_decodes) + be.rows
+        cpu = 0 if view.cpu_overlap else be.cpu_rows
+        return StepShape(tokens=rows, decode_context=self._ls_ctx[1] + be.gpu_ctx, decode_rows=rows,
+                         cpu_kv_bytes=(be.cpu_ctx if cpu else 0) * view.kv_bytes_per_token,
+                         cpu_jobs=view.num_layers if cpu else 0)
 
     def _prefill_time(self, chunk: int, prefix: int) -> float:
         return self.model.predict(StepShape(tokens=chunk, prefill_attn_work=chunk * (prefix + chunk),
@@ -249,8 +256,11 @@ class Controller:
             n = len(rows)
         else:  # what BE rows add to the step fits the slack left (rows that add nothing always fit)
             slack = max(be_budget - since - t_ls_decode, 0.0)
+            first = [_BESum()]
+            for r in rows:
+                first.append(first[-1].plus(r))
             n = max(largest_fitting(1, len(rows), lambda k: self.model.predict(
-                self._decode_shape(view, rows[:k])) - t_ls_decode <= slack), 0)
+                self._shape(view, first[k])) - t_ls_decode <= slack), 0)
         chosen = rows[:n]
         return StepPlan(be_decode=tuple(r.rid for r in chosen), be_budget_per_layer=(n,) * view.num_layers,
                         predicted_s=self.model.predict(self._decode_shape(view, chosen)),
@@ -285,29 +295,78 @@ class Controller:
                 headroom += r.context_len
         if to_cpu or self.config.be_placement == "cpu" or view.ls_waiting:
             return tuple(to_cpu), ()
+        if view.cpu_overlap:
+            return self._placement_overlap(view, headroom)
         # For speed: one move per step, to wherever the request's row adds less to a decode step of
         # every BE row, by ``move_gain`` (on a GPU its own KV cache; on SGLang's CPU device, whose
         # decode attention is slower than the worker's kernel, the BE KV pool).
         tpot = self.tpot_budget(view)
         rows = [r for r in view.be if r.placement in (GPU, CPU)]
 
-        def cost(rid: str, placement: str) -> float:
-            """What the row of ``rid`` at ``placement`` adds to the step, s."""
-            others = [r for r in rows if r.rid != rid]
-            moved = [*others, dataclasses.replace(next(r for r in rows if r.rid == rid), placement=placement)]
-            return (self.model.predict(self._decode_shape(view, moved))
-                    - self.model.predict(self._decode_shape(view, others)))
+        total = _BESum.of(rows)
+
+        def cost(r: BERequest, placement: str) -> float:
+            """What the row of ``r`` at ``placement`` adds to the step of every BE row, s."""
+            others = total.plus(r, sign=-1)
+            return (self.model.predict(self._shape(view, others.plus(dataclasses.replace(r, placement=placement))))
+                    - self.model.predict(self._shape(view, others)))
 
         keep = 1.0 - self.config.move_gain
         for r in sorted((r for r in rows if r.placement == GPU), key=lambda r: (-r.context_len, r.rid)):
-            if r.context_len <= view.be_pool_free_tokens and cost(r.rid, CPU) < keep * cost(r.rid, GPU):
+            if r.context_len <= view.be_pool_free_tokens and cost(r, CPU) < keep * cost(r, GPU):
                 return (r.rid,), ()
         for r in sorted((r for r in rows if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid)):
             if r.context_len + 1 > headroom:
                 continue
-            back = [*(x for x in rows if x.placement == GPU), dataclasses.replace(r, placement=GPU)]
-            fits = tpot is None or self.model.predict(self._decode_shape(view, back)) <= self.config.be_margin * tpot
-            if fits and cost(r.rid, GPU) < keep * cost(r.rid, CPU):
+            back = _BESum.of(x for x in rows if x.placement == GPU).plus(dataclasses.replace(r, placement=GPU))
+            fits = tpot is None or self.model.predict(self._shape(view, back)) <= self.config.be_margin * tpot
+            if fits and cost(r, GPU) < keep * cost(r, CPU):
                 return (), (r.rid,)
             break
         return (), ()
+
+    def _placement_overlap(self, view: ServerView, headroom: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Placement for speed under asynchronous piggybacking (``cpu_overlap``): a row on the CPU
+        costs the pass only its dense work but moves one layer per pass, so it yields a token only
+        every few passes, where a row on the GPU yields one per pass. So BE requests stay on the
+        GPU while the GPU's BE rows fit the BE budget (paper 3.3: on the GPU while there is slack),
+        the largest moves to the pool when they no longer fit, and the longest-deferred CPU one
+        comes back when it fits beside them; one move per step."""
+        tpot = self.tpot_budget(view)
+        budget = None if tpot is None else self.config.be_margin * tpot
+        gpu = [r for r in view.be if r.placement == GPU]
+
+        def fits(rows: list[BERequest]) -> bool:
+            return budget is None or self.model.predict(self._decode_shape(view, rows)) <= budget
+
+        if gpu and not fits(gpu):
+            r = max(gpu, key=lambda r: (r.context_len, r.rid))
+            return ((r.rid,), ()) if r.context_len <= view.be_pool_free_tokens else ((), ())
+        cpu = sorted((r for r in view.be if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid))
+        if cpu and cpu[0].context_len + 1 <= headroom and fits([*gpu, dataclasses.replace(cpu[0], placement=GPU)]):
+            return (), (cpu[0].rid,)
+        return (), ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _BESum:
+    """Sums over a set of BE decode rows, all a decode step's shape needs of them (so the step of
+    the first k rows, or of all rows but one, costs O(1) to shape)."""
+
+    rows: int = 0
+    gpu_ctx: int = 0
+    cpu_ctx: int = 0
+    cpu_rows: int = 0
+
+    @classmethod
+    def of(cls, rows) -> _BESum:
+        out = cls()
+        for r in rows:
+            out = out.plus(r)
+        return out
+
+    def plus(self, r: BERequest, sign: int = 1) -> _BESum:
+        """These rows and ``r`` (``sign=-1``: without ``r``)."""
+        on_gpu = r.placement == GPU
+        return _BESum(self.rows + sign, self.gpu_ctx + sign * r.context_len * on_gpu,
+                      self.cpu_ctx + sign * r.context_len * (not on_gpu), self.cpu_rows + sign * (not on_gpu))

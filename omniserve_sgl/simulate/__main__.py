@@ -16,9 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from omniserve_sgl.bench.report import rows_table
 from omniserve_sgl.control import SLO, ControllerConfig, LatencyModel
 from omniserve_sgl.simulate.engine import SYSTEMS, SimConfig
-from omniserve_sgl.simulate.experiment import Scenario, run, write
+from omniserve_sgl.simulate.experiment import SIM_COLUMNS, Scenario, run, write
 from omniserve_sgl.simulate.hardware import (
     CPUS,
     GB,
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="sim")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no line per run, only the table")
     args = ap.parse_args(argv)
     try:
         systems = tuple(s.strip() for s in args.systems.split(","))
@@ -116,10 +118,11 @@ def main(argv=None) -> int:
                              controller=ctl, remote_cpus=args.remote_cpus, link=LINKS[args.link],
                              noise=args.noise, seed=args.seed)
         print(f"simulating {desc}", flush=True)
-        result = run(scenario, config, desc, seed=args.seed)
+        result = run(scenario, config, desc, seed=args.seed, progress=None if args.quiet else print)
     except (ValueError, OSError) as e:
         ap.error(str(e))
     paths = write(result, args.out / args.name, plots=not args.no_plots)
+    print("\n".join(["", *rows_table(result["rows"], SIM_COLUMNS), ""]))
     print(f"wrote {', '.join(str(p) for p in paths[:2])} in {result['wall_s']:.0f} s")
     return 0
 

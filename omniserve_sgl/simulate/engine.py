@@ -142,13 +142,15 @@ class _Node:
 @dataclasses.dataclass
 class SimStats:
     """What a run measured besides the requests: GPU busy time (passes), CPU attention time per
-    node, s, and the BE tokens whose attention ran on a CPU."""
+    node, s, the BE tokens whose attention ran on a CPU, and the longest decode step that had LS
+    rows, s."""
 
     wall_s: float = 0.0
     gpu_busy_s: float = 0.0
     cpu_busy_s: list = dataclasses.field(default_factory=list)
     be_cpu_tokens: int = 0
     steps: int = 0
+    longest_ls_decode_s: float = 0.0
 
     @property
     def gpu_utilisation(self) -> float:
@@ -373,9 +375,11 @@ class Simulation:
         seconds = self._measured(gpu_s + cpu_s)
         self._observe(full, seconds)
         self._advance(seconds)
-        self._after_decode(gpu_rows + cpu_rows)
+        self._after_decode(gpu_rows + cpu_rows, seconds)
 
-    def _after_decode(self, rows: list[_Req]) -> None:
+    def _after_decode(self, rows: list[_Req], seconds: float) -> None:
+        if any(r.cls == "ls" for r in rows):
+            self.stats.longest_ls_decode_s = max(self.stats.longest_ls_decode_s, seconds)
         self.step += 1
         self.stats.steps += 1
         self.decoded_last_step = True
@@ -549,7 +553,7 @@ class Simulation:
         self._observe(shape, seconds)
         self._advance(seconds)
         self._advance(stall, busy=False)
-        self._after_decode(gpu_rows + sampled)
+        self._after_decode(gpu_rows + sampled, seconds + stall)
         return True
 
     def _cpu_rows(self) -> list[_Req]:

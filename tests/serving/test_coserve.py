@@ -26,9 +26,13 @@ def test_short_run_writes_rows_report_and_plots(tmp_path, latency_profile):
         assert r["lost"] == 0 and r["ls_requests"] >= 1 and r["ls_requests"] == r["ls_requests_finished"]
         assert 0.0 <= r["ls_slo_attainment"] <= min(r["ttft_attainment"], r["tpot_attainment"]) <= 1.0
     ls_only, fcfs, omniserve = result["rows"]
-    # BE throughput is not asserted for omniserve: its controller gives BE work only the LS SLOs'
-    # slack, which a 6 s window at 2 LS/s on 2 cores may not hold.
-    assert ls_only["be_tokens_per_s"] == 0 and fcfs["be_tokens_per_s"] > 0 and omniserve["lost"] == 0
+    # BE work is asserted by requests finished (in the window or the drain after it): on a slow
+    # 2-core machine (no AVX-512: bf16 matmuls 10x slower) fcfs's 4 documents take longer than the
+    # 6 s window to prefill, so no BE token lands inside it. Nor is BE asserted for omniserve: its
+    # controller gives BE work only the LS SLOs' slack, which the window may not hold.
+    assert ls_only["be_tokens_per_s"] == 0 and fcfs["be_requests_finished"] > 0 and omniserve["lost"] == 0
+    # What the simulator needs to replay each system was recorded from the server itself.
+    assert all(result["server_info"][s]["chunked_prefill_size"] for s in ("ls-only", "fcfs", "omniserve"))
     # The controller ran with the derived SLOs and its predictions were checked step by step.
     assert 0.0 < result["latency_model_accuracy_p90"] < result["latency_model_accuracy"] <= 1.0
     assert result["latency_model_steps"] >= 10

@@ -366,6 +366,17 @@ def test_with_cpu_overlap_offloaded_rows_cost_the_step_only_their_dense_work():
     assert overlap.be_budget_per_layer == (len(overlap.be_decode),) * 32
 
 
+def test_with_cpu_overlap_be_requests_stay_on_the_gpu_while_their_rows_fit_the_be_budget():
+    ctl = Controller(TRUE)
+    few = tuple(BERequest(f"g{i}", GPU, context_len=2000) for i in range(2))
+    view = _view(ls_decodes=LS_DECODES, be=few, cpu_overlap=True)
+    assert ctl.plan(view).to_cpu == ()  # on the GPU a row yields a token per pass; it stays
+    many = tuple(BERequest(f"g{i}", GPU, context_len=2000 + 1000 * i) for i in range(40))
+    assert ctl.plan(dataclasses.replace(view, be=many)).to_cpu == ("g39",)  # too many: the largest goes
+    back = (*few, BERequest("c0", CPU, context_len=1500, last_run_step=3))
+    assert ctl.plan(dataclasses.replace(view, be=back)).to_gpu == ("c0",)  # slack: it comes back
+
+
 def test_be_rows_that_add_nothing_to_the_step_ride_along_even_without_slack():
     flat = LatencyModel(tile=64, c_step=4e-3, c_dense=1.5e-3, c_cpu_bytes=1e-10, c_cpu_job=1e-5)  # dense: one tile
     rows = tuple(BERequest(f"b{i}", CPU, context_len=1000, last_run_step=i) for i in range(8))

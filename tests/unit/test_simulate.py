@@ -108,6 +108,42 @@ def test_ls_alone_serves_every_request_whole_and_returns_every_kv_slot():
     assert sim.gpu_free == 4096 and not sim.running and not sim.waiting
 
 
+@pytest.mark.parametrize("system", ["ls-only", "omniserve-sync", "omniserve"])
+def test_one_ls_request_alone_gets_the_models_own_ttft_and_tpot(system):
+    config = SimConfig(system, TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=0)
+    (rec,), _ = simulate(config, ls_requests([0.5], lambda rng: (100, 4), 0), 10.0)
+    assert rec.ttft == pytest.approx(MODEL.predict(StepShape(tokens=100, prefill_attn_work=100 * 100,
+                                                             prefill_context=100)))
+    gaps = [b - a for a, b in zip(rec.token_times, rec.token_times[1:], strict=False)]
+    # Decode step k reads the prompt and the k tokens so far.
+    assert gaps == pytest.approx([MODEL.predict(StepShape(tokens=1, decode_context=100 + k, decode_rows=1))
+                                  for k in (1, 2, 3)])
+
+
+def test_be_rows_never_stretch_an_ls_decode_step_past_the_tpot_slo_under_omniserve():
+    for system in ("omniserve-sync", "omniserve"):
+        sim, records, _summary = run(system, rate=1.0, be_concurrency=8)
+        assert sim.stats.longest_ls_decode_s <= SLOS.tpot_s
+        assert be_tokens_per_s(records, DURATION) > 0
+
+
+def test_nothing_is_lost_every_request_finishes_or_is_rejected_with_a_reason():
+    from omniserve_sgl.control import ControllerConfig
+
+    for system in ("fcfs", "priority", "omniserve-sync", "omniserve"):
+        sim, records, _ = run(system, rate=4.0, be_concurrency=6, controller=ControllerConfig(ls_admission="reject"))
+        assert all(r.success or r.error.startswith("rejected: predicted TTFT") for r in records), system
+        assert sim.gpu_free == 4096 and not sim.running and not sim.waiting
+
+
+def test_the_simulator_runs_the_servers_own_controller():
+    from omniserve_sgl.control import policy
+    from omniserve_sgl.sglang_glue import controller as glue
+
+    sim = run("omniserve-sync", rate=0.5)[0]
+    assert type(sim.controller) is policy.Controller is glue.Controller
+
+
 def test_the_same_seed_gives_the_same_run():
     a, b = run("omniserve-sync")[1], run("omniserve-sync")[1]
     assert [r.token_times for r in a] == [r.token_times for r in b]

@@ -1,0 +1,130 @@
+"""The OmniServe paper's setting, simulated: Llama-2-70B with TP4 on 4 A100-80GB and the Xeon Gold
+6342 host, LS ShareGPT traffic and a BE backlog of LongBench-v2-length documents; then the same with
+1 to 4 extra CPU servers over 100 Gbit/s and 10 Gbit/s.
+
+    .venv/bin/python benchmarks/sim_paper.py          # a few minutes on one core
+
+Predicts LS SLO attainment and BE tokens/s of ``omniserve`` (asynchronous piggybacking) against
+``headroom`` (Llumnix-like), ``omniserve-sync`` (NEO-like) and ``ls-only`` (Sarathi-like upper
+bound), beside the paper's reported figures. Writes benchmarks/results/sim-paper.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from omniserve_sgl.bench.report import rows_table
+from omniserve_sgl.control import SLO
+from omniserve_sgl.simulate import CPUS, GPUS, LINKS, RooflineTiming, Scenario, SimConfig, run, shipped_model
+from omniserve_sgl.simulate.experiment import SIM_COLUMNS
+from omniserve_sgl.simulate.hardware import GB
+
+RESULTS = Path(__file__).parent / "results"
+SYSTEMS = ("ls-only", "headroom", "omniserve-sync", "omniserve")
+# OmniServe (SIGMOD 2026), abstract and section 5: what the simulation is read against.
+PAPER = {"ls_attainment_vs_llumnix": "up to 1.48x", "be_throughput_vs_llumnix": "up to 9.85x",
+         "be_scaling_1_to_4_cpu_servers": "about 3.1-3.4x", "ls_vs_upper_bound": "within about 0.6%"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="1,2,3,4", help="LS requests/s")
+    ap.add_argument("--duration", type=float, default=300.0, help="window per run, s")
+    ap.add_argument("--be-concurrency", type=int, default=256, help="BE backlog in flight")
+    ap.add_argument("--scaling-rate", type=float, default=2.0, help="LS rate of the CPU-server runs")
+    ap.add_argument("--ttft-slo", type=float, default=3.0)
+    ap.add_argument("--tpot-slo", type=float, default=0.2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    started = time.time()
+    model = shipped_model("llama-2-70b")
+    gpu, cpu = GPUS["a100-80gb"], CPUS["xeon-gold-6342"]
+    timing = RooflineTiming(model, gpu, cpu, tp=4)
+    kv, pool = timing.gpu_kv_tokens(), int(0.5 * cpu.memory_bytes // model.kv_bytes_per_token)
+    slo = SLO(args.ttft_slo, args.tpot_slo)
+    desc = (f"roofline: Llama-2-70B on 4 x {gpu.name} (TP4, {kv:,} KV tokens), host {cpu.name} "
+            f"(CPU attention {timing.cpu_bytes_per_s / GB:.0f} GB/s, BE pool {pool:,} tokens per CPU server)")
+
+    def scenario(systems, rates) -> Scenario:
+        return Scenario("paper", systems, rates, args.duration, slo, ls_max_prompt_tokens=2048,
+                        be_lengths="longbench-v2", be_concurrency=args.be_concurrency, headroom_be_concurrency=8)
+
+    def config(remote: int = 0, link: str = "100gbit"):
+        return lambda system: SimConfig(system, timing, slo, kv, pool, chunk_tokens=8192, remote_cpus=remote,
+                                        link=LINKS[link], seed=args.seed)
+
+    print(f"simulating {desc}", flush=True)
+    sweep = run(scenario(SYSTEMS, tuple(float(x) for x in args.rates.split(","))), config(), desc, seed=args.seed)
+    scaling = []
+    for link in ("100gbit", "10gbit"):
+        for remote in range(5):
+            res = run(scenario(("omniserve",), (args.scaling_rate,)), config(remote, link), desc, seed=args.seed,
+                      progress=None)
+            r = res["rows"][0]
+            scaling.append({"link": link, "extra_cpu_servers": remote, **{k: r[k] for k in (
+                "ls_slo_attainment", "be_tokens_per_s", "cpu_utilisation", "gpu_utilisation", "ls_p50_tpot_s")}})
+            print(f"  {remote} extra CPU servers over {LINKS[link].name}: BE {r['be_tokens_per_s']:.0f} tok/s, "
+                  f"LS attainment {r['ls_slo_attainment']:.1%}", flush=True)
+    result = {"hardware": desc, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "paper": PAPER,
+              "sweep": sweep, "scaling": scaling, "wall_s": round(time.time() - started, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sim-paper.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (args.out / "sim-paper.md").write_text(report(result))
+    print(report(result))
+    return 0
+
+
+def ratios(rows: list[dict], system: str, base: str, key: str) -> list[tuple[float, float]]:
+    """(LS rate, ``system``'s ``key`` over ``base``'s) per rate where ``base``'s is positive."""
+    by = {(r["system"], r["ls_rate"]): r for r in rows}
+    return [(rate, by[(system, rate)][key] / by[(base, rate)][key]) for (s, rate) in by
+            if s == system and (base, rate) in by and by[(base, rate)][key] > 0]
+
+
+def report(result: dict) -> str:
+    rows = result["sweep"]["rows"]
+    w = result["sweep"]["workload"]
+
+    def fmt(pairs):
+        return ", ".join(f"{x:.2f}x at {rate:g} LS/s" for rate, x in pairs) or "n/a"
+
+    lines = [
+        "# The paper's setting, simulated", "",
+        f"- hardware: {result['hardware']}",
+        (f"- SLOs: TTFT {result['slo']['ttft_s']:g} s, TPOT {result['slo']['tpot_s'] * 1e3:.0f} ms; LS: ShareGPT "
+        f"(prompts <= {w['ls_max_prompt_tokens']} tokens, ShareGPT answer lengths), Poisson; BE: "
+        f"{w['be_concurrency']} LongBench-v2-length documents in flight (headroom: {w['headroom_be_concurrency']}); "
+        f"{w['duration_s']:g} s per run"),
+        f"- simulated in {result['wall_s']:.0f} s", "",
+        *rows_table(rows, SIM_COLUMNS), "",
+        "| | simulated | paper |", "|---|---|---|",
+        (f"| LS SLO attainment, omniserve / headroom | {fmt(ratios(rows, 'omniserve', 'headroom', 'ls_slo_attainment'))} "
+        f"| {PAPER['ls_attainment_vs_llumnix']} |"),
+        (f"| BE tokens/s, omniserve / headroom | {fmt(ratios(rows, 'omniserve', 'headroom', 'be_tokens_per_s'))} "
+        f"| {PAPER['be_throughput_vs_llumnix']} |"),
+        (f"| BE tokens/s, omniserve / omniserve-sync | "
+        f"{fmt(ratios(rows, 'omniserve', 'omniserve-sync', 'be_tokens_per_s'))} | - |"),
+        (f"| LS SLO attainment, omniserve / ls-only | {fmt(ratios(rows, 'omniserve', 'ls-only', 'ls_slo_attainment'))} "
+        f"| {PAPER['ls_vs_upper_bound']} |"), "",
+        "## Extra CPU servers", "",
+        "| link | extra CPU servers | BE tok/s | LS SLO attainment | CPU util | GPU util |", "|---|---|---|---|---|---|",
+    ]
+    for s in result["scaling"]:
+        lines.append(f"| {s['link']} | {s['extra_cpu_servers']} | {s['be_tokens_per_s']:.0f} | "
+                     f"{s['ls_slo_attainment']:.1%} | {s['cpu_utilisation']:.0%} | {s['gpu_utilisation']:.0%} |")
+    for link in ("100gbit", "10gbit"):
+        by = {s["extra_cpu_servers"]: s["be_tokens_per_s"] for s in result["scaling"] if s["link"] == link}
+        if by.get(1):
+            lines.append(f"\nBE scaling over {link}, 1 to 4 extra CPU servers: {by[4] / by[1]:.2f}x "
+                         f"(paper: {PAPER['be_scaling_1_to_4_cpu_servers']})")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
