@@ -63,7 +63,8 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
         real_info = info.get({v: k for k, v in SIM_SYSTEM.items()}.get(system, system), one)
         return SimConfig(system, timing, slo, kv, int(gb * GB // model.kv_bytes_per_token),
                          chunk_tokens=int(real_info.get("chunked_prefill_size") or 8192),
-                         max_running=int(real_info.get("max_running_requests") or 256), noise=noise, seed=seed)
+                         max_running=int(real_info.get("max_running_requests") or 256), noise=noise, seed=seed,
+                         priority_preemption=int(real_info.get("priority_scheduling_preemption_threshold") or 10) < 1)
     return run(scenario, config, f"latency profile {profile.name}", seed=seed, progress=None)
 
 

@@ -12,8 +12,8 @@ decode step short of KV retracts the newest request (``retract_decode``) back to
 Systems:
   ls-only              the LS stream alone (the upper bound)
   fcfs                 LS and BE in one first-come-first-served queue, BE KV on the GPU
-  priority             LS before BE in the queue; an LS request that does not fit preempts BE
-                       requests (SGLang ``--enable-priority-scheduling``, ``--retraction-policy priority``)
+  priority             LS before BE in the queue (SGLang ``--enable-priority-scheduling``,
+                       ``--retraction-policy priority``); preemption of BE only with ``priority_preemption``
   headroom             ``fcfs`` with the BE backlog capped by the client (Llumnix-like reservation)
   omniserve-nocontrol  every BE request offloaded after prefill, every BE row in every decode step,
                        the GPU waiting for the CPU in each layer (``--omniserve-disable-control``)
@@ -69,6 +69,10 @@ class SimConfig:
         remote_cpus: CPU servers beside the host, each the host's equal, reached over ``link``.
         noise: spread (sigma of a lognormal with mean 1) of a step's measured time around the
             timing's; the controller learns it online as the server does.
+        priority_preemption: under ``priority``, an LS request that does not fit the KV cache
+            retracts running BE requests. SGLang preempts only when the priorities differ by more
+            than ``--priority-scheduling-preemption-threshold`` (default 10; coserve sends LS 1 and
+            BE 0), so by default it does not.
         drain_timeout_s: after the window, requests in flight get this long to finish.
     """
 
@@ -83,6 +87,7 @@ class SimConfig:
     remote_cpus: int = 0
     link: LinkSpec | None = None
     noise: float = 0.0
+    priority_preemption: bool = False
     seed: int = 0
     drain_timeout_s: float = 600.0
 
@@ -422,7 +427,7 @@ class Simulation:
             need = r.target - r.prefilled
             if r.prefilled == 0:
                 want = need + (r.output_len - r.generated) * self.new_token_ratio
-                if want > free and self.cfg.system == "priority" and r.cls == "ls":
+                if want > free and self.cfg.system == "priority" and r.cls == "ls" and self.cfg.priority_preemption:
                     while want > free and (be := [x for x in self.running if x.cls == "be" and x.placement != CPU]):
                         self._retract(be[-1])
                         free = self.gpu_free - self._reserved()
