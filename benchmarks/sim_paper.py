@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=300.0, help="window per run, s")
     ap.add_argument("--be-concurrency", type=int, default=256, help="BE backlog in flight")
     ap.add_argument("--scaling-rate", type=float, default=2.0, help="LS rate of the CPU-server runs")
+    ap.add_argument("--drain", type=float, default=300.0, help="after the window, s (LS requests in flight finish)")
+    ap.add_argument("--be-lengths", default="longbench-v2", help="BE documents of the rate sweep")
+    ap.add_argument("--scaling-be-lengths", default="dailymails",
+                    help="BE documents of the CPU-server runs (decode-heavy: prefill does not hide the CPU)")
     ap.add_argument("--ttft-slo", type=float, default=3.0)
     ap.add_argument("--tpot-slo", type=float, default=0.2)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -51,27 +55,27 @@ def main(argv=None) -> int:
     desc = (f"roofline: Llama-2-70B on 4 x {gpu.name} (TP4, {kv:,} KV tokens), host {cpu.name} "
             f"(CPU attention {timing.cpu_bytes_per_s / GB:.0f} GB/s, BE pool {pool:,} tokens per CPU server)")
 
-    def scenario(systems, rates) -> Scenario:
+    def scenario(systems, rates, be_lengths=args.be_lengths) -> Scenario:
         return Scenario("paper", systems, rates, args.duration, slo, ls_max_prompt_tokens=2048,
-                        be_lengths="longbench-v2", be_concurrency=args.be_concurrency, headroom_be_concurrency=8)
+                        be_lengths=be_lengths, be_concurrency=args.be_concurrency, headroom_be_concurrency=8)
 
     def config(remote: int = 0, link: str = "100gbit"):
         return lambda system: SimConfig(system, timing, slo, kv, pool, chunk_tokens=8192, remote_cpus=remote,
-                                        link=LINKS[link], seed=args.seed)
+                                        link=LINKS[link], seed=args.seed, drain_timeout_s=args.drain)
 
     print(f"simulating {desc}", flush=True)
     sweep = run(scenario(SYSTEMS, tuple(float(x) for x in args.rates.split(","))), config(), desc, seed=args.seed)
     scaling = []
     for link in ("100gbit", "10gbit"):
         for remote in range(5):
-            res = run(scenario(("omniserve",), (args.scaling_rate,)), config(remote, link), desc, seed=args.seed,
-                      progress=None)
+            res = run(scenario(("omniserve",), (args.scaling_rate,), args.scaling_be_lengths), config(remote, link), desc,
+                      seed=args.seed, progress=None)
             r = res["rows"][0]
             scaling.append({"link": link, "extra_cpu_servers": remote, **{k: r[k] for k in (
                 "ls_slo_attainment", "be_tokens_per_s", "cpu_utilisation", "gpu_utilisation", "ls_p50_tpot_s")}})
             print(f"  {remote} extra CPU servers over {LINKS[link].name}: BE {r['be_tokens_per_s']:.0f} tok/s, "
                   f"LS attainment {r['ls_slo_attainment']:.1%}", flush=True)
-    result = {"hardware": desc, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "paper": PAPER,
+    result = {"hardware": desc, "scaling_be_lengths": args.scaling_be_lengths, "scaling_rate": args.scaling_rate, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "paper": PAPER,
               "sweep": sweep, "scaling": scaling, "wall_s": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sim-paper.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
@@ -99,7 +103,7 @@ def report(result: dict) -> str:
         f"- hardware: {result['hardware']}",
         (f"- SLOs: TTFT {result['slo']['ttft_s']:g} s, TPOT {result['slo']['tpot_s'] * 1e3:.0f} ms; LS: ShareGPT "
         f"(prompts <= {w['ls_max_prompt_tokens']} tokens, ShareGPT answer lengths), Poisson; BE: "
-        f"{w['be_concurrency']} LongBench-v2-length documents in flight (headroom: {w['headroom_be_concurrency']}); "
+        f"{w['be_concurrency']} `{w['be_lengths']}`-length documents in flight (headroom: {w['headroom_be_concurrency']}); "
         f"{w['duration_s']:g} s per run"),
         f"- simulated in {result['wall_s']:.0f} s", "",
         *rows_table(rows, SIM_COLUMNS), "",
@@ -113,6 +117,7 @@ def report(result: dict) -> str:
         (f"| LS SLO attainment, omniserve / ls-only | {fmt(ratios(rows, 'omniserve', 'ls-only', 'ls_slo_attainment'))} "
         f"| {PAPER['ls_vs_upper_bound']} |"), "",
         "## Extra CPU servers", "",
+        f"omniserve at {result['scaling_rate']:g} LS/s, BE documents `{result['scaling_be_lengths']}`, the same backlog.", "",
         "| link | extra CPU servers | BE tok/s | LS SLO attainment | CPU util | GPU util |", "|---|---|---|---|---|---|",
     ]
     for s in result["scaling"]:

@@ -330,8 +330,8 @@ class Controller:
         costs the pass only its dense work but moves one layer per pass, so it yields a token only
         every few passes, where a row on the GPU yields one per pass. So BE requests stay on the
         GPU while the GPU's BE rows fit the BE budget (paper 3.3: on the GPU while there is slack),
-        the largest moves to the pool when they no longer fit, and the longest-deferred CPU one
-        comes back when it fits beside them; one move per step."""
+        the largest moves to the pool when they no longer fit or a BE prompt waits for GPU KV, and
+        the longest-deferred CPU one comes back when it fits beside them; one move per step."""
         tpot = self.tpot_budget(view)
         budget = None if tpot is None else self.config.be_margin * tpot
         gpu = [r for r in view.be if r.placement == GPU]
@@ -339,7 +339,10 @@ class Controller:
         def fits(rows: list[BERequest]) -> bool:
             return budget is None or self.model.predict(self._decode_shape(view, rows)) <= budget
 
-        if gpu and not fits(gpu):
+        # A BE prompt waiting for GPU KV counts as pressure too: in the pool a request still decodes.
+        queued = next((r for r in view.be if r.placement == WAITING and r.prefilled == 0), None)
+        short = queued is not None and headroom < queued.prompt_len
+        if gpu and (short or not fits(gpu)):
             r = max(gpu, key=lambda r: (r.context_len, r.rid))
             return ((r.rid,), ()) if r.context_len <= view.be_pool_free_tokens else ((), ())
         cpu = sorted((r for r in view.be if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid))

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     hw.add_argument("--chunk", type=int, default=8192, help="largest prefill chunk, tokens")
     hw.add_argument("--max-running", type=int, default=256)
     hw.add_argument("--noise", type=float, default=0.0, help="lognormal spread of step times around the model")
+    hw.add_argument("--drain", type=float, default=600.0, help="after the window, requests in flight get this long, s")
     wl = ap.add_argument_group("workload")
     wl.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     wl.add_argument("--rates", default="1,2,4", help="LS requests/s")
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
         def config(system: str) -> SimConfig:
             return SimConfig(system, timing, slo, kv, pool, chunk_tokens=args.chunk, max_running=args.max_running,
                              controller=ctl, remote_cpus=args.remote_cpus, link=LINKS[args.link],
-                             noise=args.noise, seed=args.seed)
+                             noise=args.noise, seed=args.seed, drain_timeout_s=args.drain)
         print(f"simulating {desc}", flush=True)
         result = run(scenario, config, desc, seed=args.seed, progress=None if args.quiet else print)
     except (ValueError, OSError) as e:

@@ -375,6 +375,9 @@ def test_with_cpu_overlap_be_requests_stay_on_the_gpu_while_their_rows_fit_the_b
     assert ctl.plan(dataclasses.replace(view, be=many)).to_cpu == ("g39",)  # too many: the largest goes
     back = (*few, BERequest("c0", CPU, context_len=1500, last_run_step=3))
     assert ctl.plan(dataclasses.replace(view, be=back)).to_gpu == ("c0",)  # slack: it comes back
+    # A BE prompt that waits for GPU KV moves the largest GPU one out: in the pool it still decodes.
+    full = dataclasses.replace(view, be=(*few, BERequest("w", WAITING, prompt_len=3000)), gpu_kv_free_tokens=1000)
+    assert ctl.plan(full).to_cpu == ("g0",) or ctl.plan(full).to_cpu == ("g1",)
 
 
 def test_be_rows_that_add_nothing_to_the_step_ride_along_even_without_slack():
