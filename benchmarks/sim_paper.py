@@ -19,10 +19,11 @@ from pathlib import Path
 import orjson
 
 from omniserve_sgl.bench.report import rows_table
-from omniserve_sgl.control import SLO
+from omniserve_sgl.control import SLO, StepShape
 from omniserve_sgl.simulate import CPUS, GPUS, LINKS, RooflineTiming, Scenario, SimConfig, run, shipped_model
 from omniserve_sgl.simulate.experiment import SIM_COLUMNS
 from omniserve_sgl.simulate.hardware import GB
+from omniserve_sgl.simulate.workload import BE_DATASETS
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("ls-only", "headroom", "omniserve-sync", "omniserve")
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
                                         link=LINKS[link], seed=args.seed, drain_timeout_s=args.drain)
 
     print(f"simulating {desc}", flush=True)
+    bounds = {name: be_bounds(timing, prompt, out) for name, (prompt, out) in BE_DATASETS.items()}
     sweep = run(scenario(SYSTEMS, tuple(float(x) for x in args.rates.split(","))), config(), desc, seed=args.seed)
     scaling = []
     for link in ("100gbit", "10gbit"):
@@ -76,12 +78,24 @@ def main(argv=None) -> int:
             print(f"  {remote} extra CPU servers over {LINKS[link].name}: BE {r['be_tokens_per_s']:.0f} tok/s, "
                   f"LS attainment {r['ls_slo_attainment']:.1%}", flush=True)
     result = {"hardware": desc, "scaling_be_lengths": args.scaling_be_lengths, "scaling_rate": args.scaling_rate, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "paper": PAPER,
-              "sweep": sweep, "scaling": scaling, "wall_s": round(time.time() - started, 1)}
+              "sweep": sweep, "scaling": scaling, "be_bounds": bounds, "wall_s": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sim-paper.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (args.out / "sim-paper.md").write_text(report(result))
     print(report(result))
     return 0
+
+
+def be_bounds(timing: RooflineTiming, prompt: int, out: int) -> dict:
+    """What bounds BE tokens/s for documents of mean ``prompt`` / ``out`` tokens, with the whole
+    machine on BE work: the GPU prefilling them (one prefill of ``prompt`` tokens per ``out``
+    tokens), and one CPU node's attention (each token reads its context's KV in every layer, at
+    the mean context ``prompt + out / 2``)."""
+    prefill_s = timing.gpu_step_s(StepShape(tokens=prompt, prefill_attn_work=float(prompt * prompt),
+                                            prefill_context=prompt))
+    cpu_s = timing.cpu_job_s((prompt + out / 2) * timing.kv_bytes_per_token)
+    return {"gpu_prefill_s_per_request": round(prefill_s, 3), "gpu_prefill_bound_tok_s": round(out / prefill_s, 1),
+            "cpu_s_per_token": round(cpu_s, 4), "cpu_bound_tok_s_per_node": round(1 / cpu_s, 1)}
 
 
 def ratios(rows: list[dict], system: str, base: str, key: str) -> list[tuple[float, float]]:
@@ -128,7 +142,56 @@ def report(result: dict) -> str:
         if by.get(1):
             lines.append(f"\nBE scaling over {link}, 1 to 4 extra CPU servers: {by[4] / by[1]:.2f}x "
                          f"(paper: {PAPER['be_scaling_1_to_4_cpu_servers']})")
+    lines += ["", "## What bounds BE throughput here", "",
+              "With the whole machine on BE work (the roofline's own numbers; mean document lengths):", "",
+              "| BE documents | GPU prefill per request s | GPU prefill bound tok/s | CPU attention per token ms "
+              "| CPU bound tok/s per CPU node |", "|---|---|---|---|---|"]
+    for name, b in result["be_bounds"].items():
+        lines.append(f"| {name} | {b['gpu_prefill_s_per_request']:.2f} | {b['gpu_prefill_bound_tok_s']:.0f} | "
+                     f"{1e3 * b['cpu_s_per_token']:.1f} | {b['cpu_bound_tok_s_per_node']:.0f} |")
+    lines += ["", "## Reading", "", *reading(result)]
     return "\n".join(lines) + "\n"
+
+
+def reading(result: dict) -> list[str]:
+    """Where the prediction parts from the paper, and the assumption that drives it, from the numbers."""
+    rows = {(r["system"], r["ls_rate"]): r for r in result["sweep"]["rows"]}
+    sweep_docs = result["sweep"]["workload"]["be_lengths"]
+    b = result["be_bounds"].get(sweep_docs)
+    omni = [r for (s, _), r in rows.items() if s == "omniserve"]
+    out = []
+    if b and omni:
+        best = max(omni, key=lambda r: r["be_tokens_per_s"])
+        out.append(
+            f"- **Rate sweep ({sweep_docs} BE)**: omniserve's BE throughput (at most {best['be_tokens_per_s']:.0f} tok/s) "
+            f"sits under the GPU's prefill bound ({b['gpu_prefill_bound_tok_s']:.0f} tok/s with the whole GPU on BE "
+            f"prompts: {b['gpu_prefill_s_per_request']:.1f} s of prefill per {sweep_docs} request), and the CPU attention "
+            f"ran {sum(r['be_cpu_tokens'] for r in omni)} BE tokens in all. With BE prompts this long the prefill, "
+            "not the decode, bounds BE work: asynchronous piggybacking has nothing to hide, so omniserve equals "
+            "omniserve-sync, and the BE throughput gain over headroom the paper reports does not appear. The "
+            "assumption that drives it: BE prompts are prefilled on the GPU at the roofline's prefill efficiency.")
+    head = [r for (s, _), r in rows.items() if s == "headroom"]
+    if head:
+        out.append(
+            f"- **LS attainment against headroom** is {min(r['ls_slo_attainment'] for r in head):.0%}-"
+            f"{max(r['ls_slo_attainment'] for r in head):.0%} for headroom: its BE prompts go through prefill "
+            "chunks of up to 8,192 tokens that stall LS prompts behind them (p99 TTFT in the table), where the "
+            "controller sizes every chunk to the SLO slack. That gap is larger than the paper's 1.48x because "
+            "the simulated headroom has no SLO-aware chunking at all.")
+    scal = result["scaling"]
+    if scal:
+        cpu = max(s["cpu_utilisation"] for s in scal)
+        gpu = min(s["gpu_utilisation"] for s in scal)
+        per_node = result["be_bounds"].get(result["scaling_be_lengths"], {}).get("cpu_bound_tok_s_per_node")
+        out.append(
+            f"- **Extra CPU servers**: the GPU is at least {gpu:.0%} busy and the CPUs at most {cpu:.0%} in every run, "
+            f"so more CPU capacity (about {per_node:.0f} tok/s per node for these documents) adds little: the "
+            "controller keeps BE requests in the GPU KV cache while their rows fit the BE budget (a row on the GPU "
+            "yields a token every pass, one on a CPU every few), and the GPU's time goes to BE prefill and GPU-resident "
+            "BE rows. The paper's 3.1-3.4x scaling needs CPU attention to be the bound: a placement that sends BE "
+            "decode to idle CPU capacity first would be the policy to try. A slow link (10 Gbit/s) costs LS nothing: "
+            "KV moves cross it on the host's time, not the GPU's.")
+    return out
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ served-step accuracy from 87.0% to 89.4% on a replayed step log (``benchmarks/re
 
 from __future__ import annotations
 
+import dataclasses
+
 from omniserve_sgl.control.latency import LatencyModel, StepShape
 
 PREFILL, DECODE, DECODE_CPU = "prefill", "decode", "decode+cpu"
@@ -25,7 +27,12 @@ def step_kind(shape: StepShape) -> str:
 
 
 class OnlineCorrection:
-    """``model``'s predictions times a per-kind factor learned from measured steps.
+    """``model``'s predictions times learned factors: the GPU part of a step (all but the CPU
+    worker's terms) times its kind's factor (``prefill`` or ``decode``), the CPU worker's part times
+    the ``decode+cpu`` factor, learned from what a step with CPU jobs took beyond its corrected GPU
+    part. Split so, a prediction never falls when rows join a step (a CPU row adds a positive term
+    to the decode step it joins; one factor per step kind would price a decode step with a CPU row
+    below the same step without it whenever the CPU kind's factor is the smaller).
 
     Args:
         model: the profiled latency model.
@@ -49,18 +56,35 @@ class OnlineCorrection:
         self.factors = {PREFILL: 1.0, DECODE: 1.0, DECODE_CPU: 1.0}
         self.pace = 1.0
 
+    def _parts(self, shape: StepShape) -> tuple[str, float, float]:
+        """(GPU part's kind, GPU part, CPU worker's part) of the profile's prediction, s."""
+        total = self.model.predict(shape)
+        if shape.cpu_jobs <= 0 and shape.cpu_kv_bytes <= 0:
+            return (PREFILL if shape.decode_rows == 0 else DECODE), total, 0.0
+        gpu = self.model.predict(dataclasses.replace(shape, cpu_kv_bytes=0.0, cpu_jobs=0))
+        return DECODE, gpu, max(total - gpu, 0.0)
+
+    def _corrected(self, kind: str, gpu: float, cpu: float) -> float:
+        return gpu * self.factors[kind] + cpu * self.factors[DECODE_CPU]
+
     def predict(self, shape: StepShape) -> float:
         """Corrected wall time of a step of ``shape``, s."""
-        return self.model.predict(shape) * self.factors[step_kind(shape)] * self.pace
+        return self._corrected(*self._parts(shape)) * self.pace
 
     def observe(self, shape: StepShape, measured_s: float) -> None:
-        """Folds one measured step (wall time ``measured_s``, s) into its kind's factor and the pace."""
-        raw = self.model.predict(shape)
-        if raw <= 0 or not measured_s > 0:
+        """Folds one measured step (wall time ``measured_s``, s) into its factors and the pace: a
+        step without CPU jobs into its kind's, one with them into the CPU part's (what it took
+        beyond its corrected GPU part, over the profile's CPU part)."""
+        kind, gpu, cpu = self._parts(shape)
+        corrected = self._corrected(kind, gpu, cpu)
+        if corrected <= 0 or not measured_s > 0:
             return
-        kind = step_kind(shape)
         lo, hi = self.bounds
-        pace = (1 - self.pace_alpha) * self.pace + self.pace_alpha * measured_s / (raw * self.factors[kind])
+        pace = (1 - self.pace_alpha) * self.pace + self.pace_alpha * measured_s / corrected
         self.pace = min(max(pace, lo), hi)
-        f = (1 - self.alpha) * self.factors[kind] + self.alpha * measured_s / raw
+        if cpu > 0:
+            kind, ratio = DECODE_CPU, (measured_s - gpu * self.factors[kind]) / cpu
+        else:
+            ratio = measured_s / gpu
+        f = (1 - self.alpha) * self.factors[kind] + self.alpha * ratio
         self.factors[kind] = min(max(f, lo), hi)

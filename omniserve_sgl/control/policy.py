@@ -181,10 +181,10 @@ class Controller:
         t_ls_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
         # How late the LS decodes' next token is against their schedule: the wait since their last
         # token, less what the least-ahead of them can spend (0 when none is ahead).
-        spendable = [min(cfg.ahead_share * max(self.lead(d, view, t_ls_decode), 0.0),
-                         cfg.ahead_cap * (d.tpot_slo_s or view.slo.tpot_s))
-                     for d in view.ls_decodes]
-        since = view.since_decode_s - min(spendable) if spendable else 0.0
+        lead, share, cap = self.lead, cfg.ahead_share, cfg.ahead_cap
+        spendable = min((min(share * max(lead(d, view, t_ls_decode), 0.0), cap * (d.tpot_slo_s or view.slo.tpot_s))
+                         for d in view.ls_decodes), default=None)
+        since = view.since_decode_s - spendable if spendable is not None else 0.0
         rejected = []
         waiting = list(view.ls_waiting)
         ttfts = self.predicted_ttfts(view) if waiting else []

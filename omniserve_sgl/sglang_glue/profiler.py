@@ -40,6 +40,14 @@ CHUNK_GRID = ((1, 256, 32), (1, 1024, 32), (2, 512, 64), (1, 1024, 256), (4, 256
               (1, 2048, 512), (2, 1536, 128))
 MAX_BATCH_TOKENS = 4096  # the grid's largest prefill (one pass, whatever --chunked-prefill-size says)
 BUDGET_S = 60.0  # the whole profile, forward passes and CPU jobs
+CPU_JOBS_BUDGET_S = 6.0  # timed first: a few ms each, and a model without them would call CPU attention free
+
+
+def _fits(deadline: float, last_s: float, last_tokens: int, tokens: int) -> bool:
+    """Whether a grid point of ``tokens`` tokens is predicted to finish by ``deadline`` (monotonic
+    seconds), its time scaled from the last point's (``last_s`` for ``last_tokens``): a slow machine
+    stops before a point it cannot finish instead of overrunning the budget with it."""
+    return time.monotonic() + last_s * max(1.0, tokens / max(last_tokens, 1)) <= deadline
 
 
 def _sync(device) -> None:
@@ -60,10 +68,12 @@ def forward_samples(model_runner, budget_s: float) -> list[StepSample]:
     rows = model_runner.req_to_token_pool.size
     grid = sorted((g for g in GRID if g[0] * g[1] <= limit and g[0] <= rows), key=lambda g: g[0] * g[1])
     samples, deadline = [], time.monotonic() + budget_s
+    last_s, last_tokens = 0.0, 1
     for i, (bs, n) in enumerate([grid[0], *grid]):  # the first run warms up and is not kept
-        if time.monotonic() > deadline:
+        if not _fits(deadline, last_s, last_tokens, bs * n):
             break
         reqs = one_batch.prepare_synthetic_inputs_for_latency_test(bs, n)
+        started = time.monotonic()
         try:
             _sync(model_runner.device)
             t0 = time.perf_counter()
@@ -82,6 +92,7 @@ def forward_samples(model_runner, budget_s: float) -> list[StepSample]:
             model_runner.token_to_kv_pool_allocator.clear()
         if i > 0:
             samples += [StepSample(shape, t) for shape, t in steps]
+            last_s, last_tokens = time.monotonic() - started, bs * n
     return samples
 
 
@@ -101,10 +112,12 @@ def chunk_samples(model_runner, budget_s: float) -> list[StepSample]:
     grid = sorted((g for g in CHUNK_GRID if g[0] * (g[1] + g[2]) <= limit and g[0] <= rows),
                   key=lambda g: g[0] * (g[1] + g[2]))
     samples, deadline = [], time.monotonic() + budget_s
+    last_s, last_tokens = 0.0, 1
     for i, (bs, prefix, chunk) in enumerate([grid[0], *grid] if grid else []):  # the first warms up
-        if time.monotonic() > deadline:
+        if not _fits(deadline, last_s, last_tokens, bs * (prefix + chunk)):
             break
         reqs = one_batch.prepare_synthetic_inputs_for_latency_test(bs, prefix + chunk)
+        started = time.monotonic()
         try:
             for r in reqs:
                 r.extend_end = prefix
@@ -125,6 +138,7 @@ def chunk_samples(model_runner, budget_s: float) -> list[StepSample]:
         if i > 0:
             samples.append(StepSample(StepShape(tokens=bs * chunk, prefill_attn_work=float(bs * chunk * (prefix + chunk)),
                                                 prefill_context=bs * (prefix + chunk)), seconds))
+            last_s, last_tokens = time.monotonic() - started, bs * (prefix + chunk)
     return samples
 
 
@@ -192,9 +206,9 @@ def load_or_profile(model_runner, runtime, cfg: config.OmniServeConfig) -> Laten
                     100 * model.meta.get("accuracy_mean", math.nan), 100 * model.meta.get("accuracy_p90", math.nan))
         return model
     t0 = time.monotonic()
-    steps = forward_samples(model_runner, BUDGET_S * 0.55)
-    steps += chunk_samples(model_runner, BUDGET_S * 0.8 - (time.monotonic() - t0))
-    jobs = [CPUJobSample(b, t) for b, t in runtime.profile_attention(budget_s=BUDGET_S - (time.monotonic() - t0))]
+    jobs = [CPUJobSample(b, t) for b, t in runtime.profile_attention(budget_s=CPU_JOBS_BUDGET_S)]
+    steps = forward_samples(model_runner, BUDGET_S * 0.7 - (time.monotonic() - t0))
+    steps += chunk_samples(model_runner, BUDGET_S - (time.monotonic() - t0))
     try:
         model, acc = fit_and_check(steps, holdout=0.25, cpu_jobs=jobs, meta={"key": key})
     except ValueError as e:

@@ -118,6 +118,8 @@ class _Req:
     stage: int = 0  # asynchronous piggybacking: the next layer boundary the row's token joins
     ready_at: float = 0.0  # ... once its CPU attention is back
     error: str = ""
+    view_key: tuple = ()  # what view_obj, the controller's view of it, was made from
+    view_obj: object = None
 
     @property
     def context(self) -> int:
@@ -250,7 +252,7 @@ class Simulation:
             progressed = self._step_controlled() if self.cfg.system in CONTROLLED else self._step_sglang()
             if not progressed:  # nothing runnable: wait for the next arrival or CPU result
                 nxt = [self.arrivals[0][0]] if self.arrivals else []
-                nxt += [r.ready_at for r in self.running if r.placement == CPU and r.ready_at > self.t]
+                nxt += [r.ready_at for r in self.running if r.cls == "be" and r.ready_at > self.t]
                 if not nxt:
                     break
                 self._advance(max(min(nxt) - self.t, 1e-6), busy=False)
@@ -293,24 +295,32 @@ class Simulation:
         self.waiting.insert(0, r)
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
 
+    def _wire_s(self, node: _Node, nbytes: float) -> float:
+        return nbytes / node.bytes_per_s + node.latency_s if node.bytes_per_s else 0.0
+
     def _to_cpu(self, r: _Req) -> float:
-        """Moves ``r``'s KV to the CPU node with the most free pool; returns the copy's time, s."""
+        """Moves ``r``'s KV to the CPU node with the most free pool; returns the GPU's part of the
+        move (the PCIe copy to the host), s. The network hop to a remote node is the host's: the
+        GPU goes on, and the row's first CPU job waits for its KV to arrive."""
         node = max(range(len(self.nodes)), key=lambda i: self.nodes[i].pool_free)
         self.gpu_free += r.gpu_kv
         r.gpu_kv, r.placement, r.node = 0, CPU, node
         self.nodes[node].pool_free -= r.context
-        r.stage, r.ready_at = 0, self.t
-        n = self.nodes[node]
         nbytes = r.context * self.kv_bytes
-        return self.timing.move_s(nbytes) + (nbytes / n.bytes_per_s + n.latency_s if n.bytes_per_s else 0.0)
+        pcie = self.timing.move_s(nbytes)
+        r.stage, r.ready_at = 0, self.t + pcie + self._wire_s(self.nodes[node], nbytes)
+        return pcie
 
     def _to_gpu(self, r: _Req) -> float:
+        """Moves ``r``'s KV back to the GPU; returns the PCIe copy's time, s. From a remote node the
+        KV first crosses the network (the host's work): the row decodes once it is there."""
         n = self.nodes[r.node]
         n.pool_free += r.context
         r.placement, r.gpu_kv = GPU, r.context
         self.gpu_free -= r.context
         nbytes = r.context * self.kv_bytes
-        return self.timing.move_s(nbytes) + (nbytes / n.bytes_per_s + n.latency_s if n.bytes_per_s else 0.0)
+        r.ready_at = self.t + self._wire_s(n, nbytes)
+        return self.timing.move_s(nbytes)
 
     def _finish_prefill(self, r: _Req, at: float) -> float:
         """A request's last prefill chunk ran: it decodes from now on (a first prefill also samples
@@ -456,13 +466,22 @@ class Simulation:
         return True
 
     # the controller (omniserve) ----------------------------------------------------------------
+    @staticmethod
+    def _cached(r: _Req, key: tuple, make: Callable[[], object]):
+        """``r``'s view object for ``key``, made again only when ``key`` changed (most BE requests
+        neither ran nor moved in a step: rebuilding them every step was most of a step's cost)."""
+        if r.view_key != key:
+            r.view_key, r.view_obj = key, make()
+        return r.view_obj
+
     def _view(self) -> ServerView:
         slo = self.cfg.slo
         ls_decodes, be, last = [], [], []
         for r in self.running:
             if r.cls == "be":
                 if r.prefilled >= r.target:
-                    be.append(BERequest(r.rid, r.placement, context_len=r.context, last_run_step=r.last_run_step))
+                    be.append(self._cached(r, (r.placement, r.context, r.last_run_step), lambda r=r: BERequest(
+                        r.rid, r.placement, context_len=r.context, last_run_step=r.last_run_step)))
                 continue
             if r.prefilled < r.target or not r.token_times:
                 continue
@@ -470,16 +489,30 @@ class Simulation:
             ls_decodes.append(LSDecode(r.rid, r.context, None, ahead_s=slo.tpot_s * done - (r.token_times[-1] - r.token_times[0]),
                                        tokens_left=r.output_len - r.generated, tokens_done=done))
             last.append(r.token_times[-1])
-        ls_waiting = []
-        # The request mid-prefill first (SGLang's ``chunked_req``), then the queue.
-        for r in sorted(self.waiting, key=lambda r: r.prefilled == 0):
+        # The requests mid-prefill first (SGLang's ``chunked_req``), then the queue. Of the queued
+        # BE requests the controller reads only the first (BE prompts are prefilled one at a time,
+        # in queue order): the rest of a long backlog stays out of the view.
+        mid, queued, fresh_be = [], [], None
+        for r in self.waiting:
+            if r.prefilled:
+                mid.append(r)
+            elif r.cls != "be":
+                queued.append(r)
+            elif fresh_be is None:
+                fresh_be = r
+        ls_waiting, be_waiting = [], []
+        for r in mid + queued + ([fresh_be] if fresh_be else []):
+            key = (WAITING, r.target, r.prefilled)
             if r.cls == "be":
-                be.append(BERequest(r.rid, WAITING, prompt_len=r.target, prefilled=r.prefilled))
+                be_waiting.append(self._cached(r, key, lambda r=r: BERequest(
+                    r.rid, WAITING, prompt_len=r.target, prefilled=r.prefilled)))
             else:
-                ls_waiting.append(LSWaiting(r.rid, r.target, r.arrival, prefilled=r.prefilled))
+                ls_waiting.append(self._cached(r, key, lambda r=r: LSWaiting(
+                    r.rid, r.target, r.arrival, prefilled=r.prefilled)))
         return ServerView(
             now_s=self.t, step=self.step, slo=slo, ls_decodes=tuple(ls_decodes), ls_waiting=tuple(ls_waiting),
-            be=tuple(be), gpu_kv_free_tokens=self.gpu_free, be_pool_free_tokens=max(n.pool_free for n in self.nodes),
+            be=tuple(be + be_waiting), gpu_kv_free_tokens=self.gpu_free,
+            be_pool_free_tokens=max(n.pool_free for n in self.nodes),
             kv_bytes_per_token=self.kv_bytes, num_layers=self.L, max_prefill_tokens=self.cfg.chunk_tokens,
             since_decode_s=self.t - min(last) if last else 0.0, decoded_last_step=self.decoded_last_step,
             cpu_overlap=self.async_cpu)
@@ -524,7 +557,8 @@ class Simulation:
                 view, ls_waiting=(), be=tuple(b for b in view.be if b.placement != WAITING)))
         chosen = set(plan.be_decode)
         ls_rows = [r for r in self.running if r.cls == "ls" and r.prefilled >= r.target]
-        be_rows = [r for r in self.running if r.cls == "be" and r.rid in chosen]
+        be_rows = [r for r in self.running if r.cls == "be" and r.rid in chosen
+                   and (r.ready_at <= self.t or (self.async_cpu and r.placement == CPU))]  # KV still on the wire
 
         def victims() -> list[_Req]:
             gpu = [r for r in self.running if r.placement != CPU]

@@ -267,6 +267,7 @@ class RooflineTiming:
         self.cpu_bytes_per_s = (cpu.mem_bytes_per_s * self.a.cpu_stream_share * self.kernel_efficiency
                                 * min(cores / cpu.cores, 1.0))
         self.kv_bytes_per_token = model.kv_bytes_per_token
+        self._dense_params, self._weight_bytes = model.dense_params, model.weight_bytes  # per step otherwise
         self.num_layers = model.layers
         self.qo_bytes_per_row_layer = model.qo_bytes_per_row_layer
 
@@ -275,13 +276,12 @@ class RooflineTiming:
         if shape.tokens <= 0:
             return 0.0
         a, g, m = self.a, self.gpu, self.spec
+        flops, hbm = g.bf16_flops * a.mfu * self.tp, g.hbm_bytes_per_s * a.mbu * self.tp
         padded = math.ceil(shape.tokens / a.tile) * a.tile
-        dense = max(2 * m.dense_params * padded / (g.bf16_flops * a.mfu),
-                    m.weight_bytes / (g.hbm_bytes_per_s * a.mbu)) / self.tp
+        dense = max(2 * self._dense_params * padded / flops, self._weight_bytes / hbm)
         # Prefill attention: QK^T and PV, 2 FLOPs per multiply-add, over the causal half.
-        attn_flops = 4 * m.heads * m.head_dim * m.layers * shape.prefill_attn_work / 2
-        attn = attn_flops / (g.bf16_flops * a.mfu * self.tp)
-        attn += (shape.decode_context + shape.prefill_context) * m.kv_bytes_per_token / (g.hbm_bytes_per_s * a.mbu * self.tp)
+        attn = 4 * m.heads * m.head_dim * m.layers * shape.prefill_attn_work / 2 / flops
+        attn += (shape.decode_context + shape.prefill_context) * m.kv_bytes_per_token / hbm
         comm = 0.0
         if self.tp > 1:  # two ring all-reduces of the hidden states per layer
             size = shape.tokens * m.hidden * m.dtype_bytes

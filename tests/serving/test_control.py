@@ -3,9 +3,11 @@ LS request needs its TPOT, and BE requests that decode in the GPU KV cache, move
 when an LS prompt needs the room, and come back.
 
 The server's GPU KV cache holds 1536 tokens, so a BE request of ~400 tokens and an LS prompt of
-~1200 cannot both be there. Its latency model is the profiled one with GPU decode attention 100x
-cheaper, as on a GPU: SGLang's CPU decode attention costs more per row than the CPU worker's, so
-with the measured model the controller keeps BE requests in the pool (tests/unit/test_control.py)."""
+~1200 cannot both be there. Its latency model is the profiled one made GPU-like: GPU decode
+attention free and each layer's CPU job at least one token's dense work, so a BE row costs less in
+the GPU KV cache on any machine and whatever the online correction learns. (SGLang's CPU decode
+attention costs more per row than the CPU worker's, so with the measured model the controller keeps
+BE requests in the pool: tests/unit/test_control.py.)"""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ MOVES = "omniserve_be_moves_total"
 @pytest.fixture(scope="module")
 def ctl_server(model_path, latency_profile, tmp_path_factory):
     gpu_like = json.loads(latency_profile.path.read_text())
-    gpu_like["c_decode_attn"] /= 100
+    gpu_like["c_decode_attn"] = 0.0
+    gpu_like["c_cpu_job"] += gpu_like["c_dense"]
     path = tmp_path_factory.mktemp("gpu-like") / "latency.json"
     path.write_text(json.dumps(gpu_like))
     with SGLangServer(model_path, "--omniserve", "--omniserve-ls-admission", "reject", "--enable-metrics",
@@ -70,7 +73,7 @@ def test_be_rows_sit_out_while_an_ls_request_needs_its_tpot_then_finish(ctl_serv
     with ThreadPoolExecutor(1) as pool:
         be = pool.submit(_post, ctl_server, "Write a long story about a lighthouse keeper.", 64, {"omniserve_class": "be"})
         _wait_until(lambda: metric(ctl_server, "omniserve_be_requests", placement="gpu") >= 1, "BE never decoded")
-        ls = _post(ctl_server, "Count from one to twenty:", 16, {"omniserve_tpot_slo": 0.001, "omniserve_ttft_slo": 60})
+        ls = _post(ctl_server, "Count from one to twenty:", 16, {"omniserve_tpot_slo": 0.001, "omniserve_ttft_slo": 600})
         assert ls.status_code == 200 and ls.json()["meta_info"]["completion_tokens"] == 16
         assert metric(ctl_server, "omniserve_be_rows_deferred_total") >= deferred + 14  # each LS decode step
         assert be.result().status_code == 200 and be.result().json()["meta_info"]["completion_tokens"] == 64
@@ -89,7 +92,8 @@ def test_be_request_leaves_the_gpu_for_an_ls_prompt_and_comes_back(ctl_server, t
         be = pool.submit(_post, ctl_server, be_text, 160, {"omniserve_class": "be"})
         _wait_until(lambda: metric(ctl_server, "omniserve_be_requests", placement="gpu") >= 1, "BE never decoded")
         assert metric(ctl_server, "omniserve_cpu_attention_tokens_total") == cpu_tokens  # on the GPU
-        ls = _post(ctl_server, ls_text, 8, {"omniserve_ttft_slo": 60})
+        # SLOs any machine meets: this test is about where the BE request lives, not admission or slack.
+        ls = _post(ctl_server, ls_text, 8, {"omniserve_ttft_slo": 600, "omniserve_tpot_slo": 30})
         assert ls.status_code == 200, ls.text[:300]
         assert metric(ctl_server, MOVES, direction="to_cpu") == moves["to_cpu"] + 1
         _wait_until(lambda: metric(ctl_server, MOVES, direction="to_gpu") == moves["to_gpu"] + 1,

@@ -298,6 +298,21 @@ def test_online_correction_learns_a_systematic_bias_per_step_kind():
     assert step_kind(dataclasses.replace(decode, cpu_jobs=32)) == "decode+cpu"
 
 
+def test_a_cpu_row_never_makes_a_corrected_decode_step_cheaper():
+    """Decode steps served 2x slower than profiled, steps with a CPU row as profiled (served noise
+    does this): a CPU row still adds to the step it joins. (One factor per step kind priced LS + CPU
+    row at 1x the profile and LS alone at 2x, so a controller with no slack let the row in.)"""
+    corrected = OnlineCorrection(TRUE, alpha=0.2, pace_alpha=0.0)
+    decode = StepShape(tokens=1, decode_context=500, decode_rows=1)
+    with_cpu = dataclasses.replace(decode, tokens=2, decode_rows=2, cpu_kv_bytes=2e5, cpu_jobs=32)
+    assert TRUE.predict(with_cpu) < 2.0 * TRUE.predict(decode)
+    for _ in range(40):
+        corrected.observe(decode, 2.0 * TRUE.predict(decode))
+        corrected.observe(with_cpu, TRUE.predict(with_cpu))
+    assert corrected.predict(decode) == pytest.approx(2.0 * TRUE.predict(decode), rel=0.02)
+    assert corrected.predict(with_cpu) > corrected.predict(decode)
+
+
 def test_the_pace_factor_follows_a_slow_spell_of_the_host_for_every_kind_and_recovers():
     corrected = OnlineCorrection(TRUE)
     decode = StepShape(tokens=8, decode_context=8000, decode_rows=8)
