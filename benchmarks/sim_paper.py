@@ -188,9 +188,10 @@ def reading(result: dict) -> list[str]:
             f"so more CPU capacity (about {per_node:.0f} tok/s per node for these documents) adds little: the "
             "controller keeps BE requests in the GPU KV cache while their rows fit the BE budget (a row on the GPU "
             "yields a token every pass, one on a CPU every few), and the GPU's time goes to BE prefill and GPU-resident "
-            "BE rows. The paper's 3.1-3.4x scaling needs CPU attention to be the bound: a placement that sends BE "
-            "decode to idle CPU capacity first would be the policy to try. A slow link (10 Gbit/s) costs LS nothing: "
-            "KV moves cross it on the host's time, not the GPU's.")
+            "BE rows. The paper's 3.1-3.4x scaling needs CPU attention to be the bound. Sending BE requests to "
+            "the pool while the CPU nodes have room was tried (benchmarks/results/NOTES.md): about as good with the "
+            "host alone, worse with 4 servers, as GPU-resident rows then lose their decode slack. A slow link "
+            "(10 Gbit/s) costs LS nothing: KV moves cross it on the host's time, not the GPU's.")
     return out
 
 

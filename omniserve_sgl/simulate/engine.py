@@ -619,22 +619,48 @@ class Simulation:
                 stall += first - at
                 at = first
             go = sorted((r for r in here if r.ready_at <= at), key=lambda r: (r.ready_at, r.rid))[:budget]
-            joined += len(go)  # the rest stay at this boundary for a later pass
             if s == L:
+                joined += len(go)
                 sampled = go
                 break
+            spacing = est / (L + 1)
+            went = []
             for i, node in enumerate(self.nodes):
-                if mine := [r for r in go if r.node == i]:
+                if mine := self._fitting_job([r for r in go if r.node == i], node, at, at + spacing):
                     back = node.run(at, self.timing.cpu_job_s(sum(r.context for r in mine) * self.kv_bytes / L),
                                     len(mine) * self.timing.qo_bytes_per_row_layer)
                     for r in mine:
                         r.stage, r.ready_at = s + 1, back
                         stages.setdefault(s + 1, []).append(r)
-            at += est / (L + 1)
+                    went += mine
+            joined += len(went)  # the rest stay at this boundary for a later pass
+            at += spacing
         for r in sampled:
             r.stage, r.ready_at = 0, self.t + stall + est
             self.nodes[r.node].pool_free -= 1
         return joined, sampled, stall
+
+
+    def _fitting_job(self, rows: list[_Req], node: _Node, at: float, due: float) -> list[_Req]:
+        """The first of ``rows`` whose next layer's job on ``node``, submitted at ``at``, is back by
+        ``due`` (the pass's next layer boundary), at least one when the node is free then: a row
+        whose result is late for its layer waits a whole pass, so submitting every ready row at
+        once would keep them all one layer per pass (the executor sizes each layer's job the same
+        way; see the asynchronous piggybacking issue)."""
+        if not rows:
+            return []
+        wire = node.latency_s
+        start = max(node.free_at, at + wire)
+        if start >= due:
+            return []
+        per_byte = self.kv_bytes / self.L
+        budget_s = due - start - wire
+        n, ctx = 0, 0
+        for r in rows:
+            if n and self.timing.cpu_job_s((ctx + r.context) * per_byte) > budget_s:
+                break
+            n, ctx = n + 1, ctx + r.context
+        return rows[:n]
 
 
 def simulate(cfg: SimConfig, ls: list[SimRequest], duration_s: float, **be) -> tuple[list[RequestRecord], SimStats]:

@@ -201,6 +201,24 @@ def test_a_slow_link_to_remote_cpu_servers_never_stalls_ls_decode_steps():
     assert remote["ls_p50_tpot_s"] <= 1.1 * fast["ls_p50_tpot_s"]
 
 
+def test_a_pass_sizes_each_layers_cpu_job_so_rows_go_through_many_layers():
+    """16 ready CPU rows whose one-layer job together takes longer than a pass spends per layer:
+    submitted all at once they would all be late for the next layer and move one layer per pass;
+    sized to the spacing, the first rows go through every layer and are sampled in this pass."""
+    from omniserve_sgl.simulate.engine import CPU, _Req
+
+    sim = Simulation(SimConfig("omniserve", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=200_000), [], 10.0)
+    rows = [_Req(f"be{i}", "be", 0.0, 200, 10, target=200, prefilled=200, placement=CPU) for i in range(16)]
+    sim.running += rows
+    base = StepShape(tokens=1, decode_context=100, decode_rows=1)
+    spacing = TIMING.gpu_step_s(StepShape(tokens=17, decode_context=100, decode_rows=1)) / (TIMING.num_layers + 1)
+    per_layer = 200 * TIMING.kv_bytes_per_token / TIMING.num_layers
+    assert TIMING.cpu_job_s(16 * per_layer) > spacing > TIMING.cpu_job_s(per_layer)
+    joined, sampled, _ = sim._piggyback(base, budget=16)
+    assert sampled and len(sampled) < 16
+    assert joined > 16  # more row-layers than one layer for each row
+
+
 def test_a_prompt_longer_than_the_kv_cache_fails_with_a_reason():
     config = SimConfig("ls-only", TIMING, SLOS, gpu_kv_tokens=100, be_pool_tokens=0)
     records, _ = simulate(config, ls_requests([0.5], lambda rng: (200, 4), 0), 10.0)
