@@ -144,8 +144,8 @@ def report(result: dict) -> str:
                          f"(paper: {PAPER['be_scaling_1_to_4_cpu_servers']})")
     lines += ["", "## What bounds BE throughput here", "",
               "With the whole machine on BE work (the roofline's own numbers; mean document lengths):", "",
-              "| BE documents | GPU prefill per request s | GPU prefill bound tok/s | CPU attention per token ms "
-              "| CPU bound tok/s per CPU node |", "|---|---|---|---|---|"]
+              ("| BE documents | GPU prefill per request s | GPU prefill bound tok/s | CPU attention per token ms "
+               "| CPU bound tok/s per CPU node |"), "|---|---|---|---|---|"]
     for name, b in result["be_bounds"].items():
         lines.append(f"| {name} | {b['gpu_prefill_s_per_request']:.2f} | {b['gpu_prefill_bound_tok_s']:.0f} | "
                      f"{1e3 * b['cpu_s_per_token']:.1f} | {b['cpu_bound_tok_s_per_node']:.0f} |")
