@@ -640,7 +640,6 @@ class Simulation:
             self.nodes[r.node].pool_free -= 1
         return joined, sampled, stall
 
-
     def _fitting_job(self, rows: list[_Req], node: _Node, at: float, due: float) -> list[_Req]:
         """The first of ``rows`` whose next layer's job on ``node``, submitted at ``at``, is back by
         ``due`` (the pass's next layer boundary), at least one when the node is free then: a row
