@@ -477,18 +477,22 @@ class Simulation:
     def _view(self) -> ServerView:
         slo = self.cfg.slo
         ls_decodes, be, last = [], [], []
+        tpot = slo.tpot_s
         for r in self.running:
-            if r.cls == "be":
-                if r.prefilled >= r.target:
-                    be.append(self._cached(r, (r.placement, r.context, r.last_run_step), lambda r=r: BERequest(
-                        r.rid, r.placement, context_len=r.context, last_run_step=r.last_run_step)))
+            if r.prefilled < r.target:
                 continue
-            if r.prefilled < r.target or not r.token_times:
-                continue
-            done = len(r.token_times) - 1
-            ls_decodes.append(LSDecode(r.rid, r.context, None, ahead_s=slo.tpot_s * done - (r.token_times[-1] - r.token_times[0]),
-                                       tokens_left=r.output_len - r.generated, tokens_done=done))
-            last.append(r.token_times[-1])
+            times = r.token_times
+            if r.cls == "be":  # the hot loop: the cache check inlined (see _cached)
+                key = (r.placement, r.prompt_len + r.generated, r.last_run_step)
+                if r.view_key != key:
+                    r.view_key, r.view_obj = key, BERequest(r.rid, r.placement, context_len=key[1],
+                                                            last_run_step=r.last_run_step)
+                be.append(r.view_obj)
+            elif times:
+                done = len(times) - 1
+                ls_decodes.append(LSDecode(r.rid, r.prompt_len + r.generated, None, ahead_s=tpot * done - (times[-1] - times[0]),
+                                           tokens_left=r.output_len - r.generated, tokens_done=done))
+                last.append(times[-1])
         # The requests mid-prefill first (SGLang's ``chunked_req``), then the queue. Of the queued
         # BE requests the controller reads only the first (BE prompts are prefilled one at a time,
         # in queue order): the rest of a long backlog stays out of the view.
