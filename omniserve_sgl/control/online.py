@@ -2,10 +2,10 @@
 
 A profile is measured on an idle server; serving adds what the profile does not see (the
 scheduler's bookkeeping, the CPU worker sharing cores and memory bandwidth with the forward, a
-busier host). :class:`OnlineCorrection` keeps, per kind of step, an exponentially weighted mean of
-``measured / predicted`` and scales the profile's predictions by it, so a systematic bias fades
-within tens of steps while the profile keeps the shape (the staircase, the attention slopes). A
-second, fast factor over all steps follows the host's pace from step to step (a shared or
+busier host). :class:`OnlineCorrection` keeps exponentially weighted means of ``measured /
+predicted``, one per kind of GPU step and one for the CPU worker's part of a step, and scales the
+profile's predictions by them, so a systematic bias fades within tens of steps while the profile
+keeps the shape (the staircase, the attention slopes). A second, fast factor over all steps follows the host's pace from step to step (a shared or
 frequency-scaled CPU runs slow and fast for seconds at a time): on the 2-core VM it took the
 served-step accuracy from 87.0% to 89.4% on a replayed step log (``benchmarks/results/NOTES.md``).
 """

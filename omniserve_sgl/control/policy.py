@@ -327,8 +327,9 @@ class Controller:
 
     def _placement_overlap(self, view: ServerView, headroom: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Placement for speed under asynchronous piggybacking (``cpu_overlap``): a row on the CPU
-        costs the pass only its dense work but moves one layer per pass, so it yields a token only
-        every few passes, where a row on the GPU yields one per pass. So BE requests stay on the
+        costs the pass only its dense work but moves on only as far as its CPU jobs are back in
+        time, so it yields a token at most every pass and often fewer, where a row on the GPU yields
+        one per decode pass. So BE requests stay on the
         GPU while the GPU's BE rows fit the BE budget (paper 3.3: on the GPU while there is slack),
         the largest moves to the pool when they no longer fit or a BE prompt waits for GPU KV, and
         the longest-deferred CPU one comes back when it fits beside them; one move per step."""
