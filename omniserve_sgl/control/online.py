@@ -5,9 +5,9 @@ scheduler's bookkeeping, the CPU worker sharing cores and memory bandwidth with 
 busier host). :class:`OnlineCorrection` keeps exponentially weighted means of ``measured /
 predicted``, one per kind of GPU step and one for the CPU worker's part of a step, and scales the
 profile's predictions by them, so a systematic bias fades within tens of steps while the profile
-keeps the shape (the staircase, the attention slopes). A second, fast factor over all steps follows the host's pace from step to step (a shared or
-frequency-scaled CPU runs slow and fast for seconds at a time): on the 2-core VM it took the
-served-step accuracy from 87.0% to 89.4% on a replayed step log (``benchmarks/results/NOTES.md``).
+keeps the shape (the staircase, the attention slopes). A second, fast factor over all steps
+follows the host's pace from step to step (a shared or frequency-scaled CPU runs slow and fast for
+seconds at a time): on the 2-core VM it took the served-step accuracy from 87.0% to 89.4% on a replayed step log (``benchmarks/results/NOTES.md``).
 """
 
 from __future__ import annotations
