@@ -7,7 +7,8 @@ predicted``, one per kind of GPU step and one for the CPU worker's part of a ste
 profile's predictions by them, so a systematic bias fades within tens of steps while the profile
 keeps the shape (the staircase, the attention slopes). A second, fast factor over all steps
 follows the host's pace from step to step (a shared or frequency-scaled CPU runs slow and fast for
-seconds at a time): on the 2-core VM it took the served-step accuracy from 87.0% to 89.4% on a replayed step log (``benchmarks/results/NOTES.md``).
+seconds at a time): on the 2-core VM it took the served-step accuracy from 87.0% to 89.4% on a
+replayed step log (``benchmarks/results/NOTES.md``).
 """
 
 from __future__ import annotations
