@@ -7,11 +7,14 @@ so it never stalls mid-decode), :meth:`store_kv` once its prompt's KV exists on 
 again with the tokens it decoded on the GPU, when it moves here later; :meth:`load_kv` for a move
 back),
 then per decode step :meth:`plan_decode` and, per layer, :meth:`submit` / :meth:`wait`, and
-finally :meth:`release`.
+finally :meth:`release`. The piggybacking executor (:mod:`omniserve_sgl.piggyback`) grows a request
+by one token with :meth:`extend`, plans each job's rows with :meth:`plan_rows` and keeps many jobs
+in flight, picked up with :meth:`poll` in any order.
 
 Worker faults: the pool is this process's memory (the worker only maps it), so a worker that
-exits or hangs loses nothing. :meth:`wait` replaces it (a new process mapping the same pool) and
-runs the job in flight again: appending a token's K/V to its slot twice writes the same values.
+exits or hangs loses nothing. :meth:`wait` and :meth:`poll` replace it (a new process mapping the
+same pool) and run every job in flight again, in order: appending a token's K/V to its slot twice
+writes the same values.
 After three starts within a minute BE serving stops (:class:`BEUnavailableError`).
 """
 
@@ -56,6 +59,7 @@ class PendingJob:
     v: torch.Tensor
     sm_scale: float
     job: Job | None
+    submitted_at: float = 0.0  # time.monotonic() of the latest submission
 
 
 class BEUnavailableError(RuntimeError):
@@ -78,6 +82,8 @@ class BERuntime:
         num_qo_heads: query heads per layer.
         dtype: KV dtype (the GPU KV cache's), one of bf16/fp16/fp32.
         max_rows: most BE rows in one decode step (SGLang's max running requests).
+        staging_slots: jobs in flight at once (2 for the synchronous path; the piggybacking
+            executor keeps one per layer and pass in flight).
 
     Attributes:
         worker_restarts: workers started to replace one that exited or hung.
@@ -89,10 +95,11 @@ class BERuntime:
     """
 
     def __init__(self, config: OmniServeConfig, num_layers: int, num_kv_heads: int, head_dim: int,
-                 num_qo_heads: int, dtype: torch.dtype, max_rows: int, worker: WorkerSetup | None = None):
+                 num_qo_heads: int, dtype: torch.dtype, max_rows: int, worker: WorkerSetup | None = None,
+                 staging_slots: int = 2):
         spec = BEKVPoolSpec.from_budget(config.cpu_kv_bytes, num_layers, num_kv_heads, head_dim,
                                         page_size=config.page_size, dtype=dtype)
-        self.config, self.max_rows = config, max_rows
+        self.config, self.max_rows, self.staging_slots = config, max_rows, staging_slots
         self.worker = worker or config.worker_setup("cpu")
         self.pool = BEKVPool.create(spec)
         self.pages = self.pool.allocator
@@ -103,6 +110,7 @@ class BERuntime:
         self.unavailable: str | None = None
         self._starts: collections.deque[float] = collections.deque()  # monotonic times of recent starts
         self._slowest_kernel_s = 0.0
+        self._in_flight: list[PendingJob] = []  # submitted, not yet waited for, in submission order
         self.client: CPUAttentionClient | None = self._start_worker()
         atexit.register(self.close)
         logger.info("omniserve: BE KV pool %.2f GiB (%d pages of %d tokens, %d layers), CPU attention "
@@ -117,8 +125,7 @@ class BERuntime:
         client = CPUAttentionClient.start(threads=w.threads, cores=w.cores, spin_us=w.spin_us)
         try:
             client.attach_pool(self.pool)
-            # Two slots: the synchronous path uses one; piggybacking will keep more jobs in flight.
-            client.create_staging(2, self.max_rows, self.pool.spec.num_pages, self.num_qo_heads)
+            client.create_staging(self.staging_slots, self.max_rows, self.pool.spec.num_pages, self.num_qo_heads)
         except BaseException:
             client.kill()
             raise
@@ -150,6 +157,7 @@ class BERuntime:
             while self._starts and now - self._starts[0] > RESTART_WINDOW_S:
                 self._starts.popleft()
             if len(self._starts) >= MAX_STARTS_PER_WINDOW:
+                self._in_flight.clear()
                 self.unavailable = (f"omniserve: BE serving is off: {reason}, and {len(self._starts)} workers "
                                     f"were started within {RESTART_WINDOW_S:.0f} s")
                 logger.error("%s", self.unavailable)
@@ -164,6 +172,16 @@ class BERuntime:
             logger.warning("omniserve: CPU attention worker pid %d ready in %.2f s",
                            self.client.process.pid, time.monotonic() - now)
             return
+
+    def _replace_and_resubmit(self, what: str) -> None:
+        """Replaces the worker and submits every job in flight again, in order.
+
+        Raises:
+            BEUnavailableError: no worker could be had.
+        """
+        self._replace_worker(what)
+        for p in self._in_flight:
+            p.job = self._submit(p)
 
     def job_timeout(self) -> float:
         """Seconds a job may take before its worker counts as hung (``--omniserve-cpu-job-timeout``,
@@ -229,7 +247,18 @@ class BERuntime:
         metadata every layer of this step uses; ``rows`` are the requests' rows in the batch."""
         for rid in rids:
             self.pages.extend(rid, 1)
-        return DecodePlan(list(rids), *self.pages.kv_metadata(rids), rows=list(rows))
+        return self.plan_rows(rids, rows)
+
+    def extend(self, rid: object) -> None:
+        """Grows ``rid`` by the token about to be decoded (within its reservation): its K/V is
+        appended layer by layer by the jobs of :meth:`submit`."""
+        self.pages.extend(rid, 1)
+
+    def plan_rows(self, rids: list, rows: list | None = None) -> DecodePlan:
+        """Paged-KV metadata of ``rids`` as they are (each counting the token being decoded), for
+        the jobs of those rows; ``rows`` are their rows in the caller's batch (default ``0..B-1``)."""
+        return DecodePlan(list(rids), *self.pages.kv_metadata(rids),
+                          rows=list(range(len(rids))) if rows is None else list(rows))
 
     def submit(self, plan: DecodePlan, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                sm_scale: float | None) -> PendingJob:
@@ -246,9 +275,20 @@ class BERuntime:
         self.attention_tokens += len(plan.rids)
         pending = PendingJob(plan, layer, q, k, v, scale, None)
         pending.job = self._submit(pending)
+        self._in_flight.append(pending)
         return pending
 
+    @property
+    def jobs_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def free_slots(self) -> int:
+        """Jobs that can be submitted now without waiting for one."""
+        return self.staging_slots - len(self._in_flight)
+
     def _submit(self, p: PendingJob) -> Job:
+        p.submitted_at = time.monotonic()
         return self.client.submit_decode(p.layer, p.q, p.plan.kv_indptr, p.plan.kv_indices, p.plan.kv_last_page_len,
                                          p.k, p.v, p.sm_scale, self.method)
 
@@ -264,13 +304,36 @@ class BERuntime:
         while True:
             try:
                 self.client.wait(pending.job, timeout=self.job_timeout(), out=out)
-                self._slowest_kernel_s = max(self._slowest_kernel_s, self.client.last_kernel_us * 1e-6)
-                return out
             except WorkerDiedError:
-                self._replace_worker("exited")
+                self._replace_and_resubmit("exited")
+                continue
             except TimeoutError:
-                self._replace_worker(f"took over {self.job_timeout():.1f} s for one job (--omniserve-cpu-job-timeout)")
-            pending.job = self._submit(pending)
+                self._replace_and_resubmit(f"took over {self.job_timeout():.1f} s for one job "
+                                           "(--omniserve-cpu-job-timeout)")
+                continue
+            except WorkerError:  # its slot is free again
+                self._in_flight.remove(pending)
+                raise
+            self._in_flight.remove(pending)
+            self._slowest_kernel_s = max(self._slowest_kernel_s, self.client.last_kernel_us * 1e-6)
+            return out
+
+    def poll(self, pending: PendingJob) -> bool:
+        """Whether ``pending``'s result is back (never blocks; then :meth:`wait` returns at once).
+        A worker that has exited, or has run one job past :meth:`job_timeout`, is replaced here
+        and every job in flight runs again on the new one.
+
+        Raises:
+            BEUnavailableError: the worker failed and could not be replaced.
+        """
+        if self.client.poll(pending.job):
+            return True
+        if not self.client.alive():
+            self._replace_and_resubmit("exited")
+        elif time.monotonic() - self._in_flight[0].submitted_at > self.job_timeout() * len(self._in_flight):
+            self._replace_and_resubmit(f"took over {self.job_timeout():.1f} s per job "
+                                       "(--omniserve-cpu-job-timeout)")
+        return False
 
     # profiling ----------------------------------------------------------------------------------
     @property
