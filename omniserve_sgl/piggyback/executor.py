@@ -9,7 +9,8 @@ One pass, for layer ``l = 0 .. L-1``::
     layer boundary: pick up finished jobs (never blocking while the pass has LS rows); up to
       budget(l) BE rows whose layer-l attention is back join:
     LS attn + joined BE attn (from the store) --post_attn(l)--> hidden   (joined rows go on to l+1)
-    after the last layer: final norm, LM head; BE rows are sampled, their next token enters a later pass
+    after the last layer: final norm; the LS rows' hidden states go back to the caller (SGLang's
+      logits processor), BE rows go through the LM head and are sampled, their next token enters a later pass
 
 A BE token thus crosses as many passes as its CPU jobs take; a job that is back before the pass
 reaches its layer joins the same pass. In ``sync`` mode (the NEO-like baseline) every BE row
@@ -57,15 +58,16 @@ class PassResult:
     """What one pass produced.
 
     Attributes:
-        ls_logits: ``[N, V]`` of the LS rows (``None`` without LS rows).
+        ls_hidden: ``[N, H]`` of the LS rows after the final norm, for the LM head (``None``
+            without LS rows).
         be_tokens: ``(rid, token)`` of each BE row that left the last layer in this pass, sampled.
         failed: ``(rid, message)`` of BE rows whose CPU job failed (they were removed).
-        piggybacked_rows: BE rows that joined the pass, summed over layers (entering rows included).
+        piggybacked_rows: BE rows that joined the pass after a layer's attention, summed over layers.
         waits: times the pass waited for a CPU job (however soon it was back).
         waited_s: seconds the pass spent in those waits.
     """
 
-    ls_logits: torch.Tensor | None
+    ls_hidden: torch.Tensor | None
     be_tokens: list[tuple[object, int]] = field(default_factory=list)
     failed: list[tuple[object, str]] = field(default_factory=list)
     piggybacked_rows: int = 0
@@ -101,9 +103,13 @@ class PiggybackExecutor:
         sm_scale: attention softmax scale (default ``1 / sqrt(D)``).
 
     Attributes:
-        piggybacked_rows_total: BE rows that joined a pass, summed over layers.
+        piggybacked_rows_total: BE rows that joined a pass after a layer's attention, summed over
+            layers (each BE token counts once per layer).
         ls_pass_waits_total: passes with LS rows that waited for the worker (0 in async mode).
         be_tokens_total: BE tokens sampled.
+        jobs_total: CPU jobs submitted.
+        handoff_s_total: seconds the scheduler's thread spent handing jobs to the worker and
+            taking results back (submission, and pick-up of results that were back; not waits).
 
     Raises:
         ValueError: an unknown mode, or a model whose sizes do not match the runtime's pool.
@@ -135,6 +141,8 @@ class PiggybackExecutor:
         self.piggybacked_rows_total = 0
         self.ls_pass_waits_total = 0
         self.be_tokens_total = 0
+        self.jobs_total = 0
+        self.handoff_s_total = 0.0
 
     # requests -----------------------------------------------------------------------------------
     def add(self, rid: object, token: int, position: int) -> None:
@@ -198,7 +206,6 @@ class PiggybackExecutor:
             ids = self._cat(ls.input_ids if n_ls else None, [r.token for r in joined])
             positions = self._cat(ls.positions if n_ls else None, [r.position for r in joined])
             q, k, v, residual = m.pre_attn(0, positions, m.embed(ids), None)
-        res.piggybacked_rows += len(joined)
         for layer in range(L):
             mine = self._submit(joined, layer, q[n_ls:], k[n_ls:], v[n_ls:], residual[n_ls:], res) if joined else None
             attn_ls = ls.attend(layer, q[:n_ls], k[:n_ls], v[:n_ls]) if n_ls else None
@@ -219,10 +226,10 @@ class PiggybackExecutor:
                 positions = self._cat(ls.positions if n_ls else None, [r.position for r in joined])
                 q, k, v, residual = m.pre_attn(layer + 1, positions, hidden, resid)
                 continue
-            logits = m.final(hidden, resid)
-            res.ls_logits = logits[:n_ls] if n_ls else None
+            hidden = m.final(hidden, resid)
+            res.ls_hidden = hidden[:n_ls] if n_ls else None
             if joined:
-                tokens = self.sample(logits[n_ls:], [r.rid for r in joined])
+                tokens = self.sample(m.logits(hidden[n_ls:]), [r.rid for r in joined])
                 for r, t in zip(joined, tokens):
                     r.token, r.position = int(t), r.position + 1
                     self._move(r, Phase.ENTER, 0)
@@ -258,6 +265,7 @@ class PiggybackExecutor:
 
     def _submit(self, rows: list[BERow], layer: int, q, k, v, residual, res: PassResult) -> _Job | None:
         """Sends ``rows``' layer-``layer`` attention to the worker and keeps their residual."""
+        t0 = time.perf_counter()
         self.store.put([r.slot for r in rows], residual)
         try:
             pending = self.runtime.submit(self.runtime.plan_rows([r.rid for r in rows]), layer, q, k, v,
@@ -265,6 +273,8 @@ class PiggybackExecutor:
         except BEUnavailableError as e:
             self._fail(rows, str(e), res)
             return None
+        self.jobs_total += 1
+        self.handoff_s_total += time.perf_counter() - t0
         job = _Job(pending, rows, layer)
         for r in rows:
             r.job = job
@@ -314,6 +324,8 @@ class PiggybackExecutor:
             for i in live:
                 job.rows[i].job = None
                 self._move(job.rows[i], Phase.READY, job.layer)
+        if not blocking:
+            self.handoff_s_total += time.perf_counter() - t0
 
     def _fail(self, rows: list[BERow], why: str, res: PassResult) -> None:
         for r in rows:

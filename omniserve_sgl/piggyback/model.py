@@ -47,5 +47,9 @@ class LayeredModel(Protocol):
         ...
 
     def final(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: ``logits [N, V]``."""
+        """Final norm (adding ``residual``): ``[N, H]``, what the LM head takes."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head over :meth:`final`'s output: next-token ``logits [N, V]`` float32."""
         ...

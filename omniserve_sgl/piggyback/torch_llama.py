@@ -147,19 +147,21 @@ class TorchLlama:
         return (F.silu(gate) * up) @ p["down"], residual
 
     def final(self, hidden, residual):
-        x, _ = self._norm(hidden, self.norm, residual)
-        return (x @ self.lm_head.T).float()
+        return self._norm(hidden, self.norm, residual)[0]
+
+    def logits(self, hidden):
+        return (hidden @ self.lm_head.T).float()
 
     # reference ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """The whole model over ``input_ids [N]`` at ``positions [N]`` with attention
-        ``attend(layer, q, k, v)``: ``logits [N, V]`` float32 (what the executor gives LS rows)."""
+        ``attend(layer, q, k, v)``: ``logits [N, V]`` float32."""
         q, k, v, residual = self.pre_attn(0, positions, self.embed(input_ids), None)
         for layer in range(self.num_layers):
             hidden, residual = self.post_attn(layer, attend(layer, q, k, v), residual)
             if layer + 1 < self.num_layers:
                 q, k, v, residual = self.pre_attn(layer + 1, positions, hidden, residual)
-        return self.final(hidden, residual)
+        return self.logits(self.final(hidden, residual))
 
     def generate(self, prompt: list[int], new_tokens: int, max_len: int | None = None):
         """Greedy decoding of one sequence on a dense cache (the reference a BE request must match).

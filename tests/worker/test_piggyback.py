@@ -42,16 +42,17 @@ class LSStreams:
     def __init__(self, model: TorchLlama, prompts: list[list[int]], max_len: int = 400):
         self.model, self.cache = model, DenseKV(model, len(prompts), max_len)
         self.tokens = []
+        dev = self.device = model.device
         for b, prompt in enumerate(prompts):
-            pos = torch.arange(len(prompt))
-            rows = torch.full((len(prompt),), b)
-            logits = model.forward(torch.tensor(prompt), pos, lambda layer, q, k, v, pos=pos, rows=rows:
+            pos = torch.arange(len(prompt), device=dev)
+            rows = torch.full((len(prompt),), b, device=dev)
+            logits = model.forward(torch.tensor(prompt, device=dev), pos, lambda layer, q, k, v, pos=pos, rows=rows:
                                    self.cache.attend(layer, q, k, v, pos, rows, model.sm_scale))
             self.tokens.append([prompt, [int(logits[-1].argmax())]])
 
     def batch(self) -> LSBatch:
-        ids = torch.tensor([out[-1] for _, out in self.tokens])
-        pos = torch.tensor([len(p) + len(out) - 1 for p, out in self.tokens])
+        ids = torch.tensor([out[-1] for _, out in self.tokens], device=self.device)
+        pos = torch.tensor([len(p) + len(out) - 1 for p, out in self.tokens], device=self.device)
         return LSBatch(ids, pos, lambda layer, q, k, v: self.cache.attend(layer, q, k, v, pos, None,
                                                                           self.model.sm_scale))
 
@@ -78,7 +79,7 @@ def _serve(model, rt, prompts, mode="async", ls_prompts=(), ls_passes=0, on_pass
         res = ex.run_pass(ls.batch() if with_ls else None)
         assert not res.failed
         if with_ls:
-            ls.take(res.ls_logits)
+            ls.take(model.logits(res.ls_hidden))
         for rid, t in res.be_tokens:
             out[rid].append(t)
             if len(out[rid]) == BE_TOKENS:
@@ -102,7 +103,7 @@ def test_ls_rows_alone_give_the_models_own_result(model, rt):
     ls = LSStreams(model, _prompts(3, seed=5))
     ref = LSStreams(model, _prompts(3, seed=5))
     for _ in range(4):
-        got = ex.run_pass(ls.batch()).ls_logits
+        got = model.logits(ex.run_pass(ls.batch()).ls_hidden)
         b = ref.batch()
         want = model.forward(b.input_ids, b.positions, b.attend)
         assert torch.equal(got, want)
@@ -119,7 +120,7 @@ def test_be_requests_decode_their_own_greedy_tokens_while_ls_rows_stream_and_nev
     for (prompt, got), ref_prompt in zip(ls.tokens, ls_prompts):
         assert got == model.generate(ref_prompt, len(got))[0]
     assert ex.ls_pass_waits_total == 0
-    assert ex.piggybacked_rows_total >= 32 * (BE_TOKENS - 1) * SHAPE.num_layers
+    assert ex.piggybacked_rows_total == 32 * (BE_TOKENS - 1) * SHAPE.num_layers  # each token, each layer
     assert ex.residual_store_bytes == 0 and not ex.jobs
     assert rt.pages.used_pages == 0 and rt.pages.num_seqs == 0
 
