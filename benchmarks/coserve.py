@@ -12,9 +12,12 @@ reused with its radix cache flushed between runs):
              ``--retraction-policy priority``)
   headroom   plain SGLang with the BE backlog capped to keep room for LS (Llumnix-style
              reservation, done by the client)
-  omniserve  ``--omniserve`` with the SLO controller, given the benchmark's SLOs: BE work only in
-             the LS SLOs' slack, BE requests on the GPU while there is room, else in host memory
-             with their attention on the CPU worker
+  omniserve  ``--omniserve --omniserve-mode async`` with the SLO controller, given the benchmark's
+             SLOs: BE work only in the LS SLOs' slack, BE requests on the GPU while there is room,
+             else in host memory with their attention on the CPU worker, piggybacked on GPU passes
+             without the GPU waiting for the CPU
+  omniserve-sync  the same with ``--omniserve-mode sync``: a decode step with BE rows on the CPU
+             waits for the worker at each layer (the NEO-like baseline)
   omniserve-nocontrol  ``--omniserve --omniserve-disable-control``: every BE request in host
              memory, every BE row in every decode step (the controller's effect, side by side)
 
@@ -51,7 +54,7 @@ from omniserve_sgl.service_class import BE, LS
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-SYSTEMS = ("ls-only", "fcfs", "priority", "headroom", "omniserve-nocontrol", "omniserve")
+SYSTEMS = ("ls-only", "fcfs", "priority", "headroom", "omniserve-nocontrol", "omniserve-sync", "omniserve")
 ERROR_HISTOGRAM = "omniserve_step_time_prediction_error"
 # What the simulator needs to replay a system (benchmarks/sim_validate.py), from /server_info.
 SERVER_INFO = ("chunked_prefill_size", "max_running_requests", "max_total_num_tokens", "max_prefill_tokens",
@@ -105,10 +108,11 @@ def server_args(system: str, profile: Profile, slo: SLO | None = None) -> tuple[
                 "--retraction-policy", "priority")
     if system == "omniserve-nocontrol":
         return (*base, "--omniserve", *profile.omniserve_args, "--omniserve-disable-control")
-    if system == "omniserve":
+    if system in ("omniserve", "omniserve-sync"):
         slos = () if slo is None else ("--omniserve-ttft-slo", f"{slo.ttft_s:.4f}", "--omniserve-tpot-slo",
                                        f"{slo.tpot_s:.4f}")
-        return (*base, "--omniserve", *profile.omniserve_args, *slos, "--enable-metrics")
+        mode = ("--omniserve-mode", "async" if system == "omniserve" else "sync")
+        return (*base, "--omniserve", *mode, *profile.omniserve_args, *slos, "--enable-metrics")
     return base
 
 

@@ -88,6 +88,9 @@ class OmniServeConfig:
             a request may set tighter or looser ones of its own.
         ls_admission: ``"queue"`` or ``"reject"`` (``--omniserve-ls-admission``).
         be_placement: ``"auto"`` or ``"cpu"`` (``--omniserve-be-placement``).
+        mode: ``"async"`` (asynchronous piggybacking: offloaded BE rows cross GPU passes as their
+            CPU attention comes back, the GPU never waits) or ``"sync"`` (offloaded BE rows join
+            whole decode steps, the step waits for the worker at each layer) (``--omniserve-mode``).
     """
 
     enabled: bool = False
@@ -105,6 +108,7 @@ class OmniServeConfig:
     tpot_slo: float = 0.2
     ls_admission: str = "queue"
     be_placement: str = "auto"
+    mode: str = "sync"
 
     def __post_init__(self):
         if not self.cpu_kv_gb > 0:
@@ -124,6 +128,8 @@ class OmniServeConfig:
             raise ValueError(f"--omniserve-ls-admission must be queue or reject, got {self.ls_admission!r}")
         if self.be_placement not in ("auto", "cpu"):
             raise ValueError(f"--omniserve-be-placement must be auto or cpu, got {self.be_placement!r}")
+        if self.mode not in ("async", "sync"):
+            raise ValueError(f"--omniserve-mode must be async or sync, got {self.mode!r}")
         if self.cpu_attention not in ("kernel", "sdpa"):
             raise ValueError(f"--omniserve-cpu-attention must be kernel or sdpa, got {self.cpu_attention!r}")
 

@@ -22,7 +22,11 @@ class BEMetrics:
     and the BE KV pool) and ``omniserve_be_requests{placement="gpu"|"cpu"}`` (running BE requests
     by where their KV lives); ``omniserve_mode_switches_total{to="be"|"ls"}`` (the scheduler's
     switches between LS mode and BE mode, :mod:`omniserve_sgl.sglang_glue.mode`) and
-    ``omniserve_overlap_schedule`` (1 while SGLang's overlap loop runs)."""
+    ``omniserve_overlap_schedule`` (1 while SGLang's overlap loop runs); with asynchronous
+    piggybacking, ``omniserve_piggybacked_rows_total`` (BE rows that joined a pass after a layer's
+    attention, summed over layers), ``omniserve_ls_pass_waits_total`` (passes with LS rows that
+    waited for the CPU worker: 0) and ``omniserve_residual_store_bytes`` (residuals held for BE
+    tokens between two layers)."""
 
     ERROR_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0, 2.0)
 
@@ -57,6 +61,13 @@ class BEMetrics:
                                      "alone, its overlap schedule) and BE mode (the BE path on)", ["to"])
         self.overlap_schedule = Gauge("omniserve_overlap_schedule", "1 while the scheduler runs SGLang's overlap "
                                       "loop, 0 in its synchronous loop", **gauge)
+        self.piggybacked_rows = Counter("omniserve_piggybacked_rows", "BE rows that joined a GPU pass after a "
+                                        "layer's attention, summed over layers (asynchronous piggybacking)")
+        self.ls_pass_waits = Counter("omniserve_ls_pass_waits", "GPU passes with LS rows that waited for the CPU "
+                                     "attention worker (asynchronous piggybacking: none)")
+        self.residual_store_bytes = Gauge("omniserve_residual_store_bytes", "Residual-stream bytes held for BE "
+                                          "tokens between two layers (asynchronous piggybacking)", **gauge)
+        self.ls_pass_waits.inc(0)
         for placement in ("gpu", "cpu"):
             self.be_requests.labels(placement=placement).set(0)
         for direction in ("to_cpu", "to_gpu"):

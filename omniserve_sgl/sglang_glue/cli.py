@@ -65,6 +65,11 @@ def add_cli_args(_result, parser: argparse.ArgumentParser) -> None:
                        help="Where BE requests decode: auto (default) keeps them in the GPU KV cache while the LS "
                        "SLOs and GPU KV headroom allow and moves them to the BE KV pool and the CPU worker when "
                        "not; cpu moves every BE request to the BE KV pool after its prefill.")
+    group.add_argument("--omniserve-mode", choices=("async", "sync"), default=_DEFAULTS.mode,
+                       help="How offloaded BE rows meet the GPU: async (asynchronous piggybacking: a BE token "
+                       "crosses GPU passes layer by layer as its CPU attention comes back, and a pass never waits "
+                       "for the CPU) or sync (default: BE rows join whole decode steps, which wait for the CPU "
+                       "worker at each layer). async needs a Llama-family model; others run sync.")
     group.add_argument("--omniserve-disable-control", action="store_true",
                        help="Turn the SLO controller off: no latency model is profiled, every BE request decodes on "
                        "the CPU worker and joins every decode step.")
@@ -102,7 +107,7 @@ def from_cli_args(original, cls, args: argparse.Namespace):
                                      control=not args.omniserve_disable_control,
                                      ttft_slo=args.omniserve_ttft_slo, tpot_slo=args.omniserve_tpot_slo,
                                      ls_admission=args.omniserve_ls_admission,
-                                     be_placement=args.omniserve_be_placement)
+                                     be_placement=args.omniserve_be_placement, mode=args.omniserve_mode)
         except ValueError as e:
             raise SystemExit(f"omniserve: {e}") from None
         refused = [what for check, what in _REFUSED if check(args)]

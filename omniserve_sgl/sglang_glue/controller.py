@@ -43,7 +43,7 @@ from omniserve_sgl.control import (
     StepPlan,
 )
 from omniserve_sgl.service_class import slos_of_custom_params
-from omniserve_sgl.sglang_glue import mode, placement
+from omniserve_sgl.sglang_glue import mode, piggyback, placement
 from omniserve_sgl.sglang_glue.placement import is_be, is_offloaded
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ def server_view(scheduler, running_batch, runtime) -> ServerView:
         be_pool_free_tokens=runtime.pages.free_pages * spec.page_size,
         kv_bytes_per_token=runtime.kv_bytes_per_token_layer * spec.num_layers, num_layers=spec.num_layers,
         max_prefill_tokens=scheduler.omniserve_chunk_limit,
-        since_decode_s=now - min(last_tokens) if last_tokens else 0.0, decoded_last_step=_decoded_last_step)
+        since_decode_s=now - min(last_tokens) if last_tokens else 0.0, decoded_last_step=_decoded_last_step,
+        cpu_overlap=piggyback.enabled())
 
 
 # planning ---------------------------------------------------------------------------------------
@@ -198,6 +199,7 @@ def plan_step(original, self, running_batch) -> bool:
     _step += 1
     _view = server_view(self, running_batch, glue.runtime())
     _plan = _controller.plan(_view)
+    piggyback.set_budget(sum(map(piggyback.owns, _plan.be_decode)))
     for rid, why in _plan.ls_rejected:
         _reject(self, rid, why)
     if _plan.ls_prefill_tokens and self.chunked_req is not None and is_be(self.chunked_req):
@@ -228,6 +230,8 @@ def _move(scheduler, running_batch, runtime, to_cpu, to_gpu) -> None:
         if _metrics is not None:
             _metrics.be_moves.labels(direction="to_cpu").inc()
     for rid in to_gpu:
+        if piggyback.owns(rid) and not piggyback.detach(rid):  # its token is inside the layers: later
+            continue
         if placement.to_gpu(by_rid[rid], scheduler.tree_cache, runtime) and _metrics is not None:
             _metrics.be_moves.labels(direction="to_gpu").inc()
 
@@ -257,7 +261,7 @@ def be_prefill_allowed() -> bool:
 
 
 # BE rows that sit out a decode step -------------------------------------------------------------
-def _deferrable(req) -> bool:
+def deferrable(req) -> bool:
     # Rows whose sampling keeps per-batch state (penalties, min_new_tokens, grammar, logprobs)
     # always run: rebuilding their batch would restart that state.
     sp = req.sampling_params
@@ -269,28 +273,40 @@ def _deferrable(req) -> bool:
 def defer_be_rows(original, self, batch):
     """AROUND ``Scheduler.update_running_batch``: BE rows that the plan leaves out of this decode
     step are filtered out of the batch first (so retraction and ``prepare_for_decode`` see only the
-    rows that run); the rows that run are stamped with this step for the oldest-first order."""
+    rows that run); the rows that run are stamped with this step for the oldest-first order. With
+    asynchronous piggybacking, offloaded BE rows always leave the batch (the executor drives them:
+    :mod:`omniserve_sgl.sglang_glue.piggyback`), up to the plan's BE rows per layer join its passes,
+    and when nothing else would run, a pass over them alone runs here."""
     global _deferred, _decoded_last_step, _plan
     _decoded_last_step = True
-    if _plan is None:
+    taken = piggyback.take(self, batch.reqs) if piggyback.enabled() and mode.be_mode() else []
+    gone = {id(r) for r in taken} | {id(r) for r in batch.reqs if r.finished()} if piggyback.enabled() else set()
+    if _plan is None and not gone:
         return original(self, batch)
-    if _plan.is_prefill:  # no prefill could be formed after all (GPU KV, request rows): plan the decode
-        _plan = _controller.plan(dataclasses.replace(_view, ls_waiting=(), be=tuple(
-            r for r in _view.be if r.placement != WAITING)))
-    chosen = set(_plan.be_decode)
-    keep = [i for i, r in enumerate(batch.reqs) if r.rid in chosen or not _deferrable(r)]
-    if len(keep) < len(batch.reqs):
-        _deferred = [r for i, r in enumerate(batch.reqs) if i not in set(keep)]
-        if _metrics is not None:
-            _metrics.be_rows_deferred.inc(len(_deferred))
-        if keep:
-            batch.filter_batch(keep_indices=keep)
-    for r in batch.reqs if keep else []:
-        if is_be(r):
-            r.omniserve_last_step = _step
-    if not keep:  # nothing would run: the rows go back at once
+    chosen = None
+    if _plan is not None:
+        if _plan.is_prefill:  # no prefill could be formed after all (GPU KV, request rows): plan the decode
+            _plan = _controller.plan(dataclasses.replace(_view, ls_waiting=(), be=tuple(
+                r for r in _view.be if r.placement != WAITING)))
+        chosen = set(_plan.be_decode)
+        piggyback.set_budget(sum(r.rid in chosen for r in taken))
+    keep = [i for i, r in enumerate(batch.reqs)
+            if id(r) not in gone and (chosen is None or r.rid in chosen or not deferrable(r))]
+    if not keep:  # nothing else would run: the rows stay in the batch; BE rows alone run a pass
+        if taken:
+            piggyback.set_budget(None)
+            piggyback.be_only_pass(self)
         merge_deferred(None, self)
         return None
+    if len(keep) < len(batch.reqs):
+        kept = set(keep)
+        _deferred = [r for i, r in enumerate(batch.reqs) if i not in kept and not r.finished()]
+        if _metrics is not None:
+            _metrics.be_rows_deferred.inc(sum(id(r) not in gone for r in _deferred))
+        batch.filter_batch(keep_indices=keep)
+    for r in batch.reqs:
+        if is_be(r):
+            r.omniserve_last_step = _step
     out = original(self, batch)
     if out is None or out.is_empty():
         merge_deferred(None, self)
@@ -338,8 +354,9 @@ def merge_deferred(_result, self, *args, **kwargs) -> None:
     if _plan is not None and _plan.is_prefill:
         _decoded_last_step = False
     _plan = None
-    if _deferred:
-        reqs, _deferred = _deferred, []
+    piggyback.emit(self)
+    reqs, _deferred = [r for r in _deferred if not r.finished()], []
+    if reqs:
         part = _decode_ready_batch(self, reqs)
         if self.running_batch.is_empty():
             self.running_batch = part

@@ -22,7 +22,7 @@ from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
 from omniserve_sgl.control import OnlineCorrection
 from omniserve_sgl.service_class import BE, class_of_custom_params
-from omniserve_sgl.sglang_glue import controller, mode, placement, profiler, view
+from omniserve_sgl.sglang_glue import controller, mode, piggyback, placement, profiler, view
 from omniserve_sgl.sglang_glue.placement import is_be, is_offloaded
 from omniserve_sgl.sglang_glue.rows import select_rows
 
@@ -92,13 +92,15 @@ def start_runtime(model_runner) -> BERuntime:
     _runtime = BERuntime(config.current(), num_layers=mc.num_hidden_layers, num_kv_heads=kv_pool.head_num,
                          head_dim=kv_pool.head_dim, num_qo_heads=mc.num_attention_heads,
                          dtype=kv_pool.dtype, max_rows=max(model_runner.req_to_token_pool.size, 1),
-                         worker=config.current().worker_setup(str(model_runner.device)))
+                         worker=config.current().worker_setup(str(model_runner.device)),
+                         staging_slots=piggyback.staging_slots(mc.num_hidden_layers))
     if config.current().metrics:
         from omniserve_sgl.metrics import BEMetrics
 
         _metrics = BEMetrics()
         _metrics.update(_runtime, waiting=0)
     mode.start(config.current().plans_every_step, _metrics)
+    piggyback.start(model_runner, _runtime, _metrics)
     return _runtime
 
 
@@ -261,10 +263,12 @@ def release_kv(original, req, tree_cache, *, checkpoint: bool):
     prefill), so only its ``req_to_token`` row is returned and nothing is put in the radix cache."""
     if not is_be(req):
         return original(req, tree_cache, checkpoint=checkpoint)
-    if _runtime is not None:
+    if piggyback.owns(req.rid):
+        piggyback.release(req.rid)  # the executor frees its pages once no CPU job of it is in flight
+    elif _runtime is not None:
         _runtime.release(req.rid)
-        if _metrics is not None:
-            _metrics.update(_runtime)
+    if _runtime is not None and _metrics is not None:
+        _metrics.update(_runtime)
     if not is_offloaded(req):
         return original(req, tree_cache, checkpoint=checkpoint)
     req.omniserve_offloaded = False  # a retracted request is prefilled again

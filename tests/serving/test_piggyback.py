@@ -1,0 +1,47 @@
+"""Asynchronous piggybacking in the server (``--omniserve-mode async``): offloaded BE rows leave
+SGLang's decode steps and cross GPU passes layer by layer through the executor, and no pass with LS
+rows waits for the CPU worker. Float32, so greedy BE output is LS output token for token; every
+second step every BE request moves between the GPU and the BE KV pool (``OMNISERVE_TEST_MOVE_EVERY``),
+so the hand-offs between SGLang's batch and the executor are crossed many times."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from omniserve_sgl.bench.launch import SGLangServer
+from tests.serving.conftest import flush_cache, generate, metric
+
+
+def test_32_be_requests_piggyback_beside_ls_requests_and_decode_their_ls_tokens(model_path, exact_texts):
+    with SGLangServer(model_path, "--omniserve", "--omniserve-mode", "async", "--dtype", "float32",
+                      "--omniserve-disable-control", "--enable-metrics",
+                      env={"OMNISERVE_TEST_MOVE_EVERY": "2"}) as server:
+        alone = {}
+        for text in exact_texts:
+            flush_cache(server)
+            alone[text] = generate(server, text, 32, "ls")["output_ids"]
+        flush_cache(server)
+        jobs = [(exact_texts[i % len(exact_texts)], "be") for i in range(32)] + [(t, "ls") for t in exact_texts]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            outs = list(pool.map(lambda job: generate(server, job[0], 32, job[1])["output_ids"], jobs))
+        assert [o == alone[t] for o, (t, _) in zip(outs, jobs)] == [True] * len(jobs)
+        assert metric(server, "omniserve_piggybacked_rows_total") > 0
+        assert metric(server, "omniserve_ls_pass_waits_total") == 0
+        assert metric(server, "omniserve_be_moves_total", direction="to_gpu") > 0
+        assert metric(server, "omniserve_residual_store_bytes") == 0
+        assert metric(server, "omniserve_be_pool_pages_used") == 0
+
+
+def test_ls_output_under_async_omniserve_equals_plain_sglangs(model_path, plain_run, exact_texts):
+    """With a BE request held by the executor the whole time, LS passes go through it: their
+    greedy tokens are still plain SGLang's (the model's dtype, bfloat16)."""
+    with SGLangServer(model_path, "--omniserve", "--omniserve-mode", "async", "--omniserve-disable-control",
+                      "--enable-metrics") as server:
+        flush_cache(server)
+        with ThreadPoolExecutor(1 + len(exact_texts)) as pool:
+            be = pool.submit(generate, server, "Write a long story about the sea.", 200, "be")
+            ls = [pool.submit(generate, server, t, 32, "ls") for t in exact_texts]
+            outs = [f.result()["output_ids"] for f in ls]
+            assert len(be.result()["output_ids"]) == 200
+        assert outs == [plain_run.outputs[t] for t in exact_texts]
+        assert metric(server, "omniserve_piggybacked_rows_total") > 0
