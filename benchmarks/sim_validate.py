@@ -7,8 +7,8 @@
 2. runs ``benchmarks/coserve.py --profile quick`` with that profile (every system, every rate, real
    servers), or reads a finished run with ``--real PATH``;
 3. simulates the same systems, rates, workload and SLOs with ``python -m omniserve_sgl.simulate``'s
-   code on the profile (the real ``omniserve`` row runs the synchronous path: the simulator's
-   ``omniserve-sync``);
+   code on the profile (coserve's ``omniserve`` runs ``--omniserve-mode async``, the simulator's
+   ``omniserve``; its ``omniserve-sync`` the synchronous path, the simulator's ``omniserve-sync``);
 4. compares them: LS SLO attainment within 5 points, BE tokens/s within 20%, p50 TPOT within 15%.
 
 Writes benchmarks/results/sim-validate.{json,md}.
@@ -33,7 +33,6 @@ from omniserve_sgl.simulate.hardware import GB
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-SIM_SYSTEM = {"omniserve": "omniserve-sync"}  # the server's --omniserve is the synchronous path
 BOUNDS = {"attainment_points": 5.0, "be_tokens_ratio": 0.20, "p50_tpot_ratio": 0.15}
 
 
@@ -50,7 +49,7 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
         model = ModelSpec(**{**model.__dict__, "dtype_bytes": 4})
     timing = ProfileTiming(lm, model.kv_bytes_per_token, model.layers, qo_bytes_per_row_layer=model.qo_bytes_per_row_layer)
     slo = SLO(real["slo"]["ttft_s"], real["slo"]["tpot_s"])
-    systems = tuple(SIM_SYSTEM.get(s, s) for s in real["systems"])
+    systems = tuple(real["systems"])  # coserve's system names are the simulator's
     gb = float(w["omniserve_args"][w["omniserve_args"].index("--omniserve-cpu-kv-gb") + 1])
     one = next(iter(info.values()), {})
     kv = int(one.get("max_total_num_tokens") or w["server_args"][w["server_args"].index("--max-total-tokens") + 1])
@@ -60,7 +59,7 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
                         be_concurrency=w["be_concurrency"], headroom_be_concurrency=w["headroom_be_concurrency"])
 
     def config(system: str) -> SimConfig:
-        real_info = info.get({v: k for k, v in SIM_SYSTEM.items()}.get(system, system), one)
+        real_info = info.get(system, one)
         return SimConfig(system, timing, slo, kv, int(gb * GB // model.kv_bytes_per_token),
                          chunk_tokens=int(real_info.get("chunked_prefill_size") or 8192),
                          max_running=int(real_info.get("max_running_requests") or 256), noise=noise, seed=seed,
@@ -74,7 +73,7 @@ def compare(real: dict, sim: dict) -> list[dict]:
     by = {(r["system"], r["ls_rate"]): r for r in sim["rows"]}
     out = []
     for r in real["rows"]:
-        s = by.get((SIM_SYSTEM.get(r["system"], r["system"]), r["ls_rate"]))
+        s = by.get((r["system"], r["ls_rate"]))
         if s is None:
             continue
         att = 100 * abs(r["ls_slo_attainment"] - s["ls_slo_attainment"])
@@ -97,7 +96,7 @@ def report(result: dict) -> str:
              f"{result['slo']['ttft_s'] * 1e3:.0f} ms, TPOT {result['slo']['tpot_s'] * 1e3:.0f} ms"),
              (f"- simulated: the same systems, rates, workload and SLOs on the latency profile "
              f"`{result['latency_profile']}` (profiled accuracy {result['profile_accuracy']:.1%}), step-time "
-             f"noise {result['noise']:.0%}; the real `omniserve` row is the simulator's `omniserve-sync`"),
+             f"noise {result['noise']:.0%}"),
              (f"- bounds: attainment within {BOUNDS['attainment_points']:g} points, BE tokens/s within "
              f"{BOUNDS['be_tokens_ratio']:.0%}, p50 TPOT within {BOUNDS['p50_tpot_ratio']:.0%}; "
              f"{result['within']} of {result['checks']} checks within"),

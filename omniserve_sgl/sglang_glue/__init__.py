@@ -6,7 +6,9 @@ Hook map (target -> hook):
   ServerArgs.add_cli_args (AFTER), ServerArgs.from_cli_args (AROUND)       -> cli
   TokenizerManager.generate_request (BEFORE)                             -> tokenizer
   http_server.serve_generate_request (AROUND; the HTTP server's process) -> tokenizer
-  ModelRunner.init_attention_backends (AFTER)                            -> start the BE runtime, split attention
+  ModelRunner.init_attention_backends (AFTER)                            -> start the BE runtime, split attention,
+                                                                            the model's decoder body through the
+                                                                            piggybacking executor (async mode)
   ModelRunner.init_cuda_graphs (AFTER)                                   -> load or profile the latency model
   DecodeCudaGraphRunner.can_run_graph, CPUGraphRunner.can_run_graph (AFTER) -> eager passes with BE rows
   Scheduler.event_loop_overlap (AROUND), ingest_requests (AFTER)         -> mode (LS mode: SGLang alone)

@@ -8,7 +8,9 @@ from omniserve_sgl.sglang_glue import attention, piggyback, scheduler
 
 def init_attention_backends(_result, model_runner) -> None:
     """AFTER ``ModelRunner.init_attention_backends``: creates this scheduler's BE KV pool and CPU
-    attention worker (once) and wraps the published attention backend with the LS/BE split.
+    attention worker (once; with ``--omniserve-mode async`` also the piggybacking executor over the
+    model, :mod:`omniserve_sgl.sglang_glue.piggyback`) and wraps the published attention backend
+    with the LS/BE split.
 
     Raises:
         RuntimeError: the worker did not start; the server stops.
