@@ -279,10 +279,6 @@ class BERuntime:
         return pending
 
     @property
-    def jobs_in_flight(self) -> int:
-        return len(self._in_flight)
-
-    @property
     def free_slots(self) -> int:
         """Jobs that can be submitted now without waiting for one."""
         return self.staging_slots - len(self._in_flight)

@@ -175,6 +175,20 @@ class PiggybackExecutor:
         else:
             self.runtime.release(rid)
 
+    def detach(self, rid: object) -> bool:
+        """Drops ``rid`` keeping its pool pages (for a move of its KV elsewhere), only between two
+        tokens: its current token has entered no layer. Returns whether it is out (True for an
+        unknown ``rid``)."""
+        row = self.rows.get(rid)
+        if row is None:
+            return True
+        if row.phase is not Phase.ENTER:
+            return False
+        del self.rows[rid]
+        self._since.pop(rid, None)
+        self.store.free(row.slot)
+        return True
+
     def __len__(self) -> int:
         return len(self.rows)
 

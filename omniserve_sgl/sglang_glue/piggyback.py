@@ -86,15 +86,8 @@ def release(rid) -> None:
 def detach(rid) -> bool:
     """Takes ``rid`` out of the executor with its pages, for a move back to the GPU: only between
     two tokens (its current token has entered no layer). Returns whether it was taken out."""
-    from omniserve_sgl.piggyback import Phase
-
-    row = _executor.rows.get(rid) if _executor is not None else None
-    if row is None:
-        return True
-    if row.phase is not Phase.ENTER:
-        return False
-    _executor.rows.pop(rid)
-    _executor.store.free(row.slot)
+    if _executor is None or not _executor.detach(rid):
+        return _executor is None
     _owned.pop(rid, None)
     return True
 

@@ -172,6 +172,25 @@ def test_a_worker_killed_with_jobs_in_flight_is_replaced_and_every_token_is_stil
         assert out[i] == model.generate(prompt, BE_TOKENS)[0]
 
 
+def test_a_request_detached_between_tokens_keeps_its_pages_and_is_refused_inside_the_layers(model, rt):
+    ex = PiggybackExecutor(model, rt, capacity=2)
+    prompt = _prompts(1, seed=11)[0]
+    first, kv = model.generate(prompt, 1)
+    rt.reserve("r", len(prompt) + 4)
+    rt.store_kv("r", kv)
+    ex.add("r", first[0], len(prompt))
+    os.kill(rt.client.process.pid, signal.SIGSTOP)
+    try:
+        ex.run_pass(LSStreams(model, _prompts(1, seed=12)).batch())
+        assert not ex.detach("r")  # its token is inside the layers
+    finally:
+        os.kill(rt.client.process.pid, signal.SIGCONT)
+    while ex.rows["r"].phase.value != "enter":
+        ex.run_pass(None)
+    assert ex.detach("r") and "r" not in ex.rows
+    assert rt.stored_tokens("r") == len(prompt) + 1 and ex.residual_store_bytes == 0
+
+
 def test_a_bad_request_is_refused_with_what_to_fix(model, rt):
     ex = PiggybackExecutor(model, rt, capacity=1)
     rt.reserve("x", 10)
