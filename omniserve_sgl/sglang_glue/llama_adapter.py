@@ -6,10 +6,12 @@ model's own module objects (SGLANG-INTERNALS section 3), so LS rows alone get SG
     post_attn(l): h = o_proj(a); x, r = layers[l].post_attention_layernorm(h, r); h = mlp(x)
     final:        norm(h, r); logits: the model's logits processor in decode mode
 
-Supported: one GPU (no tensor or pipeline parallelism), models whose attention module has
-``forward_prepare_native`` and whose layers are ``input_layernorm`` / ``self_attn`` /
-``post_attention_layernorm`` / ``mlp`` (``LlamaForCausalLM`` and ``MistralForCausalLM``, which is
-Llama). :func:`adapter_for` says why another model is not.
+Supported: one GPU (no tensor or pipeline parallelism), models whose layers are
+``input_layernorm`` / ``self_attn`` / ``post_attention_layernorm`` / ``mlp`` and whose attention
+prepares q/k/v with ``forward_prepare_native`` (``LlamaForCausalLM``, ``MistralForCausalLM``, which
+is Llama, ``Qwen3ForCausalLM``, with its q/k norms inside it) or as ``qkv_proj``, split,
+``rotary_emb`` (``Qwen2ForCausalLM``, SGLANG-INTERNALS section 3; the default model is Llama, the
+others are recognised by this structure). :func:`adapter_for` says why another model is not.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ class SGLangLlama:
             residual, x = hidden, mod.input_layernorm(hidden)
         else:
             x, residual = mod.input_layernorm(hidden, residual)
-        q, k, v = mod.self_attn.forward_prepare_native(positions, x)
+        attn = mod.self_attn
+        if hasattr(attn, "forward_prepare_native"):
+            q, k, v = attn.forward_prepare_native(positions, x)
+        else:  # Qwen2Attention.forward's own steps
+            qkv, _ = attn.qkv_proj(x)
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q, k = attn.rotary_emb(positions, q, k)
         n = q.shape[0]
         return (q.reshape(n, self.num_qo_heads, self.head_dim), k.reshape(n, self.num_kv_heads, self.head_dim),
                 v.reshape(n, self.num_kv_heads, self.head_dim), residual)
@@ -82,10 +90,13 @@ def adapter_for(model_runner) -> tuple[SGLangLlama | None, str]:
     if layers is None or not all(hasattr(inner, a) for a in ("embed_tokens", "norm")) or not hasattr(lm, "lm_head"):
         return None, f"{name} is not a Llama-family decoder (embed_tokens, layers, norm, lm_head)"
     first = layers[0]
-    if not all(hasattr(first, p) for p in _LAYER_PARTS) or not hasattr(first.self_attn, "forward_prepare_native"):
-        return None, f"{name}'s layers are not Llama's (input_layernorm, self_attn.forward_prepare_native, ...)"
+    attn = getattr(first, "self_attn", None)
+    plain = all(hasattr(attn, a) for a in ("qkv_proj", "q_size", "kv_size", "rotary_emb")) and not hasattr(attn, "q_norm")
+    if not all(hasattr(first, p) for p in _LAYER_PARTS) or not (hasattr(attn, "forward_prepare_native") or plain):
+        return None, (f"{name}'s layers are not Llama's (input_layernorm, self_attn with forward_prepare_native or "
+                      "qkv_proj + rotary_emb, post_attention_layernorm, mlp)")
     if getattr(lm, "capture_aux_hidden_states", False):
         return None, f"{name} captures auxiliary hidden states (speculative decoding)"
-    attn = first.self_attn.attn
-    return SGLangLlama(lm, attn.tp_q_head_num, attn.tp_k_head_num, attn.qk_head_dim, model_runner.dtype,
+    radix = attn.attn
+    return SGLangLlama(lm, radix.tp_q_head_num, radix.tp_k_head_num, radix.qk_head_dim, model_runner.dtype,
                        torch.device(model_runner.device)), ""

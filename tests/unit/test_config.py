@@ -42,3 +42,8 @@ def test_the_default_page_size_is_the_one_the_landed_benchmark_measured_best():
     """benchmarks/cpu_attention.py picks it from its page-size rows; the code must follow."""
     measured = json.loads(RESULTS.read_text())["defaults"]["page_size"]
     assert OmniServeConfig().page_size == measured
+
+
+def test_an_unknown_piggybacking_mode_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="--omniserve-mode must be async or sync, got 'fast'"):
+        OmniServeConfig(mode="fast")

@@ -302,14 +302,15 @@ def test_omniserve_flags_keep_sglangs_schedule_and_graphs_and_reach_the_children
     assert not config.current().plans_every_step
 
     args = _parse([*argv, "--omniserve", "--omniserve-cpu-kv-gb", "0.5", "--omniserve-cpu-page-size", "64",
-                   "--omniserve-tpot-slo", "0.1", "--omniserve-ls-admission", "reject"], ensure_default_model())
+                   "--omniserve-tpot-slo", "0.1", "--omniserve-ls-admission", "reject", "--omniserve-mode", "async"],
+                  ensure_default_model())
     server_args = cli.from_cli_args(sglang_from_cli_args, ServerArgs, args)
     assert isinstance(server_args, ServerArgs)
     assert server_args.disable_overlap_schedule
     assert [getattr(server_args, g) for g in graphs] == [getattr(plain, g) for g in graphs]
     assert "omniserve_class" in server_args.tokenizer_metrics_allowed_custom_labels
     assert config.current() == config.OmniServeConfig(True, 0.5, page_size=64, metrics=True, tpot_slo=0.1,
-                                                           ls_admission="reject")
+                                                           ls_admission="reject", mode="async")
     assert config.current().plans_every_step
 
 
