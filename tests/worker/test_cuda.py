@@ -11,8 +11,8 @@ import torch
 from omniserve_sgl import ops
 from omniserve_sgl.be_runtime import BERuntime
 from omniserve_sgl.config import OmniServeConfig
-from omniserve_sgl.piggyback import LlamaShape, PiggybackExecutor, TorchLlama
-from tests.worker.test_piggyback import BE_TOKENS, LSStreams, _prompts
+from omniserve_sgl.piggyback import LlamaShape, TorchLlama
+from tests.worker.test_piggyback import BE_TOKENS, _prompts, _serve
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SHAPE = LlamaShape.tiny(num_layers=3)
@@ -50,23 +50,8 @@ def test_a_job_takes_its_inputs_from_gpu_tensors_and_returns_into_one(rt):
 
 def test_be_requests_on_a_gpu_model_decode_their_own_greedy_tokens_beside_ls_rows(rt):
     model = TorchLlama(SHAPE, torch.float32, device="cuda", seed=1)
-    ex = PiggybackExecutor(model, rt, capacity=8)
     prompts = _prompts(8, seed=2)
-    out = {}
-    for i, prompt in enumerate(prompts):
-        first, kv = model.generate(prompt, 1)
-        rt.reserve(i, len(prompt) + BE_TOKENS)
-        rt.store_kv(i, kv)
-        ex.add(i, first[0], len(prompt))
-        out[i] = list(first)
-    ls = LSStreams(model, _prompts(2, seed=3))
-    while ex.rows:
-        res = ex.run_pass(ls.batch())
-        ls.take(model.logits(res.ls_hidden))
-        for rid, t in res.be_tokens:
-            out[rid].append(t)
-            if len(out[rid]) == BE_TOKENS:
-                ex.remove(rid)
+    out, ex, _ = _serve(model, rt, prompts, ls_prompts=_prompts(2, seed=3), ls_passes=150)
     for i, prompt in enumerate(prompts):
         assert out[i] == model.generate(prompt, BE_TOKENS)[0]
     assert ex.ls_pass_waits_total == 0 and ex.residual_store_bytes == 0

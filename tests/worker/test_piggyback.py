@@ -133,13 +133,19 @@ def test_sync_mode_gives_the_same_tokens_and_waits_for_the_worker_in_every_pass_
     assert ex.ls_pass_waits_total == 10
 
 
-def test_a_request_removed_with_a_job_in_flight_frees_its_pages_once_the_job_is_back(model, rt):
+def _one_request(model, rt, seed: int):
+    """An executor holding BE request ``"r"`` (prefilled); returns it and the prompt."""
     ex = PiggybackExecutor(model, rt, capacity=2)
-    prompt = _prompts(1, seed=7)[0]
+    prompt = _prompts(1, seed=seed)[0]
     first, kv = model.generate(prompt, 1)
     rt.reserve("r", len(prompt) + 4)
     rt.store_kv("r", kv)
     ex.add("r", first[0], len(prompt))
+    return ex, prompt
+
+
+def test_a_request_removed_with_a_job_in_flight_frees_its_pages_once_the_job_is_back(model, rt):
+    ex, _ = _one_request(model, rt, seed=7)
     os.kill(rt.client.process.pid, signal.SIGSTOP)  # the job stays in flight
     try:
         ls = LSStreams(model, _prompts(1, seed=8))
@@ -173,12 +179,7 @@ def test_a_worker_killed_with_jobs_in_flight_is_replaced_and_every_token_is_stil
 
 
 def test_a_request_detached_between_tokens_keeps_its_pages_and_is_refused_inside_the_layers(model, rt):
-    ex = PiggybackExecutor(model, rt, capacity=2)
-    prompt = _prompts(1, seed=11)[0]
-    first, kv = model.generate(prompt, 1)
-    rt.reserve("r", len(prompt) + 4)
-    rt.store_kv("r", kv)
-    ex.add("r", first[0], len(prompt))
+    ex, prompt = _one_request(model, rt, seed=11)
     os.kill(rt.client.process.pid, signal.SIGSTOP)
     try:
         ex.run_pass(LSStreams(model, _prompts(1, seed=12)).batch())
