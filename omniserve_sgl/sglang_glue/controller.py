@@ -317,7 +317,6 @@ def _decode_ready_batch(scheduler, reqs):
     """A running-batch part holding ``reqs`` (each with its KV and ``req_pool_idx``) ready to
     decode again: SGLang's own recipe for requests that join decoding from outside the batch
     (``Scheduler._build_hisparse_decode_batch``)."""
-    from sglang.srt.managers.overlap_utils import RelayPayload
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
@@ -336,8 +335,7 @@ def _decode_ready_batch(scheduler, reqs):
     batch.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
     batch.orig_seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     batch.seq_lens_sum = sum(seq_lens)
-    last = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=device)
-    scheduler.future_map.stash(batch.req_pool_indices, RelayPayload(bonus_tokens=last))
+    piggyback.relay_last_tokens(scheduler, reqs)
     batch.input_ids = None
     batch.multimodal_inputs = [r.multimodal_inputs for r in reqs]
     batch.forward_mode = ForwardMode.DECODE

@@ -224,7 +224,7 @@ def emit(scheduler) -> None:
             req.time_stats.set_completion_time()
         reqs.append(req)
     live = [r for r in reqs if not r.finished()]
-    _relay_last_tokens(scheduler, live)
+    relay_last_tokens(scheduler, live)
     _refresh_lengths(scheduler.running_batch, live)
     scheduler.output_streamer.stream_output(reqs, False)
 
@@ -245,7 +245,7 @@ def _refresh_lengths(batch, reqs) -> None:
     batch.seq_lens_sum = int(batch.seq_lens_cpu.sum()) if batch.seq_lens_cpu is not None else int(batch.seq_lens.sum())
 
 
-def _relay_last_tokens(scheduler, reqs) -> None:
+def relay_last_tokens(scheduler, reqs) -> None:
     """Puts each request's last token where SGLang's next decode step reads its input (the
     ``FutureMap`` slot of its ``req_pool_idx``), as for requests that join decoding from outside the
     batch: a request that moves back to the GPU decodes from its newest token."""
