@@ -4,7 +4,7 @@ namespace omniserve {
 
 std::vector<int64_t> check_paged_metadata(const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
                                           const torch::Tensor& kv_last_page_len, int64_t batch,
-                                          const CacheShape& c) {
+                                          int64_t num_pages, int64_t page_size) {
   check_int32_vector(kv_indptr, "kv_indptr", batch + 1);
   check_int32_vector(kv_indices, "kv_indices", -1);
   check_int32_vector(kv_last_page_len, "kv_last_page_len", batch);
@@ -23,14 +23,14 @@ std::vector<int64_t> check_paged_metadata(const torch::Tensor& kv_indptr, const 
       TORCH_CHECK_VALUE(last[b] == 0, "kv_last_page_len[", b, "] must be 0 for a sequence with no pages, got ",
                         last[b]);
     } else {
-      TORCH_CHECK_VALUE(last[b] >= 1 && last[b] <= c.page_size, "kv_last_page_len[", b, "] must be in 1..",
-                        c.page_size, " (the page size), got ", last[b]);
+      TORCH_CHECK_VALUE(last[b] >= 1 && last[b] <= page_size, "kv_last_page_len[", b, "] must be in 1..",
+                        page_size, " (the page size), got ", last[b]);
     }
-    seq_lens[b] = pages == 0 ? 0 : (pages - 1) * c.page_size + last[b];
+    seq_lens[b] = pages == 0 ? 0 : (pages - 1) * page_size + last[b];
   }
   for (int64_t i = 0; i < indptr[batch]; ++i) {
-    TORCH_CHECK_INDEX(indices[i] >= 0 && indices[i] < c.num_pages, "kv_indices[", i, "] = ", indices[i],
-                      " is outside the cache's ", c.num_pages, " pages");
+    TORCH_CHECK_INDEX(indices[i] >= 0 && indices[i] < num_pages, "kv_indices[", i, "] = ", indices[i],
+                      " is outside the cache's ", num_pages, " pages");
   }
   return seq_lens;
 }

@@ -90,6 +90,6 @@ inline PagedKV paged_kv_view(const torch::Tensor& k_cache, const torch::Tensor& 
 // each sequence's length in tokens. A sequence with no pages has length 0 and last_page_len 0.
 std::vector<int64_t> check_paged_metadata(const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
                                           const torch::Tensor& kv_last_page_len, int64_t batch,
-                                          const CacheShape& c);
+                                          int64_t num_pages, int64_t page_size);
 
 }  // namespace omniserve

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <exception>
 
+#include "checks.h"
 #include "host_ops.h"
 
 namespace omniserve {
@@ -29,8 +30,9 @@ inline void store(double* w, double x) { __atomic_store(w, &x, __ATOMIC_RELEASE)
 const std::vector<std::string> kFields = {"job", "done", "watch", "q", "k", "v", "out", "lse",
                                           "kv_indptr", "kv_indices", "kv_last_page_len"};
 const std::vector<std::string> kJobFields = {"seq", "layer", "num_rows", "num_pages", "append_kv", "method",
-                                             "sm_scale"};
-const std::vector<std::string> kDoneFields = {"seq", "ok", "kernel_us"};
+                                             "sm_scale", "plan_id"};
+constexpr size_t kMaxPlans = 64;  // plans kept: more than the row sets of the jobs a client keeps in flight
+const std::vector<std::string> kDoneFields = {"seq", "ok", "kernel_us", "planned"};
 const std::vector<std::string> kWatchFields = {"worker_polling_until", "client_waiting_until"};
 enum Tensors { kQ, kK, kV, kOut, kLse, kIndptr, kIndices, kLast };
 
@@ -51,6 +53,9 @@ DoorbellLoop::DoorbellLoop(const std::vector<std::vector<torch::Tensor>>& slots,
                         handled_.size(0) == static_cast<int64_t>(slots.size()),
                     "handled must be float64 [num_slots]");
   TORCH_CHECK_VALUE(k_caches_.size() == v_caches_.size() && !k_caches_.empty(), "give one K and V cache per layer");
+  const CacheShape c = check_caches(k_caches_[0], v_caches_[0], parse_layout(layout_));
+  num_pages_ = c.num_pages;
+  page_size_ = c.page_size;
   for (const auto& s : slots) {
     TORCH_CHECK_VALUE(s.size() == kFields.size(), "each slot needs its ", kFields.size(), " tensors");
     for (int i = 0; i < 3; ++i) TORCH_CHECK_VALUE(s[i].scalar_type() == torch::kFloat64, "words must be float64");
@@ -73,6 +78,22 @@ const std::vector<torch::Tensor>& DoorbellLoop::views(int64_t slot, int64_t rows
                                   t[kLse].narrow(0, 0, rows),     t[kIndptr].narrow(0, 0, rows + 1),
                                   t[kIndices].narrow(0, 0, pages), t[kLast].narrow(0, 0, rows)};
   return views_.emplace(key, std::move(v)).first->second;
+}
+
+// The plan of a job's page table: the one made for `plan_id` when the client names one it made
+// before (the slot then holds the same metadata), else a new one, checked against the caches.
+const DecodePlan& DoorbellLoop::plan(double plan_id, const std::vector<torch::Tensor>& v) {
+  if (plan_id > 0) {
+    auto it = plans_.find(plan_id);
+    if (it != plans_.end() && it->second.batch == v[kQ].size(0) &&
+        static_cast<int64_t>(it->second.kv_indices.size()) == v[kIndices].size(0))
+      return it->second;
+  }
+  DecodePlan p = plan_paged_decode(v[kIndptr], v[kIndices], v[kLast], num_pages_, page_size_);
+  ++plans_made_;
+  if (plan_id <= 0) return scratch_ = std::move(p);
+  if (plans_.size() >= kMaxPlans) plans_.erase(plans_.begin());  // the oldest id
+  return plans_[plan_id] = std::move(p);
 }
 
 void DoorbellLoop::publish_polling_until(double until) {
@@ -103,18 +124,20 @@ std::tuple<int64_t, int64_t, double, double, double> DoorbellLoop::serve(double 
       const int64_t layer = static_cast<int64_t>(s.job[1]), rows = static_cast<int64_t>(s.job[2]),
                     pages = static_cast<int64_t>(s.job[3]);
       const bool append = s.job[4] != 0, kernel_method = s.job[5] == 0;
-      const double sm_scale = s.job[6];
+      const double sm_scale = s.job[6], plan_id = s.job[7];
       if (!kernel_method || layer < 0 || layer >= num_layers || rows < 0 || rows > s.t[kQ].size(0) ||
           pages < 0 || pages > s.t[kIndices].size(0))
         return {kPython, i, seq, 0.0, until};
       double kernel_us;
+      const int64_t plans_before = plans_made_;
       try {
         const auto& v = views(i, rows, pages);
         const double t0 = now_s();
         if (append) append_paged_kv(v[kK], v[kV], k_caches_[layer], v_caches_[layer], v[kIndptr], v[kIndices],
                                     v[kLast], layout_);
-        paged_decode_attention(v[kQ], k_caches_[layer], v_caches_[layer], v[kIndptr], v[kIndices], v[kLast],
-                               sm_scale, layout_, "auto", v[kOut], v[kLse]);
+        // The append above checked the slot's page table itself: it writes through it.
+        run_paged_decode(plan(plan_id, v), v[kQ], k_caches_[layer], v_caches_[layer], sm_scale, layout_, "auto",
+                         v[kOut], v[kLse]);
         kernel_us = (now_s() - t0) * 1e6;
       } catch (const std::exception&) {
         return {kPython, i, seq, 0.0, until};
@@ -128,6 +151,7 @@ std::tuple<int64_t, int64_t, double, double, double> DoorbellLoop::serve(double 
       }
       store(&s.done[1], 1.0);
       store(&s.done[2], kernel_us);
+      store(&s.done[3], plans_made_ > plans_before ? 1.0 : 0.0);
       store(&s.done[0], seq);
       std::atomic_thread_fence(std::memory_order_seq_cst);  // done[0] visible before watch[1] is read
       const double after = now_s();

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "host_ops.h"
+
 namespace omniserve {
 
 class DoorbellLoop {
@@ -26,6 +28,7 @@ class DoorbellLoop {
                std::vector<torch::Tensor> v_caches, std::string kv_layout, torch::Tensor handled, double margin_s);
 
   std::tuple<int64_t, int64_t, double, double, double> serve(double until, double slice_s, double spin_s);
+  int64_t plans_made() const { return plans_made_; }  // page tables checked and split so far
 
  private:
   struct Slot {
@@ -37,6 +40,7 @@ class DoorbellLoop {
   };
   const std::vector<torch::Tensor>& views(int64_t slot, int64_t rows, int64_t pages);
   void publish_polling_until(double until);
+  const DecodePlan& plan(double plan_id, const std::vector<torch::Tensor>& views);
 
   std::vector<Slot> slots_;
   std::vector<torch::Tensor> k_caches_, v_caches_;
@@ -44,6 +48,10 @@ class DoorbellLoop {
   torch::Tensor handled_;
   double margin_s_;
   std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<torch::Tensor>> views_;
+  int64_t num_pages_ = 0, page_size_ = 0;  // of every layer's cache
+  std::map<double, DecodePlan> plans_;     // by the client's plan id (job word plan_id), oldest first
+  DecodePlan scratch_;                     // the plan of a job without a plan id
+  int64_t plans_made_ = 0;
 };
 
 }  // namespace omniserve

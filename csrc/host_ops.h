@@ -7,8 +7,30 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
+
+#include "decode_kernel.h"
 
 namespace omniserve {
+
+// A checked page table and its split-KV work (FlashInfer's plan): made once per set of rows,
+// run once per layer. It owns a copy of the page ids it checked, so a run reads no index that was
+// not checked, whatever happens to the caller's tensors afterwards.
+struct DecodePlan {
+  int64_t batch = 0, num_pages = 0, page_size = 0;  // rows, and the cache geometry it was checked against
+  std::vector<int32_t> kv_indices;
+  std::vector<DecodeChunk> items;      // (sequence, token range) work items, in sequence order
+  std::vector<int64_t> first_item;     // [batch + 1]: sequence b's items are first_item[b] .. first_item[b+1]-1
+  bool one_chunk_each = true;          // nothing to merge
+};
+
+DecodePlan plan_paged_decode(const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
+                             const torch::Tensor& kv_last_page_len, int64_t num_pages, int64_t page_size);
+
+std::tuple<torch::Tensor, torch::Tensor> run_paged_decode(
+    const DecodePlan& plan, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+    double sm_scale, const std::string& kv_layout, const std::string& backend,
+    const std::optional<torch::Tensor>& out, const std::optional<torch::Tensor>& lse);
 
 std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
     const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,

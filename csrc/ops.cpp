@@ -54,5 +54,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const std::vector<std::string>&, const std::vector<std::string>&,
                           const std::vector<std::string>&, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::string, torch::Tensor, double>())
-      .def("serve", &omniserve::DoorbellLoop::serve);
+      .def("serve", &omniserve::DoorbellLoop::serve)
+      .def_property_readonly("plans_made", &omniserve::DoorbellLoop::plans_made);
+
+  // FlashInfer's plan/run split of paged decode attention (omniserve_sgl.ops.PagedDecodePlan).
+  pybind11::class_<omniserve::DecodePlan>(m, "DecodePlan")
+      .def(pybind11::init(&omniserve::plan_paged_decode))
+      .def_readonly("batch", &omniserve::DecodePlan::batch)
+      .def_property_readonly("num_items", [](const omniserve::DecodePlan& p) { return p.items.size(); })
+      .def("run", &omniserve::run_paged_decode, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -31,7 +31,7 @@ void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch
   TORCH_CHECK_VALUE(k.size(0) == v.size(0), "k and v must have the same batch size, got ", k.size(0), " and ",
                     v.size(0));
   const int64_t batch = k.size(0);
-  const std::vector<int64_t> seq_lens = check_paged_metadata(kv_indptr, kv_indices, kv_last_page_len, batch, c);
+  const std::vector<int64_t> seq_lens = check_paged_metadata(kv_indptr, kv_indices, kv_last_page_len, batch, c.num_pages, c.page_size);
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK_VALUE(seq_lens[b] > 0, "sequence ", b, " has no pages: the metadata must already count the token "
                       "being appended (kv_indptr/kv_last_page_len as after the append)");

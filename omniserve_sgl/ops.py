@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from omniserve_sgl import _C  # noqa: F401  (registers torch.ops.omniserve)
+from omniserve_sgl import _C  # registers torch.ops.omniserve; holds DecodePlan
 
 _ops = torch.ops.omniserve
 
@@ -72,6 +72,52 @@ def paged_decode_attention(
     return _ops.paged_decode_attention(
         q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, float(sm_scale), kv_layout, backend, out, lse
     )
+
+
+class PagedDecodePlan:
+    """Paged decode attention split as FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper`` splits
+    it: ``plan`` once per set of rows (it checks the page table and splits each sequence into
+    chunks for the CPU threads), then ``run`` once per layer, which checks only shapes.
+    :func:`paged_decode_attention` is a plan followed by one run.
+
+    Args:
+        kv_indptr, kv_indices, kv_last_page_len: int32 paged-KV metadata of ``B`` sequences, as for
+            :func:`paged_decode_attention`; the plan keeps a copy of the checked page ids, so later
+            changes to these tensors do not reach it.
+        num_pages, page_size: geometry of the caches the plan will run on.
+
+    Raises:
+        ValueError, IndexError, TypeError: bad metadata, as :func:`paged_decode_attention` raises.
+    """
+
+    def __init__(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor,
+                 num_pages: int, page_size: int):
+        self._plan = _C.DecodePlan(kv_indptr, kv_indices, kv_last_page_len, int(num_pages), int(page_size))
+
+    @property
+    def batch(self) -> int:
+        """``B``, the rows the plan was made for."""
+        return self._plan.batch
+
+    @property
+    def num_items(self) -> int:
+        """(sequence, chunk) work items: the split-KV parallelism of one run."""
+        return self._plan.num_items
+
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sm_scale: float | None = None,
+            kv_layout: str = "NHD", *, backend: str = "auto", out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention of ``q [B, H_q, D]`` over the planned pages of ``k_cache``/``v_cache``;
+        arguments and result as :func:`paged_decode_attention`'s.
+
+        Raises:
+            ValueError: ``q`` has another number of rows than the plan, or the caches another
+                number of pages or page size; and :func:`paged_decode_attention`'s shape and dtype
+                errors.
+        """
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(q.shape[-1])
+        return self._plan.run(q, k_cache, v_cache, float(sm_scale), kv_layout, backend, out, lse)
 
 
 def append_paged_kv(

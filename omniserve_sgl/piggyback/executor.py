@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, PendingJob
+from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan, PendingJob
 from omniserve_sgl.piggyback.model import LayeredModel
 from omniserve_sgl.piggyback.state import BERow, Phase
 from omniserve_sgl.piggyback.store import ResidualStore
@@ -136,6 +136,10 @@ class PiggybackExecutor:
         self.jobs: list[_Job] = []  # in flight, in submission order
         self._clock = itertools.count()  # orders rows by when they reached their phase
         self._since: dict[object, int] = {}
+        # Paged-KV metadata of recent row sets, keyed by the rows (held, so no new row takes their
+        # id) and their positions: a set that moves on to the next layer together reuses its plan,
+        # which the worker then checks and splits once for all layers (job word plan_id).
+        self._plans: dict[tuple, tuple[list[BERow], DecodePlan]] = {}
         self._landing = torch.empty(runtime.max_rows, model.num_qo_heads, model.head_dim, dtype=model.dtype,
                                     device=model.device)  # a job's output, before it is scattered to the store
         self.piggybacked_rows_total = 0
@@ -282,8 +286,7 @@ class PiggybackExecutor:
         t0 = time.perf_counter()
         self.store.put([r.slot for r in rows], residual)
         try:
-            pending = self.runtime.submit(self.runtime.plan_rows([r.rid for r in rows]), layer, q, k, v,
-                                          self.sm_scale)
+            pending = self.runtime.submit(self._plan(rows), layer, q, k, v, self.sm_scale)
         except BEUnavailableError as e:
             self._fail(rows, str(e), res)
             return None
@@ -295,6 +298,19 @@ class PiggybackExecutor:
             self._move(r, Phase.CPU, layer)
         self.jobs.append(job)
         return job
+
+    def _plan(self, rows: list[BERow]) -> DecodePlan:
+        """The paged-KV metadata of ``rows`` at their current tokens (the pool's pages of a token
+        do not change between its layers), made once per row set and token."""
+        key = tuple((id(r), r.position) for r in rows)
+        known = self._plans.get(key)
+        if known is not None:
+            return known[1]
+        if len(self._plans) >= 4 * self.runtime.staging_slots:
+            del self._plans[next(iter(self._plans))]
+        plan = self.runtime.plan_rows([r.rid for r in rows])
+        self._plans[key] = (rows, plan)
+        return plan
 
     def _collect(self, res: PassResult) -> None:
         """Picks up every job that is back (never blocks)."""

@@ -71,15 +71,20 @@ class CPUAttentionClient:
         self.staging: StagingArea | None = None
         self._staging_name: str | None = None
         self._free_slots: list[int] = []
-        # Per slot, the paged-KV metadata tensors staged in it (held, so no new tensor can take
-        # their identity) and their versions: every layer of a decode step shares the step's
-        # metadata, so it is copied once per slot and step, not once per layer.
-        self._staged_meta: dict[int, tuple] = {}
+        # Per slot, the paged-KV metadata tensors staged in it and their versions: every layer of a
+        # decode step shares the step's metadata, so it is copied once per slot and step, not once
+        # per layer.
+        self._staged_meta: dict[int, int] = {}  # slot -> plan id of the metadata in it
+        # Plan ids of recent metadata, by the tensors' identities (held, so no new tensor can take
+        # them): the worker plans each id once (job word plan_id).
+        self._plan_ids: dict[tuple[int, ...], tuple[tuple, tuple, int]] = {}
+        self._last_plan_id = 0
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # see _row_views
         self.last_kernel_us = 0.0
         self._private_dir: str | None = None  # the endpoint's directory, made by start()
         self.job_messages = 0  # jobs announced over ZeroMQ too (the worker was not polling doorbells)
         self.result_messages = 0  # results wait() took from a ZeroMQ reply (it was not polling done words)
+        self.plans_made = 0  # jobs for which the worker checked and split a page table (the rest reused one)
         if token is not None and process is None:  # a second client of a running worker
             self._request(P.Hello(self._next_seq(), token), timeout=30.0)
 
@@ -268,17 +273,17 @@ class CPUAttentionClient:
                 views["k"].copy_(k_new)
                 views["v"].copy_(v_new)
             meta = (kv_indptr, kv_indices, kv_last_page_len)
-            versions = tuple(t._version for t in meta)  # bumped by every in-place change
-            staged = self._staged_meta.get(slot)
-            if staged is None or staged[1] != versions or any(a is not b for a, b in zip(staged[0], meta)):
+            plan_id = self._plan_id(meta)
+            if self._staged_meta.get(slot) != plan_id:
                 views["kv_indptr"].copy_(kv_indptr)
                 self.staging.slots[slot]["kv_indices"][:nnz].copy_(kv_indices)
                 views["kv_last_page_len"].copy_(kv_last_page_len)
-                self._staged_meta[slot] = (meta, versions)
+                self._staged_meta[slot] = plan_id
             scale = 1.0 / math.sqrt(spec.head_dim) if sm_scale is None else float(sm_scale)
             seq = self._next_seq()
             words = self.staging.jobs[slot]
-            words[1:] = (layer, n, nnz, k_new is not None, METHODS.index(method) if method in METHODS else -1, scale)
+            words[1:] = (layer, n, nnz, k_new is not None, METHODS.index(method) if method in METHODS else -1, scale,
+                         plan_id)
             words[0] = seq  # the doorbell: last, after the inputs and the job words
             self._awaiting.add(seq)
             if self.staging.watch[slot][0] < time.perf_counter() + WATCH_MARGIN_S:
@@ -291,6 +296,20 @@ class CPUAttentionClient:
             self._staged_meta.pop(slot, None)
             raise
         return Job(seq, slot, n)
+
+    def _plan_id(self, meta: tuple[torch.Tensor, ...]) -> int:
+        """The id of paged-KV metadata ``meta``: the same while the same tensors are unchanged
+        (their versions count in-place writes), a new one otherwise."""
+        key = tuple(id(t) for t in meta)
+        versions = tuple(t._version for t in meta)
+        known = self._plan_ids.get(key)
+        if known is not None and known[1] == versions:
+            return known[2]
+        self._last_plan_id += 1
+        if len(self._plan_ids) >= 64:  # the worker keeps as many plans (csrc/doorbell.cpp)
+            del self._plan_ids[next(iter(self._plan_ids))]
+        self._plan_ids[key] = (meta, versions, self._last_plan_id)
+        return self._last_plan_id
 
     def poll(self, job: Job) -> bool:
         """Whether ``job``'s result has arrived (never blocks)."""
@@ -331,6 +350,7 @@ class CPUAttentionClient:
             if error is not None:
                 raise WorkerError(error)
             self.last_kernel_us = kernel_us
+            self.plans_made += int(done[3])  # written before the reply and before done's seq
             views = self._row_views(job.slot, job.num_rows)
             out = views["out"].clone() if out is None else out.copy_(views["out"])
             lse = views["lse"].clone() if lse is None else lse.copy_(views["lse"])

@@ -206,7 +206,7 @@ class Worker:
             reply = P.Reply(msg.seq, False, f"{type(e).__name__}: {e}")
         if slot_ok:
             done = area.done[msg.slot]
-            done[1], done[2] = float(reply.ok), reply.kernel_us
+            done[1], done[2], done[3] = float(reply.ok), reply.kernel_us, float(reply.ok and msg.method == "kernel")
             done[0] = msg.seq
             if reply.ok and area.watch[msg.slot][1] > time.perf_counter() + WATCH_MARGIN_S:
                 return None

@@ -21,8 +21,10 @@ import torch
 from omniserve_sgl.kv.pool import KV_DTYPES
 from omniserve_sgl.shm import SegmentHandle, SharedSegment, align, pin_for_cuda
 
-JOB_FIELDS = ("seq", "layer", "num_rows", "num_pages", "append_kv", "method", "sm_scale")
-DONE_FIELDS = ("seq", "ok", "kernel_us")
+# plan_id: the client's number for the slot's paged-KV metadata; jobs with the same id carry the
+# same metadata, so the worker checks and splits it once (its plan) and runs it for every layer.
+JOB_FIELDS = ("seq", "layer", "num_rows", "num_pages", "append_kv", "method", "sm_scale", "plan_id")
+DONE_FIELDS = ("seq", "ok", "kernel_us", "planned")  # planned: 1 when the job made a new plan
 WATCH_FIELDS = ("worker_polling_until", "client_waiting_until")
 # A side skips its ZeroMQ message only while the other will go on polling for at least this long
 # (it re-reads the words once more when it stops): far longer than a store takes to reach the other

@@ -174,3 +174,31 @@ def test_caller_owned_outputs_are_written_in_place(gen, dtype):
         ops.paged_decode_attention(q, k, v, indptr, indices, last, out=out[:1])
     with pytest.raises(TypeError, match="lse must be float32"):
         ops.paged_decode_attention(q, k, v, indptr, indices, last, lse=lse.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_plan_runs_every_layer_as_the_one_shot_op_and_keeps_its_checked_page_ids(gen, dtype):
+    lens = [1, 700, 33, 4096]
+    layers = [random_paged_kv(lens, 16, 2, 64, dtype, gen=gen) for _ in range(2)]
+    _, _, indptr, indices, last = layers[0]
+    plan = ops.PagedDecodePlan(indptr, indices, last, num_pages=layers[0][0].shape[0], page_size=16)
+    assert plan.batch == 4 and plan.num_items >= 4
+    q = torch.randn(4, 8, 64, generator=gen).to(dtype)
+    wants = [ops.paged_decode_attention(q, k, v, indptr, indices, last) for k, v, *_ in layers]
+    indices.fill_(10**6)  # the plan runs its own checked copy, not the caller's tensor
+    for (k, v, *_), want in zip(layers, wants):
+        got = plan.run(q, k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_plan_refuses_bad_metadata_and_a_run_on_other_rows_or_caches(gen):
+    k, v, indptr, indices, last = random_paged_kv([20, 5], 16, 2, 64, torch.float32, gen=gen)
+    with pytest.raises(IndexError, match="outside the cache"):
+        ops.PagedDecodePlan(indptr, indices, last, num_pages=1, page_size=16)
+    with pytest.raises(ValueError, match="kv_last_page_len"):
+        ops.PagedDecodePlan(indptr, indices, last, num_pages=k.shape[0], page_size=4)
+    plan = ops.PagedDecodePlan(indptr, indices, last, num_pages=k.shape[0], page_size=16)
+    with pytest.raises(ValueError, match="plan was made for 2"):
+        plan.run(torch.randn(3, 4, 64), k, v)
+    with pytest.raises(ValueError, match="plan was made for a cache of"):
+        plan.run(torch.randn(2, 4, 64), k[:-1].contiguous(), v[:-1].contiguous())

@@ -123,6 +123,7 @@ def test_be_requests_decode_their_own_greedy_tokens_while_ls_rows_stream_and_nev
     assert ex.piggybacked_rows_total == 32 * (BE_TOKENS - 1) * SHAPE.num_layers  # each token, each layer
     assert ex.residual_store_bytes == 0 and not ex.jobs
     assert rt.pages.used_pages == 0 and rt.pages.num_seqs == 0
+    assert rt.client.plans_made < ex.jobs_total  # row sets that move on together reuse their plan
 
 
 def test_sync_mode_gives_the_same_tokens_and_waits_for_the_worker_in_every_pass_with_be_rows(model, rt):
@@ -131,6 +132,8 @@ def test_sync_mode_gives_the_same_tokens_and_waits_for_the_worker_in_every_pass_
     for i, prompt in enumerate(prompts):
         assert out[i] == model.generate(prompt, BE_TOKENS)[0]
     assert ex.ls_pass_waits_total == 10
+    # Every pass's BE rows go through all layers together: one plan per pass, run by each layer.
+    assert rt.client.plans_made * SHAPE.num_layers == ex.jobs_total
 
 
 def _one_request(model, rt, seed: int):

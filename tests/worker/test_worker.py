@@ -140,6 +140,21 @@ def test_jobs_in_flight_and_poll(worker):
         client.wait(j, timeout=1)
 
 
+def test_the_worker_plans_a_page_table_once_and_runs_its_checked_copy(worker):
+    client, pool = worker
+    pool.allocator.allocate("a", 10)
+    meta = pool.allocator.kv_metadata(["a"])
+    q = torch.randn(1, 2, 16).bfloat16()
+    want = [client.wait(client.submit_decode(layer, q, *meta), timeout=30)[0] for layer in (0, 1)]
+    assert client.plans_made == 1  # both layers ran the plan of the first job
+    for slot in client.staging.slots:  # scribbled over behind the client's back: the plan holds checked ids
+        slot["kv_indices"].fill_(10**6)
+    got = [client.wait(client.submit_decode(layer, q, *meta), timeout=30)[0] for layer in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and client.plans_made == 1
+    meta[1][0] = 10**6  # an in-place change is new metadata: planned, checked, refused
+    with pytest.raises(WorkerError, match="outside the cache"):
+        client.wait(client.submit_decode(0, q, *meta), timeout=30)
+
 
 def test_sdpa_method_matches_the_kernel_and_torch(worker):
     client, pool = worker
