@@ -196,6 +196,18 @@ class PiggybackExecutor:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def wants_pass(self) -> bool:
+        """Whether the next pass has BE work to carry: a token waiting to enter, a row waiting to
+        join at its layer, or a CPU job that is back (a worker that failed counts too, so the pass
+        handles it). When False, a pass can run without the executor (on a GPU, as SGLang's CUDA
+        graph); jobs that come back meanwhile join a later pass."""
+        if any(r.phase is not Phase.CPU for r in self.rows.values()):
+            return True
+        try:
+            return any(self.runtime.poll(job.pending) for job in self.jobs)
+        except BEUnavailableError:
+            return True
+
     @property
     def residual_store_bytes(self) -> int:
         return self.store.held_bytes

@@ -34,7 +34,7 @@ def init_cuda_graphs(_result, model_runner, *args, **kwargs) -> None:
 def eager_for_be_rows(result, _runner, _forward_batch):
     """AFTER ``DecodeCudaGraphRunner.can_run_graph`` and ``CPUGraphRunner.can_run_graph``: a decode
     pass whose BE rows attend on the CPU worker runs eagerly (its attention is split per layer in
-    Python, :mod:`omniserve_sgl.sglang_glue.attention`), and so does every pass while the
-    piggybacking executor holds BE rows (:mod:`omniserve_sgl.sglang_glue.piggyback`); every other
-    pass keeps SGLang's graphs."""
-    return False if result and (scheduler.decode_plan_pending() or piggyback.active()) else None
+    Python, :mod:`omniserve_sgl.sglang_glue.attention`), and so does a pass the piggybacking
+    executor has BE work for (:mod:`omniserve_sgl.sglang_glue.piggyback`: a token to enter, a
+    row to join, a CPU job back); every other pass keeps SGLang's graphs."""
+    return False if result and (scheduler.decode_plan_pending() or piggyback.wants_pass()) else None

@@ -73,6 +73,11 @@ def active() -> bool:
     return _executor is not None and bool(_executor.rows)
 
 
+def wants_pass() -> bool:
+    """Whether the next pass must go through the executor (see ``PiggybackExecutor.wants_pass``)."""
+    return active() and _executor.wants_pass()
+
+
 def owns(rid) -> bool:
     return rid in _owned
 

@@ -26,6 +26,7 @@ import zmq
 from omniserve_sgl.kv.pool import BEKVPool, dtype_name
 from omniserve_sgl.worker import protocol as P
 from omniserve_sgl.worker.staging import METHODS, WATCH_MARGIN_S, StagingArea, StagingSpec
+from omniserve_sgl.worker.stream_handoff import StreamHandoff
 
 
 class WorkerError(RuntimeError):
@@ -84,6 +85,7 @@ class CPUAttentionClient:
         self._private_dir: str | None = None  # the endpoint's directory, made by start()
         self.job_messages = 0  # jobs announced over ZeroMQ too (the worker was not polling doorbells)
         self.result_messages = 0  # results wait() took from a ZeroMQ reply (it was not polling done words)
+        self._gpu: StreamHandoff | None = None  # for jobs from CUDA tensors (stream_handoff.py)
         self.plans_made = 0  # jobs for which the worker checked and split a page table (the rest reused one)
         if token is not None and process is None:  # a second client of a running worker
             self._request(P.Hello(self._next_seq(), token), timeout=30.0)
@@ -228,6 +230,7 @@ class CPUAttentionClient:
         self.staging, self._staging_name = area, name
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._staged_meta = {}
+        self._gpu = None
         return area
 
     # jobs -----------------------------------------------------------------------------------
@@ -239,7 +242,10 @@ class CPUAttentionClient:
 
         Args:
             layer: model layer, indexing the pool's caches.
-            q: ``[B, H_q, D]`` in the pool's dtype (any device; copied into the staging slot).
+            q: ``[B, H_q, D]`` in the pool's dtype (any device; copied into the staging slot). From
+                a CUDA device, q/k/v are copied on a copy stream after the current stream's work
+                and that stream rings the job's doorbell: the call does not wait for the GPU
+                (:mod:`omniserve_sgl.worker.stream_handoff`).
             kv_indptr, kv_indices, kv_last_page_len: int32 paged-KV metadata of the rows' sequences
                 in the pool (as :meth:`PageAllocator.kv_metadata` gives, counting the new token).
             k_new, v_new: ``[B, H_kv, D]``, the rows' new K/V, appended to the pool before attending.
@@ -267,11 +273,15 @@ class CPUAttentionClient:
             raise ValueError("give both k_new and v_new, or neither")
         slot = self._free_slots.pop()
         views = self._row_views(slot, n)
+        src = [q] if k_new is None else [q, k_new, v_new]
+        dst = [views["q"]] if k_new is None else [views["q"], views["k"], views["v"]]
+        gpu = self._gpu_for(q) if q.is_cuda else None
         try:
-            views["q"].copy_(q)
-            if k_new is not None:
-                views["k"].copy_(k_new)
-                views["v"].copy_(v_new)
+            if gpu is None:
+                if self._gpu is not None:
+                    self._gpu.release_to_host(slot)
+                for d, x in zip(dst, src):
+                    d.copy_(x)
             meta = (kv_indptr, kv_indices, kv_last_page_len)
             plan_id = self._plan_id(meta)
             if self._staged_meta.get(slot) != plan_id:
@@ -284,7 +294,10 @@ class CPUAttentionClient:
             words = self.staging.jobs[slot]
             words[1:] = (layer, n, nnz, k_new is not None, METHODS.index(method) if method in METHODS else -1, scale,
                          plan_id)
-            words[0] = seq  # the doorbell: last, after the inputs and the job words
+            if gpu is None:
+                words[0] = seq  # the doorbell: last, after the inputs and the job words
+            else:  # rung by the copy stream after the data (stream_handoff.py)
+                gpu.stage(slot, dst, src, self.staging.slots[slot]["job"][:1], seq)
             self._awaiting.add(seq)
             if self.staging.watch[slot][0] < time.perf_counter() + WATCH_MARGIN_S:
                 # The worker is not polling the doorbells: wake it.
@@ -296,6 +309,12 @@ class CPUAttentionClient:
             self._staged_meta.pop(slot, None)
             raise
         return Job(seq, slot, n)
+
+    def _gpu_for(self, t: torch.Tensor) -> StreamHandoff:
+        """The stream hand-off of ``t``'s CUDA device (made on first use)."""
+        if self._gpu is None or self._gpu.device != t.device:
+            self._gpu = StreamHandoff(t.device, self.staging.spec.num_slots)
+        return self._gpu
 
     def _plan_id(self, meta: tuple[torch.Tensor, ...]) -> int:
         """The id of paged-KV metadata ``meta``: the same while the same tensors are unchanged
@@ -321,7 +340,8 @@ class CPUAttentionClient:
     def wait(self, job: Job, timeout: float | None = None, out: torch.Tensor | None = None,
              lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks until ``job`` is done and returns ``(out [B, H_q, D], lse [B, H_q] float32)``,
-        copied into ``out``/``lse`` when given (any device) and freeing the staging slot.
+        copied into ``out``/``lse`` when given (any device; into a CUDA tensor without blocking, on
+        the current stream) and freeing the staging slot.
 
         Raises:
             WorkerError: the job failed (bad metadata, ...); the slot is freed.
@@ -352,9 +372,18 @@ class CPUAttentionClient:
             self.last_kernel_us = kernel_us
             self.plans_made += int(done[3])  # written before the reply and before done's seq
             views = self._row_views(job.slot, job.num_rows)
-            out = views["out"].clone() if out is None else out.copy_(views["out"])
-            lse = views["lse"].clone() if lse is None else lse.copy_(views["lse"])
-            return out, lse
+            got, to_gpu = [], []
+            for dst, src in ((out, views["out"]), (lse, views["lse"])):
+                if dst is None:
+                    dst = src.clone()
+                elif dst.is_cuda:
+                    to_gpu.append((dst, src))
+                else:
+                    dst.copy_(src)
+                got.append(dst)
+            if to_gpu:  # non-blocking; the slot is guarded until the copies ran
+                self._gpu_for(to_gpu[0][0]).read_back(job.slot, [d for d, _ in to_gpu], [s for _, s in to_gpu])
+            return got[0], got[1]
         finally:
             self._free_slots.append(job.slot)
 

@@ -8,8 +8,10 @@ csrc/doorbell.cpp) from pick-up to the done words, so no Python runs between the
 memory; this module serves the socket, and runs what that loop hands back (another method, bad job
 words, a failing job). After each job the worker busy-polls the doorbells (and, every SLICE_S, its
 socket) for ``spin_s`` seconds before it blocks on ZeroMQ again, and says so in the slots' watch
-words: with cores of its own, that takes ZeroMQ out of the per-layer hand-off both ways. The worker
-exits on a Shutdown message, on SIGTERM, or when its parent process is gone."""
+words: with cores of its own, that takes ZeroMQ out of the per-layer hand-off both ways. A job's
+message may come before its doorbell (a GPU stream rings it once the job's data has landed,
+``stream_handoff.py``): the worker then polls that doorbell instead of running the slot's old
+words. The worker exits on a Shutdown message, on SIGTERM, or when its parent process is gone."""
 
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ logger = logging.getLogger("omniserve.worker")
 
 PARENT_CHECK_S = 0.2  # how often an idle worker checks that its parent is alive
 SLICE_S = 100e-6  # the longest the C++ doorbell loop spins before the socket is served again
+# How long a job's ZeroMQ message waits for its doorbell: a GPU stream rings it once the job's data
+# has landed (worker/stream_handoff.py), which can be after the message arrives.
+BELL_WAIT_S = 30.0
 IDLE, REPLY = _C.DoorbellLoop.IDLE, _C.DoorbellLoop.REPLY  # what DoorbellLoop.serve() returns first
 
 
@@ -59,6 +64,8 @@ class Worker:
         self.handled: dict[str, np.ndarray] = {}  # staging name -> last job seq run, per slot (shared with its loop)
         self.loops: dict[str, _C.DoorbellLoop] = {}  # staging name -> the C++ loop that runs its doorbell jobs
         self._views: dict[tuple, tuple] = {}  # (staging name, slot, rows) -> the slot's tensors cut to rows
+        # (staging name, slot) -> (seq, deadline) of jobs whose message came before their doorbell
+        self.early: dict[tuple[str, int], tuple[int, float]] = {}
         self.running = True
 
     def parent_alive(self) -> bool:
@@ -68,8 +75,11 @@ class Worker:
         spin_until = 0.0
         while self.running:
             now = time.perf_counter()  # before the doorbells are read: see WATCH_MARGIN_S
+            if self.early:  # poll until their doorbells ring
+                spin_until = max(spin_until, now + SLICE_S)
             spin_until = self.run_doorbells(spin_until)
-            spinning = now < spin_until
+            self._check_early()
+            spinning = now < spin_until or bool(self.early)
             if not self.sock.poll(0 if spinning else PARENT_CHECK_S * 1000):
                 if not spinning and not self.parent_alive():
                     logger.warning("parent process %s is gone; CPU attention worker exits", self.parent_pid)
@@ -88,6 +98,17 @@ class Worker:
                     self.sock.send_multipart([frames[0], P.encode(reply)])
             spin_until = self._polling_until(time.perf_counter() + self.spin_s)
         self.close()
+
+    def _check_early(self) -> None:
+        """Forgets early messages whose job ran; refuses those whose doorbell never rang."""
+        for (name, slot), (seq, deadline) in list(self.early.items()):
+            handled = self.handled.get(name)
+            if handled is None or handled[slot] >= seq:
+                del self.early[(name, slot)]
+            elif time.perf_counter() > deadline:
+                del self.early[(name, slot)]
+                self.sock.send_multipart([self.peers[name], P.encode(P.Reply(
+                    seq, False, f"job {seq}'s doorbell was not rung within {BELL_WAIT_S:.0f} s of its message"))])
 
     def _polling_until(self, t: float) -> float:
         """Publishes that the doorbells are polled until ``t`` (clients then send no ZeroMQ message
@@ -145,8 +166,12 @@ class Worker:
                 if msg.staging in self.loops:  # its doorbell was rung before the message was sent
                     self.run_doorbells(0.0)
                 handled = self.handled.get(msg.staging)
-                if handled is not None and 0 <= msg.slot < len(handled) and msg.seq <= handled[msg.slot]:
-                    return None
+                if handled is not None and 0 <= msg.slot < len(handled):
+                    if msg.seq <= handled[msg.slot]:
+                        return None
+                    if self.staging[msg.staging].jobs[msg.slot][0] < msg.seq:  # its data is on the way
+                        self.early[(msg.staging, msg.slot)] = (msg.seq, time.perf_counter() + BELL_WAIT_S)
+                        return None
                 return self.run_attend(msg)
             if isinstance(msg, P.Ping):
                 return P.Reply(seq, True)

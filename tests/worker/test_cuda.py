@@ -1,6 +1,7 @@
 """Our components with CUDA tensors (skipped without a GPU; ``scripts/gpu_check.sh`` runs them on a
 GPU machine): the BE KV pool and staging slots are pinned, a job's q/k/v are staged straight from
-GPU tensors and its output lands in a GPU tensor, and the executor serves BE requests beside LS
+GPU tensors on a copy stream that rings the job's doorbell after them (the host does not wait for
+a busy GPU) and its output lands in a GPU tensor, and the executor serves BE requests beside LS
 rows that live on the GPU, token for token as the same requests decode alone."""
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def test_the_pool_and_the_staging_slots_are_pinned(rt):
     assert rt.client.staging.slots[0]["q"].is_pinned()
 
 
-def test_a_job_takes_its_inputs_from_gpu_tensors_and_returns_into_one(rt):
+@pytest.mark.parametrize("gpu_busy", [False, True], ids=["idle", "busy"])
+def test_a_job_takes_its_inputs_from_gpu_tensors_and_returns_into_one(rt, gpu_busy):
     g = torch.Generator().manual_seed(0)
     rt.reserve("a", 64)
     rt.store_kv("a", [(torch.randn(40, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g),) * 2
@@ -42,7 +44,13 @@ def test_a_job_takes_its_inputs_from_gpu_tensors_and_returns_into_one(rt):
     q = torch.randn(1, SHAPE.num_qo_heads, SHAPE.head_dim, generator=g)
     kv = torch.randn(1, SHAPE.num_kv_heads, SHAPE.head_dim, generator=g)
     out = torch.empty(1, SHAPE.num_qo_heads, SHAPE.head_dim, device="cuda")
-    rt.wait(rt.submit(plan, 1, q.cuda(), kv.cuda(), kv.cuda(), None), out)
+    q_gpu, kv_gpu = q.cuda(), kv.cuda()
+    if gpu_busy:
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles queued before the copies
+    pending = rt.submit(plan, 1, q_gpu, kv_gpu, kv_gpu, None)
+    if gpu_busy:  # the copy stream rings the doorbell after the data: not before the GPU gets there
+        assert rt.client.staging.jobs[pending.job.slot][0] < pending.job.seq
+    rt.wait(pending, out)
     ref, _ = ops.paged_decode_attention(q, rt.pool.k_cache(1), rt.pool.v_cache(1), plan.kv_indptr,
                                         plan.kv_indices, plan.kv_last_page_len, kv_layout=rt.pool.spec.kv_layout)
     torch.testing.assert_close(out.cpu(), ref)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -161,6 +162,21 @@ def test_a_request_removed_with_a_job_in_flight_frees_its_pages_once_the_job_is_
     while ex.jobs:
         ex.run_pass(None)
     assert "r" not in rt.pages and rt.pages.used_pages == 0
+
+
+def test_a_pass_needs_the_executor_only_while_it_has_be_work_to_carry(model, rt):
+    ex, _ = _one_request(model, rt, seed=13)
+    assert ex.wants_pass()  # the token waits to enter
+    os.kill(rt.client.process.pid, signal.SIGSTOP)
+    try:
+        ex.run_pass(LSStreams(model, _prompts(1, seed=14)).batch())
+        assert ex.jobs and not ex.wants_pass()  # its job is on the worker: the pass may run without it
+    finally:
+        os.kill(rt.client.process.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while not ex.wants_pass():  # the job is back
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_a_worker_killed_with_jobs_in_flight_is_replaced_and_every_token_is_still_right(model, rt):

@@ -17,7 +17,7 @@ import zmq
 
 from omniserve_sgl import ops
 from omniserve_sgl.kv import BEKVPool, BEKVPoolSpec
-from omniserve_sgl.worker import CPUAttentionClient, WorkerError
+from omniserve_sgl.worker import CPUAttentionClient, Job, WorkerError
 from omniserve_sgl.worker import protocol as P
 
 DRIVER = textwrap.dedent("""
@@ -154,6 +154,31 @@ def test_the_worker_plans_a_page_table_once_and_runs_its_checked_copy(worker):
     meta[1][0] = 10**6  # an in-place change is new metadata: planned, checked, refused
     with pytest.raises(WorkerError, match="outside the cache"):
         client.wait(client.submit_decode(0, q, *meta), timeout=30)
+
+
+def test_a_job_whose_message_comes_before_its_doorbell_runs_when_the_doorbell_rings(worker):
+    """What a GPU stream does (worker/stream_handoff.py): the message wakes the worker, the stream
+    rings the doorbell only once the job's data has landed in the slot."""
+    client, pool = worker
+    pool.allocator.allocate("a", 7)
+    meta = pool.allocator.kv_metadata(["a"])
+    q = torch.randn(1, 2, 16).bfloat16()
+    want = client.wait(client.submit_decode(0, q, *meta), timeout=30)
+    slot, seq = client._free_slots.pop(), client._next_seq()
+    s = client.staging.slots[slot]
+    s["q"][:1].copy_(q)
+    s["kv_indptr"][:2].copy_(meta[0])
+    s["kv_indices"][: len(meta[1])].copy_(meta[1])
+    s["kv_last_page_len"][:1].copy_(meta[2])
+    client.staging.jobs[slot][1:] = (0, 1, len(meta[1]), 0, 0, 1 / 4, 0)
+    client._awaiting.add(seq)
+    client.sock.send(P.encode(P.Attend(seq, client._pool_name, client._staging_name, slot, 0, 1, len(meta[1]),
+                                       False, 1 / 4, "kernel")))
+    time.sleep(0.3)
+    assert client.staging.done[slot][0] < seq  # not run from the slot's old words
+    client.staging.jobs[slot][0] = seq  # the doorbell
+    got = client.wait(Job(seq, slot, 1), timeout=30)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_sdpa_method_matches_the_kernel_and_torch(worker):
