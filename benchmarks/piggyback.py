@@ -8,7 +8,8 @@ Per number of offloaded BE requests (0, 8, 32, 128) and mode (``async``: piggyba
 every BE row in every pass, the pass waits for the worker at each layer, the NEO-like baseline):
 LS pass time (p50, p90, and p50 over the no-BE pass's p50), the BE rows that joined each layer
 (mean), the passes with LS rows that waited for the worker and the time they waited, BE tokens/s,
-and the scheduler thread's hand-off cost per CPU job. Needs no SGLang: it runs on a GPU machine
+the scheduler thread's hand-off cost per CPU job, and the share of jobs whose page table the
+worker planned (the others ran the plan made for the same rows at an earlier layer). Needs no SGLang: it runs on a GPU machine
 with torch and a compiler (``scripts/gpu_check.sh``).
 
 Writes benchmarks/results/piggyback[-cuda].json and .md.
@@ -62,11 +63,12 @@ def run_case(model: TorchLlama, args, be: int, mode: str) -> dict:
         cache = DenseKV(model, args.ls_rows, args.ls_context + args.passes + args.warmup + 1)
         ids = torch.randint(0, shape.vocab_size, (args.ls_rows,), device=dev)
         times, waits, waited, rows, tokens = [], 0, 0.0, 0, 0
-        jobs0 = handoff0 = 0
+        jobs0 = handoff0 = plans0 = 0
         t_start = 0.0
         for p in range(args.warmup + args.passes):
             if p == args.warmup:
-                jobs0, handoff0, t_start = ex.jobs_total, ex.handoff_s_total, time.perf_counter()
+                jobs0, handoff0, plans0 = ex.jobs_total, ex.handoff_s_total, rt.client.plans_made
+                t_start = time.perf_counter()
             pos = torch.full((args.ls_rows,), args.ls_context + p, device=dev)
             batch = LSBatch(ids, pos, lambda layer, q, k, v, pos=pos: cache.attend(layer, q, k, v, pos, None,
                                                                                   model.sm_scale))
@@ -96,6 +98,9 @@ def run_case(model: TorchLlama, args, be: int, mode: str) -> dict:
             "be_tokens_per_s": tokens / wall,
             "handoff_us_per_job": 1e6 * (ex.handoff_s_total - handoff0) / jobs if jobs else 0.0,
             "jobs": jobs,
+            # jobs that checked and split their page table on the worker; the rest ran a plan made
+            # for the same rows at an earlier layer (plan/run split)
+            "plans_per_job": (rt.client.plans_made - plans0) / jobs if jobs else 0.0,
         }
     finally:
         rt.close()
@@ -160,12 +165,13 @@ def report(setup: dict, rows: list[dict]) -> str:
     head = ", ".join(f"{k} {v}" for k, v in setup.items())
     lines = [f"Setup: {head}.", "",
              ("| BE requests | mode | LS pass p50 ms | p90 ms | x no BE | BE rows per layer | passes that waited "
-              "| waited ms per pass | BE tokens/s | hand-off us per job |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              "| waited ms per pass | BE tokens/s | hand-off us per job | plans per job |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['be_requests']} | {r['mode']} | {r['ls_pass_ms_p50']:.1f} | {r['ls_pass_ms_p90']:.1f} | "
                      f"{r['x_no_be']:.2f} | {r['be_rows_per_layer']:.1f} | {r['passes_that_waited']} | "
-                     f"{r['waited_ms_per_pass']:.1f} | {r['be_tokens_per_s']:.1f} | {r['handoff_us_per_job']:.0f} |")
+                     f"{r['waited_ms_per_pass']:.1f} | {r['be_tokens_per_s']:.1f} | {r['handoff_us_per_job']:.0f} | "
+                     f"{r['plans_per_job']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
