@@ -11,6 +11,7 @@ TPOT SLO`` (the decodes' next token comes one prefill step late).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from omniserve_sgl.control.latency import LatencyModel, StepShape
 from omniserve_sgl.control.online import OnlineCorrection
@@ -92,6 +93,16 @@ class ControllerConfig:
             raise ValueError(f"min_ls_chunk must be >= 1, got {self.min_ls_chunk}")
 
 
+def _lead(d: LSDecode, default_tpot: float, lead_target: float, t_decode: float) -> float:
+    """:meth:`Controller.lead` of ``d`` (a function: it runs for every LS decode of every step)."""
+    tpot = d.tpot_slo_s or default_tpot
+    done, left = d.tokens_done, d.tokens_left
+    elapsed = tpot * done - d.ahead_s
+    pace = elapsed / done if done else 0.0
+    pace = max(pace, t_decode)
+    return lead_target * tpot * (done + left) - elapsed - left * pace
+
+
 def largest_fitting(lo: int, hi: int, fits) -> int:
     """The largest ``n`` in ``[lo, hi]`` with ``fits(n)``, for ``fits`` true up to some point and
     false after it (binary search); ``lo - 1`` when even ``lo`` does not fit."""
@@ -110,7 +121,7 @@ class Controller:
     def __init__(self, model: LatencyModel | OnlineCorrection, config: ControllerConfig | None = None):
         self.model = model
         self.config = config or ControllerConfig()
-        self._ls_ctx: tuple = (None, 0)
+        self._ls: tuple = (None, None, 0, None)  # see _ls_summary
 
     # step shapes ---------------------------------------------------------------------------
     def _decode_shape(self, view: ServerView, be_rows: list[BERequest]) -> StepShape:
@@ -119,11 +130,9 @@ class Controller:
     def _shape(self, view: ServerView, be: _BESum) -> StepShape:
         """The decode step of every LS row and the BE rows summed in ``be`` (a CPU row's attention
         costs the step nothing under ``cpu_overlap``)."""
-        if self._ls_ctx[0] is not view.ls_decodes:  # summed once per view: plans call this often
-            self._ls_ctx = (view.ls_decodes, sum(d.context_len for d in view.ls_decodes))
         rows = len(view.ls_decodes) + be.rows
         cpu = 0 if view.cpu_overlap else be.cpu_rows
-        return StepShape(tokens=rows, decode_context=self._ls_ctx[1] + be.gpu_ctx, decode_rows=rows,
+        return StepShape(tokens=rows, decode_context=self._ls_summary(view)[2] + be.gpu_ctx, decode_rows=rows,
                          cpu_kv_bytes=(be.cpu_ctx if cpu else 0) * view.kv_bytes_per_token,
                          cpu_jobs=view.num_layers if cpu else 0)
 
@@ -131,11 +140,23 @@ class Controller:
         return self.model.predict(StepShape(tokens=chunk, prefill_attn_work=chunk * (prefix + chunk),
                                             prefill_context=prefix + chunk))
 
+    def _ls_summary(self, view: ServerView) -> tuple:
+        """``(ls_decodes, slo, summed context, tightest TPOT SLO or None)`` of ``view``, computed once
+        per view: a plan reads them many times, and a simulated step can hold hundreds of LS decodes."""
+        if self._ls[0] is not view.ls_decodes or self._ls[1] is not view.slo:
+            default = view.slo.tpot_s
+            ctx, tightest = 0, None
+            for d in view.ls_decodes:
+                ctx += d.context_len
+                tpot = d.tpot_slo_s or default
+                if tightest is None or tpot < tightest:
+                    tightest = tpot
+            self._ls = (view.ls_decodes, view.slo, ctx, tightest)
+        return self._ls
+
     def tpot_budget(self, view: ServerView) -> float | None:
         """The tightest TPOT SLO of the running LS decodes, s (None: no LS decode to protect)."""
-        if not view.ls_decodes:
-            return None
-        return min(d.tpot_slo_s or view.slo.tpot_s for d in view.ls_decodes)
+        return self._ls_summary(view)[3]
 
     def lead(self, d: LSDecode, view: ServerView, t_decode: float) -> float:
         """How far ``d`` is ahead of a ``lead_target`` share of its TPOT SLO, s, over the tokens it
@@ -143,11 +164,22 @@ class Controller:
         come at its pace so far (at least ``t_decode``, the LS decode step's predicted time, s):
         ``target * (done + left) - elapsed - left * pace``. A gap it takes now slows its pace, so
         what it lends shrinks as it lends."""
-        tpot = d.tpot_slo_s or view.slo.tpot_s
-        target = self.config.lead_target * tpot
-        elapsed = tpot * d.tokens_done - d.ahead_s
-        pace = max(elapsed / d.tokens_done if d.tokens_done else 0.0, t_decode)
-        return target * (d.tokens_done + d.tokens_left) - elapsed - d.tokens_left * pace
+        return _lead(d, view.slo.tpot_s, self.config.lead_target, t_decode)
+
+    def spendable(self, view: ServerView, t_decode: float) -> float | None:
+        """What the LS decodes can lend this step, s: the least, over them, of ``ahead_share`` of
+        their :meth:`lead` (none when behind) capped at ``ahead_cap`` TPOT SLOs (None without LS
+        decodes)."""
+        if not view.ls_decodes:
+            return None
+        cfg, default = self.config, view.slo.tpot_s
+        share, cap, target = cfg.ahead_share, cfg.ahead_cap, cfg.lead_target
+        least = math.inf
+        for d in view.ls_decodes:  # a plain loop: it runs for every LS decode of every step
+            lent = share * _lead(d, default, target, t_decode)
+            lent = min(max(lent, 0.0), cap * (d.tpot_slo_s or default))
+            least = min(least, lent)
+        return least
 
     # LS admission --------------------------------------------------------------------------
     def predicted_ttfts(self, view: ServerView) -> list[float]:
@@ -181,9 +213,7 @@ class Controller:
         t_ls_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
         # How late the LS decodes' next token is against their schedule: the wait since their last
         # token, less what the least-ahead of them can spend (0 when none is ahead).
-        lead, share, cap = self.lead, cfg.ahead_share, cfg.ahead_cap
-        spendable = min((min(share * max(lead(d, view, t_ls_decode), 0.0), cap * (d.tpot_slo_s or view.slo.tpot_s))
-                         for d in view.ls_decodes), default=None)
+        spendable = self.spendable(view, t_ls_decode)
         since = view.since_decode_s - spendable if spendable is not None else 0.0
         rejected = []
         waiting = list(view.ls_waiting)

@@ -118,7 +118,7 @@ class _Req:
     stage: int = 0  # asynchronous piggybacking: the next layer boundary the row's token joins
     ready_at: float = 0.0  # ... once its CPU attention is back
     error: str = ""
-    view_key: tuple = ()  # what view_obj, the controller's view of it, was made from
+    view_key: object = ()  # what view_obj, the controller's view of it, was made from
     view_obj: object = None
 
     @property
@@ -490,8 +490,11 @@ class Simulation:
                 be.append(r.view_obj)
             elif times:
                 done = len(times) - 1
-                ls_decodes.append(LSDecode(r.rid, r.prompt_len + r.generated, None, ahead_s=tpot * done - (times[-1] - times[0]),
-                                           tokens_left=r.output_len - r.generated, tokens_done=done))
+                if r.view_key != done:  # a new token since the last view (not so in a prefill step)
+                    r.view_key, r.view_obj = done, LSDecode(r.rid, r.prompt_len + r.generated, None,
+                                                            tpot * done - (times[-1] - times[0]),
+                                                            r.output_len - r.generated, done)
+                ls_decodes.append(r.view_obj)
                 last.append(times[-1])
         # The requests mid-prefill first (SGLang's ``chunked_req``), then the queue. Of the queued
         # BE requests the controller reads only the first (BE prompts are prefilled one at a time,
