@@ -213,15 +213,19 @@ class PiggybackExecutor:
         return self.store.held_bytes
 
     # the pass -----------------------------------------------------------------------------------
-    def run_pass(self, ls: LSBatch | None = None) -> PassResult:
+    def run_pass(self, ls: LSBatch | None = None, stop_after_s: float | None = None) -> PassResult:
         """One GPU pass over ``ls`` (may be ``None`` or empty) with the BE rows that can join it.
 
         Without LS rows, the pass waits for the worker where its own BE rows need it (and, when
         no BE row could move at all, for the oldest job): then BE speed is bounded by the CPU.
+        ``stop_after_s`` bounds such a pass: once that many seconds have passed, it ends where its
+        rows' next job is on the worker instead of waiting for it (they join a later pass at that
+        layer), so the caller can take in new work. Passes with LS rows never wait and ignore it.
 
         Returns:
             :class:`PassResult`.
         """
+        deadline = None if stop_after_s is None else time.perf_counter() + stop_after_s
         m, L = self.model, self.model.num_layers
         n_ls = 0 if ls is None else int(ls.input_ids.shape[0])
         res = PassResult(None)
@@ -240,6 +244,8 @@ class PiggybackExecutor:
             mine = self._submit(joined, layer, q[n_ls:], k[n_ls:], v[n_ls:], residual[n_ls:], res) if joined else None
             attn_ls = ls.attend(layer, q[:n_ls], k[:n_ls], v[:n_ls]) if n_ls else None
             # layer boundary
+            if mine is not None and n_ls == 0 and deadline is not None and time.perf_counter() >= deadline:
+                break  # BE rows alone, out of time: the rows just submitted join a later pass
             if mine is not None and (self.mode == "sync" or n_ls == 0):
                 self._wait(mine, res)
             self._collect(res)

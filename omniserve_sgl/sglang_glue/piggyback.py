@@ -190,10 +190,12 @@ def _finish_now(scheduler, req) -> None:
 
 
 def be_only_pass(scheduler) -> None:
-    """A pass over BE rows alone (no LS work in this step); its tokens are emitted at once."""
+    """A pass over BE rows alone (no LS work in this step); its tokens are emitted at once. It
+    lasts about one TPOT SLO at most (it stops where its rows wait for the worker), so an LS
+    request arriving meanwhile waits no longer than a decode step may take."""
     if not active():
         return
-    _absorb(_executor.run_pass(None))
+    _absorb(_executor.run_pass(None, stop_after_s=config.current().tpot_slo))
     emit(scheduler)
 
 

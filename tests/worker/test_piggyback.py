@@ -62,9 +62,10 @@ class LSStreams:
             out.append(t)
 
 
-def _serve(model, rt, prompts, mode="async", ls_prompts=(), ls_passes=0, on_pass=None):
+def _serve(model, rt, prompts, mode="async", ls_prompts=(), ls_passes=0, on_pass=None, stop_after_s=None):
     """Runs BE requests ``prompts`` to BE_TOKENS tokens each through the executor, with LS streams
-    for the first ``ls_passes`` passes; returns (BE tokens per request, executor, LS streams)."""
+    for the first ``ls_passes`` passes (BE-only passes bounded by ``stop_after_s``); returns (BE
+    tokens per request, executor, LS streams)."""
     ex = PiggybackExecutor(model, rt, capacity=len(prompts), mode=mode)
     out = {}
     for i, prompt in enumerate(prompts):
@@ -77,7 +78,7 @@ def _serve(model, rt, prompts, mode="async", ls_prompts=(), ls_passes=0, on_pass
     passes = 0
     while ex.rows:
         with_ls = ls is not None and passes < ls_passes
-        res = ex.run_pass(ls.batch() if with_ls else None)
+        res = ex.run_pass(ls.batch() if with_ls else None, stop_after_s=stop_after_s)
         assert not res.failed
         if with_ls:
             ls.take(model.logits(res.ls_hidden))
@@ -135,6 +136,16 @@ def test_sync_mode_gives_the_same_tokens_and_waits_for_the_worker_in_every_pass_
     assert ex.ls_pass_waits_total == 10
     # Every pass's BE rows go through all layers together: one plan per pass, run by each layer.
     assert rt.client.plans_made * SHAPE.num_layers == ex.jobs_total
+
+
+def test_be_only_passes_cut_short_still_give_every_token(model, rt):
+    """A pass over BE rows alone that is out of time ends at its first submission; its rows go on
+    in later passes, at the layer where they stopped."""
+    prompts = _prompts(6, seed=15)
+    out, ex, _ = _serve(model, rt, prompts, stop_after_s=0.0)
+    for i, prompt in enumerate(prompts):
+        assert out[i] == model.generate(prompt, BE_TOKENS)[0]
+    assert ex.residual_store_bytes == 0 and not ex.jobs
 
 
 def _one_request(model, rt, seed: int):
