@@ -72,10 +72,9 @@ class CPUAttentionClient:
         self.staging: StagingArea | None = None
         self._staging_name: str | None = None
         self._free_slots: list[int] = []
-        # Per slot, the paged-KV metadata tensors staged in it and their versions: every layer of a
-        # decode step shares the step's metadata, so it is copied once per slot and step, not once
-        # per layer.
-        self._staged_meta: dict[int, int] = {}  # slot -> plan id of the metadata in it
+        # Per slot, the plan id of the paged-KV metadata staged in it: every layer of a decode step
+        # shares the step's metadata, so it is copied once per slot and step, not once per layer.
+        self._staged_meta: dict[int, int] = {}
         # Plan ids of recent metadata, by the tensors' identities (held, so no new tensor can take
         # them): the worker plans each id once (job word plan_id).
         self._plan_ids: dict[tuple[int, ...], tuple[tuple, tuple, int]] = {}
