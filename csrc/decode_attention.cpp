@@ -99,7 +99,14 @@ DecodePlan plan_paged_decode(const torch::Tensor& kv_indptr, const torch::Tensor
     chunk = (chunk + kTokenTile - 1) / kTokenTile * kTokenTile;
   }
   plan.first_item.resize(batch + 1);
+  plan.last_page.assign(batch, -1);
+  plan.last_offset.assign(batch, 0);
+  const int32_t* last = kv_last_page_len.data_ptr<int32_t>();
   for (int64_t b = 0; b < batch; ++b) {
+    if (seq_lens[b] > 0) {  // where the append of sequence b's newest token goes
+      plan.last_page[b] = plan.kv_indices[indptr[b + 1] - 1];
+      plan.last_offset[b] = last[b] - 1;
+    }
     plan.first_item[b] = static_cast<int64_t>(plan.items.size());
     const int64_t len = seq_lens[b];
     for (int64_t t = 0; t < len; t += chunk)

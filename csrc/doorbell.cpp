@@ -133,11 +133,11 @@ std::tuple<int64_t, int64_t, double, double, double> DoorbellLoop::serve(double 
       try {
         const auto& v = views(i, rows, pages);
         const double t0 = now_s();
-        if (append) append_paged_kv(v[kK], v[kV], k_caches_[layer], v_caches_[layer], v[kIndptr], v[kIndices],
-                                    v[kLast], layout_);
-        // The append above checked the slot's page table itself: it writes through it.
-        run_paged_decode(plan(plan_id, v), v[kQ], k_caches_[layer], v_caches_[layer], sm_scale, layout_, "auto",
-                         v[kOut], v[kLse]);
+        // The append and the attention both go through the plan's checked page ids: a page table
+        // is checked once per row set, not once per layer.
+        const DecodePlan& p = plan(plan_id, v);
+        if (append) run_append_paged_kv(p, v[kK], v[kV], k_caches_[layer], v_caches_[layer], layout_);
+        run_paged_decode(p, v[kQ], k_caches_[layer], v_caches_[layer], sm_scale, layout_, "auto", v[kOut], v[kLse]);
         kernel_us = (now_s() - t0) * 1e6;
       } catch (const std::exception&) {
         return {kPython, i, seq, 0.0, until};

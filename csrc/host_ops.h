@@ -22,6 +22,8 @@ struct DecodePlan {
   std::vector<DecodeChunk> items;      // (sequence, token range) work items, in sequence order
   std::vector<int64_t> first_item;     // [batch + 1]: sequence b's items are first_item[b] .. first_item[b+1]-1
   bool one_chunk_each = true;          // nothing to merge
+  std::vector<int32_t> last_page;      // [batch]: page id of each sequence's newest token, -1 when empty
+  std::vector<int32_t> last_offset;    // [batch]: its offset in that page
 };
 
 DecodePlan plan_paged_decode(const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
@@ -41,6 +43,10 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
 void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_cache,
                      const torch::Tensor& v_cache, const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
                      const torch::Tensor& kv_last_page_len, const std::string& kv_layout);
+
+// The append of a planned page table: checks shapes only, writes at the plan's checked slots.
+void run_append_paged_kv(const DecodePlan& plan, const torch::Tensor& k, const torch::Tensor& v,
+                         const torch::Tensor& k_cache, const torch::Tensor& v_cache, const std::string& kv_layout);
 
 std::tuple<torch::Tensor, torch::Tensor> merge_state(const torch::Tensor& v_a, const torch::Tensor& s_a,
                                                      const torch::Tensor& v_b, const torch::Tensor& s_b);

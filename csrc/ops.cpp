@@ -62,5 +62,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init(&omniserve::plan_paged_decode))
       .def_readonly("batch", &omniserve::DecodePlan::batch)
       .def_property_readonly("num_items", [](const omniserve::DecodePlan& p) { return p.items.size(); })
-      .def("run", &omniserve::run_paged_decode, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("run", &omniserve::run_paged_decode, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("append", &omniserve::run_append_paged_kv, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,4 +1,4 @@
-// append_paged_kv (write each sequence's newest K/V row into its last page) and merge_state
+// append_paged_kv (write each sequence's newest K/V row into its last page; planned or one-shot) and merge_state
 // (combine two partial attention results by their LSE).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -11,12 +11,12 @@
 #include <tuple>
 
 #include "checks.h"
+#include "host_ops.h"
 
 namespace omniserve {
 
-void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_cache,
-                     const torch::Tensor& v_cache, const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
-                     const torch::Tensor& kv_last_page_len, const std::string& kv_layout) {
+void run_append_paged_kv(const DecodePlan& plan, const torch::Tensor& k, const torch::Tensor& v,
+                         const torch::Tensor& k_cache, const torch::Tensor& v_cache, const std::string& kv_layout) {
   const Layout layout = parse_layout(kv_layout);
   const CacheShape c = check_caches(k_cache, v_cache, layout);
   for (const auto* t : {&k, &v}) {
@@ -31,14 +31,15 @@ void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch
   TORCH_CHECK_VALUE(k.size(0) == v.size(0), "k and v must have the same batch size, got ", k.size(0), " and ",
                     v.size(0));
   const int64_t batch = k.size(0);
-  const std::vector<int64_t> seq_lens = check_paged_metadata(kv_indptr, kv_indices, kv_last_page_len, batch, c.num_pages, c.page_size);
+  TORCH_CHECK_VALUE(batch == plan.batch, "k has ", batch, " rows but the plan was made for ", plan.batch);
+  TORCH_CHECK_VALUE(c.num_pages == plan.num_pages && c.page_size == plan.page_size, "the plan was made for a cache of ",
+                    plan.num_pages, " pages of ", plan.page_size, " tokens, this one has ", c.num_pages, " of ",
+                    c.page_size);
   for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK_VALUE(seq_lens[b] > 0, "sequence ", b, " has no pages: the metadata must already count the token "
-                      "being appended (kv_indptr/kv_last_page_len as after the append)");
+    TORCH_CHECK_VALUE(plan.last_page[b] >= 0, "sequence ", b, " has no pages: the metadata must already count the "
+                      "token being appended (kv_indptr/kv_last_page_len as after the append)");
   const torch::Tensor kc = k.contiguous(), vc = v.contiguous();
-  const PagedKV kv = paged_kv_view(k_cache, v_cache, c, layout, kv_indices.data_ptr<int32_t>());
-  const int32_t* indptr = kv_indptr.data_ptr<int32_t>();
-  const int32_t* last = kv_last_page_len.data_ptr<int32_t>();
+  const PagedKV kv = paged_kv_view(k_cache, v_cache, c, layout, plan.kv_indices.data());
   const int64_t eb = k.element_size(), row_bytes = c.head_dim * eb;
   char* kdst = static_cast<char*>(k_cache.data_ptr());
   char* vdst = static_cast<char*>(v_cache.data_ptr());
@@ -46,15 +47,23 @@ void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch
   const char* vsrc = static_cast<const char*>(vc.data_ptr());
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t page = kv.kv_indices[indptr[b + 1] - 1];
+      const int64_t page = plan.last_page[b], off = plan.last_offset[b];
       for (int64_t h = 0; h < c.num_kv_heads; ++h) {
-        const int64_t dst = (page * kv.page_stride + (last[b] - 1) * kv.token_stride + h * kv.head_stride) * eb;
+        const int64_t dst = (page * kv.page_stride + off * kv.token_stride + h * kv.head_stride) * eb;
         const int64_t src = (b * c.num_kv_heads + h) * row_bytes;
         std::memcpy(kdst + dst, ksrc + src, row_bytes);
         std::memcpy(vdst + dst, vsrc + src, row_bytes);
       }
     }
   });
+}
+
+void append_paged_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_cache,
+                     const torch::Tensor& v_cache, const torch::Tensor& kv_indptr, const torch::Tensor& kv_indices,
+                     const torch::Tensor& kv_last_page_len, const std::string& kv_layout) {
+  const CacheShape c = check_caches(k_cache, v_cache, parse_layout(kv_layout));
+  run_append_paged_kv(plan_paged_decode(kv_indptr, kv_indices, kv_last_page_len, c.num_pages, c.page_size), k, v,
+                      k_cache, v_cache, kv_layout);
 }
 
 namespace {

@@ -77,7 +77,7 @@ def paged_decode_attention(
 class PagedDecodePlan:
     """Paged decode attention split as FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper`` splits
     it: ``plan`` once per set of rows (it checks the page table and splits each sequence into
-    chunks for the CPU threads), then ``run`` once per layer, which checks only shapes.
+    chunks for the CPU threads), then ``append`` and ``run`` once per layer, which check only shapes.
     :func:`paged_decode_attention` is a plan followed by one run.
 
     Args:
@@ -118,6 +118,18 @@ class PagedDecodePlan:
         if sm_scale is None:
             sm_scale = 1.0 / math.sqrt(q.shape[-1])
         return self._plan.run(q, k_cache, v_cache, float(sm_scale), kv_layout, backend, out, lse)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               kv_layout: str = "NHD") -> None:
+        """Writes ``k``/``v [B, H_kv, D]`` (the caches' dtype) at each planned sequence's last slot,
+        in place, as :func:`append_paged_kv` does, through the plan's checked page ids: the plan's
+        metadata must already count the appended token. Checks shapes only.
+
+        Raises:
+            ValueError: another number of rows than the plan, caches of another geometry, or a
+                planned sequence with no pages; and :func:`append_paged_kv`'s shape and dtype errors.
+        """
+        self._plan.append(k, v, k_cache, v_cache, kv_layout)
 
 
 def append_paged_kv(

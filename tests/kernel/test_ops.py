@@ -202,3 +202,32 @@ def test_a_plan_refuses_bad_metadata_and_a_run_on_other_rows_or_caches(gen):
         plan.run(torch.randn(3, 4, 64), k, v)
     with pytest.raises(ValueError, match="plan was made for a cache of"):
         plan.run(torch.randn(2, 4, 64), k[:-1].contiguous(), v[:-1].contiguous())
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_a_planned_append_writes_where_the_one_shot_append_does(gen, layout):
+    lens = [1, 16, 17, 40]
+    k_cache, v_cache, indptr, indices, last = random_paged_kv(lens, 16, 2, 64, torch.bfloat16, layout, gen=gen)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    k_new = torch.randn(4, 2, 64, generator=gen).bfloat16()
+    v_new = torch.randn(4, 2, 64, generator=gen).bfloat16()
+    ops.append_paged_kv(k_new, v_new, want_k, want_v, indptr, indices, last, layout)
+    plan = ops.PagedDecodePlan(indptr, indices, last, num_pages=k_cache.shape[0], page_size=16)
+    indices.fill_(10**6)  # the append goes through the plan's checked copy too
+    plan.append(k_new, v_new, k_cache, v_cache, layout)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_a_planned_append_refuses_other_rows_caches_and_empty_sequences(gen):
+    k, v, indptr, indices, last = random_paged_kv([20, 5], 16, 2, 64, torch.float32, gen=gen)
+    plan = ops.PagedDecodePlan(indptr, indices, last, num_pages=k.shape[0], page_size=16)
+    with pytest.raises(ValueError, match="plan was made for 2"):
+        plan.append(torch.randn(3, 2, 64), torch.randn(3, 2, 64), k, v)
+    with pytest.raises(ValueError, match="plan was made for a cache of"):
+        plan.append(torch.randn(2, 2, 64), torch.randn(2, 2, 64), k[:-1].contiguous(), v[:-1].contiguous())
+    with pytest.raises(ValueError, match="must have shape"):
+        plan.append(torch.randn(2, 1, 64), torch.randn(2, 1, 64), k, v)
+    empty = ops.PagedDecodePlan(torch.tensor([0, 0, 2], dtype=torch.int32), indices[:2].contiguous(),
+                                torch.tensor([0, 3], dtype=torch.int32), num_pages=k.shape[0], page_size=16)
+    with pytest.raises(ValueError, match="sequence 0 has no pages"):
+        empty.append(torch.randn(2, 2, 64), torch.randn(2, 2, 64), k, v)

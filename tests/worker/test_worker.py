@@ -151,6 +151,15 @@ def test_the_worker_plans_a_page_table_once_and_runs_its_checked_copy(worker):
         slot["kv_indices"].fill_(10**6)
     got = [client.wait(client.submit_decode(layer, q, *meta), timeout=30)[0] for layer in (0, 1)]
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and client.plans_made == 1
+    page, off = int(meta[1][-1]), int(meta[2][-1]) - 1
+    for layer in (0, 1):  # the append too writes through the plan's checked ids
+        for slot in client.staging.slots:
+            slot["kv_indices"].fill_(10**6)
+        kv = torch.randn(2, 1, 1, 16).bfloat16()
+        client.wait(client.submit_decode(layer, q, *meta, k_new=kv[0], v_new=kv[1]), timeout=30)
+        assert torch.equal(pool.k_cache(layer)[page, :, off], kv[0, 0])  # HND pool
+        assert torch.equal(pool.v_cache(layer)[page, :, off], kv[1, 0])
+    assert client.plans_made == 1
     meta[1][0] = 10**6  # an in-place change is new metadata: planned, checked, refused
     with pytest.raises(WorkerError, match="outside the cache"):
         client.wait(client.submit_decode(0, q, *meta), timeout=30)
