@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                                         link=LINKS[link], seed=args.seed, drain_timeout_s=args.drain)
 
     print(f"simulating {desc}", flush=True)
-    bounds = {name: be_bounds(timing, prompt, out) for name, (prompt, out) in BE_DATASETS.items()}
+    bounds = {name: be_bounds(timing, prompt, out, pool, slo.tpot_s) for name, (prompt, out) in BE_DATASETS.items()}
     sweep = run(scenario(SYSTEMS, tuple(float(x) for x in args.rates.split(","))), config(), desc, seed=args.seed)
     scaling = []
     for link in ("100gbit", "10gbit"):
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
             print(f"  {remote} extra CPU servers over {LINKS[link].name}: BE {r['be_tokens_per_s']:.0f} tok/s, "
                   f"LS attainment {r['ls_slo_attainment']:.1%}", flush=True)
     result = {"hardware": desc, "scaling_be_lengths": args.scaling_be_lengths, "scaling_rate": args.scaling_rate, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "paper": PAPER,
+              "layers": model.layers,
               "sweep": sweep, "scaling": scaling, "be_bounds": bounds, "wall_s": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sim-paper.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
@@ -86,16 +87,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def be_bounds(timing: RooflineTiming, prompt: int, out: int) -> dict:
+def be_bounds(timing: RooflineTiming, prompt: int, out: int, pool_tokens: int, pass_s: float) -> dict:
     """What bounds BE tokens/s for documents of mean ``prompt`` / ``out`` tokens, with the whole
     machine on BE work: the GPU prefilling them (one prefill of ``prompt`` tokens per ``out``
-    tokens), and one CPU node's attention (each token reads its context's KV in every layer, at
-    the mean context ``prompt + out / 2``)."""
+    tokens), one CPU node's attention (each token reads its context's KV in every layer, at the
+    mean context ``prompt + out / 2``), and piggybacking beside LS traffic: a row in a node's pool
+    of ``pool_tokens`` crosses one layer per pass of ``pass_s`` seconds (the TPOT SLO, which the
+    controller fills), so the pool's rows give ``rows / (layers * pass_s)`` tokens/s."""
     prefill_s = timing.gpu_step_s(StepShape(tokens=prompt, prefill_attn_work=float(prompt * prompt),
                                             prefill_context=prompt))
     cpu_s = timing.cpu_job_s((prompt + out / 2) * timing.kv_bytes_per_token)
+    rows = pool_tokens // (prompt + out)
     return {"gpu_prefill_s_per_request": round(prefill_s, 3), "gpu_prefill_bound_tok_s": round(out / prefill_s, 1),
-            "cpu_s_per_token": round(cpu_s, 4), "cpu_bound_tok_s_per_node": round(1 / cpu_s, 1)}
+            "cpu_s_per_token": round(cpu_s, 4), "cpu_bound_tok_s_per_node": round(1 / cpu_s, 1),
+            "pool_rows_per_node": rows, "piggyback_bound_tok_s_per_node": round(rows / (timing.num_layers * pass_s), 1)}
 
 
 def ratios(rows: list[dict], system: str, base: str, key: str) -> list[tuple[float, float]]:
@@ -145,10 +150,15 @@ def report(result: dict) -> str:
     lines += ["", "## What bounds BE throughput here", "",
               "With the whole machine on BE work (the roofline's own numbers; mean document lengths):", "",
               ("| BE documents | GPU prefill per request s | GPU prefill bound tok/s | CPU attention per token ms "
-               "| CPU bound tok/s per CPU node |"), "|---|---|---|---|---|"]
+               "| CPU bound tok/s per CPU node | rows per node's pool | piggybacked bound tok/s per node |"),
+              "|---|---|---|---|---|---|---|"]
     for name, b in result["be_bounds"].items():
         lines.append(f"| {name} | {b['gpu_prefill_s_per_request']:.2f} | {b['gpu_prefill_bound_tok_s']:.0f} | "
-                     f"{1e3 * b['cpu_s_per_token']:.1f} | {b['cpu_bound_tok_s_per_node']:.0f} |")
+                     f"{1e3 * b['cpu_s_per_token']:.1f} | {b['cpu_bound_tok_s_per_node']:.0f} | "
+                     f"{b['pool_rows_per_node']} | {b['piggyback_bound_tok_s_per_node']:.0f} |")
+    lines += ["", ("Piggybacked bound: beside LS traffic a CPU row's token crosses one layer per pass (its "
+                   "attention result joins a later pass), so a node's pool of rows gives rows / (layers x TPOT SLO) "
+                   "tokens/s.")]
     lines += ["", "## Reading", "", *reading(result)]
     return "\n".join(lines) + "\n"
 
@@ -182,12 +192,15 @@ def reading(result: dict) -> list[str]:
     if scal:
         cpu = max(s["cpu_utilisation"] for s in scal)
         gpu = min(s["gpu_utilisation"] for s in scal)
-        per_node = result["be_bounds"].get(result["scaling_be_lengths"], {}).get("cpu_bound_tok_s_per_node")
+        nb = result["be_bounds"].get(result["scaling_be_lengths"], {})
         out.append(
             f"- **Extra CPU servers**: the GPU is at least {gpu:.0%} busy and the CPUs at most {cpu:.0%} in every run, "
-            f"so more CPU capacity (about {per_node:.0f} tok/s per node for these documents) adds little: the "
-            "controller keeps BE requests in the GPU KV cache while their rows fit the BE budget (a row on the GPU "
-            "yields a token every pass, one on a CPU every few), and the GPU's time goes to BE prefill and GPU-resident "
+            f"so more CPU capacity (about {nb.get('cpu_bound_tok_s_per_node', 0):.0f} tok/s of attention per node for "
+            "these documents) adds little: the controller keeps BE requests in the GPU KV cache while their rows fit "
+            "the BE budget (a row on the GPU yields a token every pass, one on a CPU one every "
+            f"{result.get('layers', 80)} passes, as its token crosses a layer per pass: at most about "
+            f"{nb.get('piggyback_bound_tok_s_per_node', 0):.0f} tok/s from a full pool of "
+            f"{nb.get('pool_rows_per_node', 0)} rows), and the GPU's time goes to BE prefill and GPU-resident "
             "BE rows. The paper's 3.1-3.4x scaling needs CPU attention to be the bound. Sending BE requests to "
             "the pool while the CPU nodes have room was tried (benchmarks/results/NOTES.md): about as good with the "
             "host alone, worse with 4 servers, as GPU-resident rows then lose their decode slack. A slow link "

@@ -606,15 +606,21 @@ class Simulation:
         return [r for r in self.running if r.placement == CPU and r.cls == "be" and r.prefilled >= r.target]
 
     def _piggyback(self, base: StepShape, budget: int, wait: bool = False) -> tuple[int, list[_Req], float]:
-        """The offloaded BE rows' side of a pass of ``base`` starting now (asynchronous
-        piggybacking): at each layer boundary ``s`` (0: embedding and layer 0's QKV; ``L``: the last
-        layer's MLP, the LM head and sampling) up to ``budget`` rows whose attention is back join,
-        submit their next layer's attention to their CPU node and go on (in the same pass if the
-        result is back before the pass gets there). With ``wait``, the pass waits at a boundary for
-        the first result due there. Returns the row-boundaries joined, the rows sampled (their
-        token is out at the pass's end) and the time spent waiting, s."""
+        """The offloaded BE rows' side of a pass of ``base`` starting now, as the piggybacking
+        executor (``omniserve_sgl/piggyback/executor.py``) runs it: at each layer boundary ``s``
+        (0: embedding and layer 0's QKV; ``L``: the last layer's MLP, the LM head and sampling) up
+        to ``budget`` rows whose attention is back join, and every joined row's layer-``s`` job goes
+        to its CPU node after the boundary's dense work. The pass then runs layer ``s``'s LS
+        attention and reaches boundary ``s+1``: a result back by then joins this pass, a later one
+        waits for the next pass (paper section 3.2). With ``wait`` (no GPU rows), the pass waits at
+        a boundary for the first result due there. Returns the row-boundaries joined, the rows
+        sampled (their token is out at the pass's end) and the time spent waiting, s."""
         L, rows = self.L, self._cpu_rows()
         est = self.timing.gpu_step_s(dataclasses.replace(base, tokens=base.tokens + budget))
+        spacing = est / (L + 1)
+        # The window a job has to join the same pass: one layer of the pass's LS decode attention.
+        window = min(spacing, (self.timing.gpu_step_s(base) - self.timing.gpu_step_s(
+            dataclasses.replace(base, decode_context=0))) / L) if base.tokens else 0.0
         at, stall = self.t, 0.0
         stages: dict[int, list[_Req]] = {}
         for r in rows:
@@ -626,47 +632,23 @@ class Simulation:
                 stall += first - at
                 at = first
             go = sorted((r for r in here if r.ready_at <= at), key=lambda r: (r.ready_at, r.rid))[:budget]
+            joined += len(go)  # the rest stay at this boundary for a later pass
             if s == L:
-                joined += len(go)
                 sampled = go
                 break
-            spacing = est / (L + 1)
-            went = []
             for i, node in enumerate(self.nodes):
-                if mine := self._fitting_job([r for r in go if r.node == i], node, at, at + spacing):
-                    back = node.run(at, self.timing.cpu_job_s(sum(r.context for r in mine) * self.kv_bytes / L),
+                if mine := [r for r in go if r.node == i]:
+                    back = node.run(at + spacing - window,
+                                    self.timing.cpu_job_s(sum(r.context for r in mine) * self.kv_bytes / L),
                                     len(mine) * self.timing.qo_bytes_per_row_layer)
                     for r in mine:
                         r.stage, r.ready_at = s + 1, back
                         stages.setdefault(s + 1, []).append(r)
-                    went += mine
-            joined += len(went)  # the rest stay at this boundary for a later pass
             at += spacing
         for r in sampled:
             r.stage, r.ready_at = 0, self.t + stall + est
             self.nodes[r.node].pool_free -= 1
         return joined, sampled, stall
-
-    def _fitting_job(self, rows: list[_Req], node: _Node, at: float, due: float) -> list[_Req]:
-        """The first of ``rows`` whose next layer's job on ``node``, submitted at ``at``, is back by
-        ``due`` (the pass's next layer boundary), at least one when the node is free then: a row
-        whose result is late for its layer waits a whole pass, so submitting every ready row at
-        once would keep them all one layer per pass (the executor sizes each layer's job the same
-        way; see the asynchronous piggybacking issue)."""
-        if not rows:
-            return []
-        wire = node.latency_s
-        start = max(node.free_at, at + wire)
-        if start >= due:
-            return []
-        per_byte = self.kv_bytes / self.L
-        budget_s = due - start - wire
-        n, ctx = 0, 0
-        for r in rows:
-            if n and self.timing.cpu_job_s((ctx + r.context) * per_byte) > budget_s:
-                break
-            n, ctx = n + 1, ctx + r.context
-        return rows[:n]
 
 
 def simulate(cfg: SimConfig, ls: list[SimRequest], duration_s: float, **be) -> tuple[list[RequestRecord], SimStats]:

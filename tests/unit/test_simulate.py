@@ -201,22 +201,25 @@ def test_a_slow_link_to_remote_cpu_servers_never_stalls_ls_decode_steps():
     assert remote["ls_p50_tpot_s"] <= 1.1 * fast["ls_p50_tpot_s"]
 
 
-def test_a_pass_sizes_each_layers_cpu_job_so_rows_go_through_many_layers():
-    """16 ready CPU rows whose one-layer job together takes longer than a pass spends per layer:
-    submitted all at once they would all be late for the next layer and move one layer per pass;
-    sized to the spacing, the first rows go through every layer and are sampled in this pass."""
+def test_a_cpu_result_joins_the_same_pass_only_within_one_layers_ls_attention():
+    """As the executor runs a pass: every ready row's layer-s job is submitted after the
+    boundary's dense work and joins this pass at boundary s+1 only if it is back within the LS
+    attention of layer s; otherwise it waits a whole pass (one layer per pass)."""
     from omniserve_sgl.simulate.engine import CPU, _Req
 
-    sim = Simulation(SimConfig("omniserve", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=200_000), [], 10.0)
-    rows = [_Req(f"be{i}", "be", 0.0, 200, 10, target=200, prefilled=200, placement=CPU) for i in range(16)]
-    sim.running += rows
-    base = StepShape(tokens=1, decode_context=100, decode_rows=1)
-    spacing = TIMING.gpu_step_s(StepShape(tokens=17, decode_context=100, decode_rows=1)) / (TIMING.num_layers + 1)
-    per_layer = 200 * TIMING.kv_bytes_per_token / TIMING.num_layers
-    assert TIMING.cpu_job_s(16 * per_layer) > spacing > TIMING.cpu_job_s(per_layer)
-    joined, sampled, _ = sim._piggyback(base, budget=16)
-    assert sampled and len(sampled) < 16
-    assert joined > 16  # more row-layers than one layer for each row
+    def pass_over(ls_context: int):
+        sim = Simulation(SimConfig("omniserve", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=200_000), [], 10.0)
+        rows = [_Req(f"be{i}", "be", 0.0, 200, 10, target=200, prefilled=200, placement=CPU) for i in range(16)]
+        sim.running += rows
+        return rows, sim._piggyback(StepShape(tokens=1, decode_context=ls_context, decode_rows=1), budget=16)
+
+    job_s = TIMING.cpu_job_s(16 * 200 * TIMING.kv_bytes_per_token / TIMING.num_layers)
+    short, long = 100, 20_000  # one layer's LS attention: 0.05 ms, then 10 ms (c_decode_attn 2 us per token)
+    assert short * MODEL.c_decode_attn / TIMING.num_layers < job_s < long * MODEL.c_decode_attn / TIMING.num_layers
+    rows, (joined, sampled, _) = pass_over(short)
+    assert joined == 16 and not sampled and all(r.stage == 1 for r in rows)  # all submitted, all late
+    rows, (joined, sampled, _) = pass_over(long)
+    assert joined == 16 * (TIMING.num_layers + 1) and len(sampled) == 16  # back in time at every layer
 
 
 def test_a_prompt_longer_than_the_kv_cache_fails_with_a_reason():
