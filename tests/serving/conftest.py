@@ -5,13 +5,16 @@ conftest fails a test during which two were alive."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from transformers import AutoTokenizer
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, Qwen2Config, Qwen3Config
 
 from omniserve_sgl.bench.launch import SGLangServer, metric_sum
 from omniserve_sgl.bench.workload import sharegpt_prompts
@@ -54,6 +57,38 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def model(model_path) -> ModelShape:
     return ModelShape.of(model_path)
+
+
+def qwen_variant(arch: str, out: Path, num_layers: int = 4) -> Path:
+    """A ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` folder made offline from the default model's
+    first ``num_layers`` layers and tokenizer: Qwen2 gets zero q/k/v biases (the same function as
+    those Llama layers), Qwen3 unit q/k norms (a different but smooth model). Real SGLang model
+    classes, without a download."""
+    src = ensure_default_model()
+    cfg = json.loads((src / "config.json").read_text())
+    same = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id",
+            "rope_parameters", "tie_word_embeddings")
+    common = {k: cfg[k] for k in same} | {"num_hidden_layers": num_layers, "dtype": "bfloat16"}
+    conf = Qwen2Config(**common) if arch == "qwen2" else Qwen3Config(head_dim=cfg["head_dim"], **common)
+    conf.architectures = ["Qwen2ForCausalLM" if arch == "qwen2" else "Qwen3ForCausalLM"]
+    conf.save_pretrained(out)
+    weights = {k: v for k, v in load_file(str(src / "model.safetensors")).items()
+               if ".layers." not in k or int(k.split(".layers.")[1].split(".")[0]) < num_layers}
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}.self_attn."
+        dtype = weights[p + "q_proj.weight"].dtype
+        if arch == "qwen2":
+            for n in "qkv":
+                weights[p + f"{n}_proj.bias"] = torch.zeros(weights[p + f"{n}_proj.weight"].shape[0], dtype=dtype)
+        else:
+            for n in "qk":
+                weights[p + f"{n}_norm.weight"] = torch.ones(cfg["head_dim"], dtype=dtype)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
 
 
 @pytest.fixture(scope="session")

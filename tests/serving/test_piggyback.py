@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from omniserve_sgl.bench.launch import SGLangServer
-from tests.serving.conftest import flush_cache, generate, metric
+from tests.serving.conftest import flush_cache, generate, metric, qwen_variant
 
 
 def test_32_be_requests_piggyback_beside_ls_requests_and_decode_their_ls_tokens(model_path, exact_texts):
@@ -45,3 +47,25 @@ def test_ls_output_under_async_omniserve_equals_plain_sglangs(model_path, plain_
             assert len(be.result()["output_ids"]) == 200
         assert outs == [plain_run.outputs[t] for t in exact_texts]
         assert metric(server, "omniserve_piggybacked_rows_total") > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_models_piggyback_and_decode_their_ls_tokens(arch, tmp_path_factory, exact_texts):
+    """The adapter's other Llama-family layouts: Qwen2 (``qkv_proj`` + ``rotary_emb``) and Qwen3
+    (``forward_prepare_native`` with q/k norms), as real SGLang model classes."""
+    path = qwen_variant(arch, tmp_path_factory.mktemp(arch))
+    with SGLangServer(path, "--omniserve", "--omniserve-mode", "async", "--dtype", "float32",
+                      "--omniserve-disable-control", "--enable-metrics",
+                      env={"OMNISERVE_TEST_MOVE_EVERY": "2"}) as server:
+        alone = {}
+        for text in exact_texts:
+            flush_cache(server)
+            alone[text] = generate(server, text, 24, "ls")["output_ids"]
+        flush_cache(server)
+        jobs = [(exact_texts[i % len(exact_texts)], "be") for i in range(8)] + [(t, "ls") for t in exact_texts]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            outs = list(pool.map(lambda job: generate(server, job[0], 24, job[1])["output_ids"], jobs))
+        assert [o == alone[t] for o, (t, _) in zip(outs, jobs)] == [True] * len(jobs)
+        assert metric(server, "omniserve_piggybacked_rows_total") > 0  # the executor ran: the adapter took it
+        assert metric(server, "omniserve_ls_pass_waits_total") == 0
+        assert metric(server, "omniserve_residual_store_bytes") == 0
