@@ -14,23 +14,29 @@ from omniserve_sgl.bench.launch import SGLangServer
 from tests.serving.conftest import flush_cache, generate, metric, qwen_variant
 
 
+def _be_decodes_its_ls_tokens(server, texts: list[str], num_be: int, max_new_tokens: int) -> None:
+    """``num_be`` BE requests beside one LS request per text, all at once: every greedy output equals
+    the text's LS output alone; rows piggybacked, no LS pass waited, the residual store empty."""
+    alone = {}
+    for text in texts:
+        flush_cache(server)
+        alone[text] = generate(server, text, max_new_tokens, "ls")["output_ids"]
+    flush_cache(server)
+    jobs = [(texts[i % len(texts)], "be") for i in range(num_be)] + [(t, "ls") for t in texts]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(lambda job: generate(server, job[0], max_new_tokens, job[1])["output_ids"], jobs))
+    assert [o == alone[t] for o, (t, _) in zip(outs, jobs)] == [True] * len(jobs)
+    assert metric(server, "omniserve_piggybacked_rows_total") > 0  # the executor ran them
+    assert metric(server, "omniserve_ls_pass_waits_total") == 0
+    assert metric(server, "omniserve_residual_store_bytes") == 0
+
+
 def test_32_be_requests_piggyback_beside_ls_requests_and_decode_their_ls_tokens(model_path, exact_texts):
     with SGLangServer(model_path, "--omniserve", "--omniserve-mode", "async", "--dtype", "float32",
                       "--omniserve-disable-control", "--enable-metrics",
                       env={"OMNISERVE_TEST_MOVE_EVERY": "2"}) as server:
-        alone = {}
-        for text in exact_texts:
-            flush_cache(server)
-            alone[text] = generate(server, text, 32, "ls")["output_ids"]
-        flush_cache(server)
-        jobs = [(exact_texts[i % len(exact_texts)], "be") for i in range(32)] + [(t, "ls") for t in exact_texts]
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            outs = list(pool.map(lambda job: generate(server, job[0], 32, job[1])["output_ids"], jobs))
-        assert [o == alone[t] for o, (t, _) in zip(outs, jobs)] == [True] * len(jobs)
-        assert metric(server, "omniserve_piggybacked_rows_total") > 0
-        assert metric(server, "omniserve_ls_pass_waits_total") == 0
+        _be_decodes_its_ls_tokens(server, exact_texts, 32, 32)
         assert metric(server, "omniserve_be_moves_total", direction="to_gpu") > 0
-        assert metric(server, "omniserve_residual_store_bytes") == 0
         assert metric(server, "omniserve_be_pool_pages_used") == 0
 
 
@@ -57,15 +63,4 @@ def test_qwen_models_piggyback_and_decode_their_ls_tokens(arch, tmp_path_factory
     with SGLangServer(path, "--omniserve", "--omniserve-mode", "async", "--dtype", "float32",
                       "--omniserve-disable-control", "--enable-metrics",
                       env={"OMNISERVE_TEST_MOVE_EVERY": "2"}) as server:
-        alone = {}
-        for text in exact_texts:
-            flush_cache(server)
-            alone[text] = generate(server, text, 24, "ls")["output_ids"]
-        flush_cache(server)
-        jobs = [(exact_texts[i % len(exact_texts)], "be") for i in range(8)] + [(t, "ls") for t in exact_texts]
-        with ThreadPoolExecutor(len(jobs)) as pool:
-            outs = list(pool.map(lambda job: generate(server, job[0], 24, job[1])["output_ids"], jobs))
-        assert [o == alone[t] for o, (t, _) in zip(outs, jobs)] == [True] * len(jobs)
-        assert metric(server, "omniserve_piggybacked_rows_total") > 0  # the executor ran: the adapter took it
-        assert metric(server, "omniserve_ls_pass_waits_total") == 0
-        assert metric(server, "omniserve_residual_store_bytes") == 0
+        _be_decodes_its_ls_tokens(server, exact_texts, 8, 24)
