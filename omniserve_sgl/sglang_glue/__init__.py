@@ -11,6 +11,7 @@ Hook map (target -> hook):
                                                                             piggybacking executor (async mode)
   ModelRunner.init_cuda_graphs (AFTER)                                   -> load or profile the latency model
   DecodeCudaGraphRunner.can_run_graph, CPUGraphRunner.can_run_graph (AFTER) -> eager passes with BE rows
+  PrefillCudaGraphRunner.can_run_graph (AFTER)                           -> eager prefill passes BE rows join
   Scheduler.event_loop_overlap (AROUND), ingest_requests (AFTER)         -> mode (LS mode: SGLang alone)
   Scheduler._create_generation_req (AFTER), run_batch (AROUND: step time against the latency
   model), init_req_max_new_tokens (AFTER),
@@ -49,6 +50,7 @@ _SERVING = (
     "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
     "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
     "sglang.srt.model_executor.cpu_graph_runner.CPUGraphRunner.can_run_graph",
+    "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
     f"{_S}.event_loop_overlap",
     f"{_S}.ingest_requests",
     f"{_S}._create_generation_req",
@@ -124,6 +126,7 @@ def register() -> None:
     from omniserve_sgl.sglang_glue import controller, mode, scheduler
     from omniserve_sgl.sglang_glue.model_runner import (
         eager_for_be_rows,
+        eager_prefill_for_be_rows,
         init_attention_backends,
         init_cuda_graphs,
     )
@@ -133,6 +136,7 @@ def register() -> None:
         (init_cuda_graphs, HookType.AFTER),
         (eager_for_be_rows, HookType.AFTER),
         (eager_for_be_rows, HookType.AFTER),
+        (eager_prefill_for_be_rows, HookType.AFTER),
         (mode.run_loops, HookType.AROUND),
         (mode.check_switch, HookType.AFTER),
         (scheduler.tag_request, HookType.AFTER),

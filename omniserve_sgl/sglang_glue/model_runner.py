@@ -38,3 +38,11 @@ def eager_for_be_rows(result, _runner, _forward_batch):
     executor has BE work for (:mod:`omniserve_sgl.sglang_glue.piggyback`: a token to enter, a
     row to join, a CPU job back); every other pass keeps SGLang's graphs."""
     return False if result and (scheduler.decode_plan_pending() or piggyback.wants_pass()) else None
+
+
+def eager_prefill_for_be_rows(result, _runner, _forward_batch):
+    """AFTER ``PrefillCudaGraphRunner.can_run_graph`` (SGLang's breakable prefill graphs, on by
+    default on CUDA, replay the decoder body without running its Python): a prefill pass the
+    piggybacking executor has BE work for runs eagerly, so BE rows join it as they join a decode
+    pass; every other prefill pass keeps SGLang's graph."""
+    return False if result and piggyback.wants_pass() else None
