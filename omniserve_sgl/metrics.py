@@ -13,7 +13,8 @@ class BEMetrics:
     worker), ``omniserve_worker_restarts_total`` (counter: workers started to replace one that
     exited or hung), ``omniserve_be_pool_pages_{used,reserved,capacity}`` and
     ``omniserve_be_waiting_requests`` (BE requests queued for admission: the BE KV pool is full,
-    or another BE request takes this prefill batch's one BE slot), and, with a latency model
+    or another BE request takes this prefill batch's one BE slot), ``omniserve_be_parked_requests``
+    (BE requests held in LS mode until the SLO controller has slack for them), and, with a latency model
     loaded (``--omniserve-profile``), ``omniserve_step_time_prediction_error`` (histogram of
     ``|predicted - measured| / measured`` per prefill or decode step); with the SLO controller,
     ``omniserve_ls_rejected_total`` (LS requests refused by ``--omniserve-ls-admission reject``),
@@ -45,6 +46,8 @@ class BEMetrics:
         self.pages_capacity = Gauge("omniserve_be_pool_pages_capacity", "BE KV pool size in pages", **gauge)
         self.waiting = Gauge("omniserve_be_waiting_requests",
                              "BE requests queued for admission (BE KV pool full, or one BE prefill per batch)", **gauge)
+        self.parked = Gauge("omniserve_be_parked_requests", "BE requests parked in LS mode until the SLO "
+                            "controller has slack to prefill them (outside SGLang's waiting queue)", **gauge)
         self.prediction_error = Histogram(
             "omniserve_step_time_prediction_error",
             "Relative error of the latency model's step time prediction, |predicted - measured| / measured",
@@ -68,6 +71,7 @@ class BEMetrics:
         self.residual_store_bytes = Gauge("omniserve_residual_store_bytes", "Residual-stream bytes held for BE "
                                           "tokens between two layers (asynchronous piggybacking)", **gauge)
         self.ls_pass_waits.inc(0)
+        self.parked.set(0)
         for placement in ("gpu", "cpu"):
             self.be_requests.labels(placement=placement).set(0)
         for direction in ("to_cpu", "to_gpu"):

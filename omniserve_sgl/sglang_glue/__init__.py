@@ -12,7 +12,9 @@ Hook map (target -> hook):
   ModelRunner.init_cuda_graphs (AFTER)                                   -> load or profile the latency model
   DecodeCudaGraphRunner.can_run_graph, CPUGraphRunner.can_run_graph (AFTER) -> eager passes with BE rows
   PrefillCudaGraphRunner.can_run_graph (AFTER)                           -> eager prefill passes BE rows join
-  Scheduler.event_loop_overlap (AROUND), ingest_requests (AFTER)         -> mode (LS mode: SGLang alone)
+  Scheduler.event_loop_overlap (AROUND), ingest_requests (AFTER),
+  abort_request (AROUND)                                                 -> mode (LS mode: SGLang alone;
+                                                                            BE requests parked without slack)
   Scheduler._create_generation_req (AFTER), run_batch (AROUND: step time against the latency
   model), init_req_max_new_tokens (AFTER),
   Scheduler._get_new_batch_prefill_raw (AROUND),
@@ -53,6 +55,7 @@ _SERVING = (
     "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
     f"{_S}.event_loop_overlap",
     f"{_S}.ingest_requests",
+    f"{_S}.abort_request",
     f"{_S}._create_generation_req",
     f"{_S}.run_batch",
     f"{_S}.init_req_max_new_tokens",
@@ -139,6 +142,7 @@ def register() -> None:
         (eager_prefill_for_be_rows, HookType.AFTER),
         (mode.run_loops, HookType.AROUND),
         (mode.check_switch, HookType.AFTER),
+        (mode.abort_request, HookType.AROUND),
         (scheduler.tag_request, HookType.AFTER),
         (scheduler.time_step, HookType.AROUND),
         (scheduler.refuse_oversized_be, HookType.AFTER),

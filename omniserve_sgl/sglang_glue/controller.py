@@ -56,6 +56,7 @@ _step = 0
 _decoded_last_step = True
 _deferred: list = []  # BE Reqs sitting out the decode step in flight
 _test_step = 0
+_without_be_work = 0  # consecutive plans that gave BE nothing to do
 _metrics = None
 
 
@@ -82,6 +83,39 @@ def deferred() -> list:
 # (GPU -> CPU, CPU -> GPU), with or without the controller, so greedy exactness across moves is
 # checked on a fixed schedule.
 _TEST_MOVE_EVERY = int(os.environ.get("OMNISERVE_TEST_MOVE_EVERY", "0") or 0)
+
+
+def can_park() -> bool:
+    """Whether BE requests that only wait may be parked in LS mode (:mod:`omniserve_sgl.sglang_glue.mode`):
+    only a controller can say when they have slack."""
+    return _controller is not None
+
+
+def steps_without_be_work() -> int:
+    """How many plans in a row gave BE nothing to prefill or decode."""
+    return _without_be_work
+
+
+def _set_chunk_limit(scheduler) -> None:
+    if not hasattr(scheduler, "omniserve_chunk_limit"):  # --chunked-prefill-size, once (we change it per step)
+        scheduler.omniserve_chunk_limit = scheduler.chunked_prefill_size or scheduler.max_prefill_tokens
+
+
+def be_prefill_slack(scheduler, parked) -> bool:
+    """Whether the controller would start a BE prefill now (LS mode, with ``parked`` BE requests
+    queued after SGLang's waiting queue): the plan of a step from SGLang's current state.
+    True without a controller."""
+    global _without_be_work
+    from omniserve_sgl.sglang_glue import scheduler as glue
+
+    if _controller is None or glue.runtime() is None:
+        return True
+    _set_chunk_limit(scheduler)
+    plan = _controller.plan(server_view(scheduler, scheduler.running_batch, glue.runtime(), parked))
+    if plan.be_prefill is None:
+        return False
+    _without_be_work = 0
+    return True
 
 
 def keeps_be_on_gpu() -> bool:
@@ -117,11 +151,11 @@ def _tokens_left(req) -> int:
     return max((certain or 0) - len(req.output_ids), 0)
 
 
-def server_view(scheduler, running_batch, runtime) -> ServerView:
+def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:
     """SGLang's scheduler state as the controller reads it (see ``ServerView``): running LS
     decodes and their last token times, waiting LS requests (the chunked one first), BE requests
-    and where they live, free GPU KV (free slots plus what the radix cache can evict) and BE KV
-    pool space."""
+    and where they live (``parked`` ones queued after the rest), free GPU KV (free slots plus what
+    the radix cache can evict) and BE KV pool space."""
     now = time.perf_counter()
     ls_decodes, be, last_tokens = [], [], []
     for r in running_batch.reqs:
@@ -139,7 +173,7 @@ def server_view(scheduler, running_batch, runtime) -> ServerView:
                                        tokens_left=_tokens_left(r), tokens_done=done))
             last_tokens.append(last)
     ls_waiting = []
-    queue = list(scheduler.waiting_queue)
+    queue = [*scheduler.waiting_queue, *parked]
     if scheduler.chunked_req is not None:
         queue.insert(0, scheduler.chunked_req)
     for r in queue:
@@ -184,7 +218,7 @@ def plan_step(original, self, running_batch) -> bool:
     """AROUND ``Scheduler._should_defer_prefill`` (asked once per step, before any prefill is
     formed): plans this step; True (no prefill this step, decode instead) when SGLang's own
     prefill/decode interval says so or the plan is a decode step with rows to run."""
-    global _plan, _view, _step
+    global _plan, _view, _step, _without_be_work
     deferred = original(self, running_batch)
     from omniserve_sgl.sglang_glue import scheduler as glue
 
@@ -194,11 +228,11 @@ def plan_step(original, self, running_batch) -> bool:
         _test_moves(self, running_batch, glue.runtime())
     if _controller is None:
         return deferred
-    if not hasattr(self, "omniserve_chunk_limit"):  # --chunked-prefill-size, once (we change it per step)
-        self.omniserve_chunk_limit = self.chunked_prefill_size or self.max_prefill_tokens
+    _set_chunk_limit(self)
     _step += 1
     _view = server_view(self, running_batch, glue.runtime())
     _plan = _controller.plan(_view)
+    _without_be_work = 0 if _plan.be_prefill or _plan.be_decode else _without_be_work + 1
     piggyback.set_budget(sum(map(piggyback.owns, _plan.be_decode)))
     for rid, why in _plan.ls_rejected:
         _reject(self, rid, why)

@@ -21,6 +21,15 @@ merges a prefill's requests into the running batch at the next step, from ``last
 the overlap loop must start without). Each switch is logged and counted
 (``omniserve_mode_switches_total``; ``omniserve_overlap_schedule`` says which loop runs).
 
+With the SLO controller on, a BE request that would only wait does not leave LS mode: a BE request
+arriving in LS mode is **parked** (held outside SGLang's waiting queue, holding nothing) until the
+controller would start its prefill (:func:`omniserve_sgl.sglang_glue.controller.be_prefill_slack`);
+then every parked request goes back to the queue, in arrival order, and the scheduler switches.
+In BE mode, once no BE request holds KV and the controller has given the queued ones no slack for
+``PARK_AFTER_STEPS`` steps, they are parked and the scheduler goes back to LS mode. So LS traffic
+with no slack to spare (overload) keeps SGLang's overlap schedule while BE work queues. An abort
+reaches a parked request through SGLang's own queue path (:func:`abort_request`).
+
 A server started with ``--disable-overlap-schedule`` runs SGLang's synchronous loop throughout and
 only turns the BE path on and off; with ``--omniserve-ls-admission reject`` the controller plans
 every step, so the BE path is always on (the command line turns the overlap schedule off).
@@ -40,6 +49,8 @@ _pinned = False  # the BE path stays on (reject admission: the controller plans 
 _arrived = False  # a BE request arrived since the last check
 _overlap_configured = False  # SGLang runs its overlap loop (no --disable-overlap-schedule): run_loops
 _metrics = None  # BEMetrics with --enable-metrics
+_parked: list = []  # BE Reqs waiting in LS mode for slack, outside SGLang's queue, in arrival order
+PARK_AFTER_STEPS = 8  # BE-mode steps with no slack for the queued BE requests before they are parked
 
 
 class _Switch(Exception):
@@ -56,6 +67,7 @@ def start(pinned: bool, metrics=None) -> None:
     global _be, _pinned, _metrics
     _be = _pinned = pinned
     _metrics = metrics
+    _parked.clear()
     if metrics is not None:
         for to in ("be", "ls"):
             metrics.mode_switches.labels(to=to).inc(0)
@@ -68,8 +80,13 @@ def note_be_arrival() -> None:
     _arrived = True
 
 
-def be_present(scheduler, runtime, deferred) -> bool:
-    """Whether any BE request is still in the server: queued (waiting or for its grammar), being
+def parked() -> list:
+    """The BE requests parked in LS mode (see the module docstring), in arrival order."""
+    return _parked
+
+
+def be_active(scheduler, runtime, deferred) -> bool:
+    """Whether a BE request is past SGLang's waiting queue: waiting for its grammar, being
     prefilled in chunks, running, sitting out a step (``deferred``), or holding BE KV pool pages."""
     if runtime is not None and runtime.pages.num_seqs:
         return True
@@ -77,7 +94,44 @@ def be_present(scheduler, runtime, deferred) -> bool:
     grammar = getattr(getattr(scheduler, "grammar_manager", None), "grammar_queue", ())
     # A finished one stays in the running batch until SGLang filters it, its KV already released.
     return any(is_be(r) and not r.finished() for r in itertools.chain(
-        deferred, chunked, scheduler.waiting_queue, scheduler.running_batch.reqs, grammar))
+        deferred, chunked, scheduler.running_batch.reqs, grammar))
+
+
+def _queued_be(scheduler) -> list:
+    return [r for r in scheduler.waiting_queue if is_be(r) and not r.finished()]
+
+
+def _park(scheduler, reqs) -> None:
+    """Moves ``reqs`` (BE requests in SGLang's waiting queue, holding no KV) to the parked list."""
+    ids = {id(r) for r in reqs}
+    scheduler.waiting_queue[:] = [r for r in scheduler.waiting_queue if id(r) not in ids]
+    _parked.extend(reqs)
+    _publish_parked()
+
+
+def _unpark(scheduler) -> None:
+    scheduler.waiting_queue.extend(_parked)
+    _parked.clear()
+    _publish_parked()
+
+
+def _publish_parked() -> None:
+    if _metrics is not None:
+        _metrics.parked.set(len(_parked))
+
+
+def abort_request(original, scheduler, recv_req):
+    """AROUND ``Scheduler.abort_request``: parked BE requests are in SGLang's waiting queue for the
+    call, so an abort (by rid, or all) reaches them on SGLang's own path for queued requests (the
+    client gets the abort, nothing was allocated); the others are parked again."""
+    if not _parked:
+        return original(scheduler, recv_req)
+    mine = {id(r) for r in _parked}
+    _unpark(scheduler)
+    try:
+        return original(scheduler, recv_req)
+    finally:
+        _park(scheduler, [r for r in scheduler.waiting_queue if id(r) in mine])
 
 
 def _set_overlap(scheduler, on: bool) -> None:
@@ -113,9 +167,15 @@ def check_switch(_result, scheduler, *args, **kwargs) -> None:
     from omniserve_sgl.sglang_glue import scheduler as glue
 
     if not _be:
-        if not _arrived:
+        if not _arrived and not _parked:
             return
+        if _arrived and controller.can_park():
+            _park(scheduler, _queued_be(scheduler))
         _arrived = False
+        if _parked:
+            if not controller.be_prefill_slack(scheduler, _parked):
+                return
+            _unpark(scheduler)
         if scheduler.enable_overlap:
             raise _Switch()
         _switched(True, "a BE request arrived: BE path on")
@@ -123,11 +183,18 @@ def check_switch(_result, scheduler, *args, **kwargs) -> None:
         last = scheduler.last_batch
         if last is not None and last.forward_mode.is_extend():
             return
-        if be_present(scheduler, glue.runtime(), controller.deferred()):
+        if be_active(scheduler, glue.runtime(), controller.deferred()):
             return
+        if queued := _queued_be(scheduler):
+            if not controller.can_park() or controller.steps_without_be_work() < PARK_AFTER_STEPS:
+                return
+            _park(scheduler, queued)
+            why = f"{len(queued)} BE request(s) wait for slack, parked: BE path off"
+        else:
+            why = "no BE request left: BE path off"
         if _overlap_configured:
-            raise _Switch()
-        _switched(False, "no BE request left: BE path off")
+            raise _Switch(why)
+        _switched(False, why)
     _arrived = False
 
 
@@ -156,7 +223,7 @@ def run_loops(original, scheduler) -> None:
             if _be:
                 return scheduler.event_loop_normal()
             return original(scheduler)
-        except _Switch:
+        except _Switch as switch:
             if not _be:
                 _drain(scheduler)
                 _set_overlap(scheduler, False)
@@ -164,4 +231,4 @@ def run_loops(original, scheduler) -> None:
             else:
                 scheduler.last_batch = None  # a decode step (or none): its requests are the running batch
                 _set_overlap(scheduler, True)
-                _switched(False, "no BE request left: BE path off, SGLang's overlap loop")
+                _switched(False, f"{switch.args[0]}, SGLang's overlap loop")

@@ -616,6 +616,8 @@ class Simulation:
         a boundary for the first result due there. Returns the row-boundaries joined, the rows
         sampled (their token is out at the pass's end) and the time spent waiting, s."""
         L, rows = self.L, self._cpu_rows()
+        if not rows:
+            return 0, [], 0.0
         est = self.timing.gpu_step_s(dataclasses.replace(base, tokens=base.tokens + budget))
         spacing = est / (L + 1)
         # The window a job has to join the same pass: one layer of the pass's LS decode attention.

@@ -8,6 +8,8 @@ import itertools
 import json
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -93,6 +95,52 @@ def test_16_ls_and_16_be_in_flight_together(omni_server, prompts):
     assert same >= 12
     assert metric(omni_server, "omniserve_be_pool_pages_used") == 0  # everything freed
     assert metric(omni_server, "omniserve_be_pool_pages_reserved") == 0
+
+
+def _stream_ls(server, text: str, n: int, custom: dict, first: threading.Event) -> list[int]:
+    """Streamed greedy LS ``/generate`` with ``custom`` params; sets ``first`` at the first chunk."""
+    body = {"text": text, "stream": True, "sampling_params": {"max_new_tokens": n, "temperature": 0,
+                                                             "ignore_eos": True, "custom_params": custom}}
+    out = []
+    with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                out = json.loads(line[6:])["output_ids"]
+                first.set()
+    return out
+
+
+def test_be_requests_without_slack_wait_parked_while_sglangs_overlap_loop_serves_ls(omni_server):
+    """An LS request with a 1 ms TPOT SLO leaves no slack: BE requests arriving while it streams are
+    parked (the scheduler stays in SGLang's overlap loop: no mode switch), and a parked one can be
+    aborted; once the LS request is done the other is prefilled and completes in full."""
+    url, parked = omni_server.url, "omniserve_be_parked_requests"
+
+    def switches():
+        return metric(omni_server, "omniserve_mode_switches_total", to="be")
+
+    before = switches()
+    first = threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        ls = pool.submit(_stream_ls, omni_server, "Count from one to a thousand:", 256,
+                         {"omniserve_tpot_slo": 0.001, "omniserve_ttft_slo": 600}, first)
+        assert first.wait(300)
+        be = pool.submit(generate, omni_server, "Name a planet.", 8, "be")
+        gone = pool.submit(generate, omni_server, "Name a river.", 8, "be", rid="omniserve-test-parked")
+        deadline = time.monotonic() + 120
+        while metric(omni_server, parked) < 2:
+            assert time.monotonic() < deadline and not ls.done(), "the BE requests were never parked"
+            time.sleep(0.05)
+        assert metric(omni_server, "omniserve_overlap_schedule") == 1 and switches() == before
+        requests.post(f"{url}/abort_request", json={"rid": "omniserve-test-parked"}, timeout=30).raise_for_status()
+        assert gone.result()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert metric(omni_server, parked) == 1 and not ls.done()
+        assert len(ls.result()) == 256
+        out = be.result()
+    assert len(out["output_ids"]) == 8 and out["meta_info"]["finish_reason"]["type"] == "length"
+    assert metric(omni_server, parked) == 0 and switches() == before + 1
+    assert metric(omni_server, "omniserve_be_pool_pages_used") == 0
 
 
 def test_header_marks_be(omni_server):

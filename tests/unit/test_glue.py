@@ -114,6 +114,53 @@ def test_mode_switches_at_the_loop_top_on_a_be_arrival_and_back_once_none_is_lef
         mode.start(pinned=False)
 
 
+def test_be_requests_without_slack_wait_parked_in_ls_mode_and_aborts_reach_them(monkeypatch):
+    """With a controller, a BE request that has no slack is parked outside SGLang's queue and the
+    overlap loop goes on; once the controller would prefill it, it is queued again and the
+    scheduler switches; in BE mode, queued BE requests with no slack for PARK_AFTER_STEPS plans are
+    parked again and the scheduler goes back to LS mode. An abort finds a parked request in the
+    queue on SGLang's path; the others stay parked."""
+    from omniserve_sgl.sglang_glue import controller, mode
+
+    slack, idle = [False], [0]
+    monkeypatch.setattr(controller, "can_park", lambda: True)
+    monkeypatch.setattr(controller, "be_prefill_slack", lambda scheduler, parked: slack[0])
+    monkeypatch.setattr(controller, "steps_without_be_work", lambda: idle[0])
+    be, be2, ls = (types.SimpleNamespace(rid=r, omniserve_be=c, finished=lambda: False)
+                   for r, c in (("b", True), ("b2", True), ("l", False)))
+    mode.start(pinned=False)
+    try:
+        sched = _sched(queue=[ls, be])
+        mode.note_be_arrival()
+        mode.check_switch(None, sched)  # no slack: parked, the overlap loop goes on
+        assert not mode.be_mode() and sched.waiting_queue == [ls] and mode.parked() == [be]
+        mode.check_switch(None, sched)
+        assert mode.parked() == [be]
+        slack[0] = True
+        with pytest.raises(mode._Switch):  # slack: queued again, the overlap loop is left
+            mode.check_switch(None, sched)
+        assert sched.waiting_queue == [ls, be] and mode.parked() == []
+        mode._switched(True, "test")  # as run_loops does
+        sched = _sched(queue=[be, be2], overlap=False)
+        mode.check_switch(None, sched)
+        assert mode.be_mode() and sched.waiting_queue == [be, be2]  # fewer idle plans than PARK_AFTER_STEPS
+        idle[0] = mode.PARK_AFTER_STEPS
+        mode.check_switch(None, sched)
+        assert not mode.be_mode() and sched.waiting_queue == [] and mode.parked() == [be, be2]
+
+        seen = []
+
+        def sglang_abort(scheduler, recv_req):  # SGLang's queue path: drops the matching rid
+            seen.append([r.rid for r in scheduler.waiting_queue])
+            scheduler.waiting_queue[:] = [r for r in scheduler.waiting_queue if r.rid != recv_req.rid]
+
+        sched.waiting_queue.append(ls)
+        mode.abort_request(sglang_abort, sched, types.SimpleNamespace(rid="b"))
+        assert seen == [["l", "b", "b2"]] and sched.waiting_queue == [ls] and mode.parked() == [be2]
+    finally:
+        mode.start(pinned=False)
+
+
 def test_retraction_keeps_offloaded_be_requests_and_takes_ls_ones_in_sglangs_order(be_mode):
     from omniserve_sgl.sglang_glue import scheduler
 
