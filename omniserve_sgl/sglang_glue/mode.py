@@ -86,19 +86,22 @@ def parked() -> list:
 
 
 def be_active(scheduler, runtime, deferred) -> bool:
-    """Whether a BE request is past SGLang's waiting queue: waiting for its grammar, being
-    prefilled in chunks, running, sitting out a step (``deferred``), or holding BE KV pool pages."""
+    """Whether a BE request is past SGLang's waiting queue (waiting for its grammar, being
+    prefilled in chunks, running, sitting out a step: ``deferred``, or holding BE KV pool pages),
+    or queued with its answer decided (refused: SGLang sends it from a one-token prefill)."""
     if runtime is not None and runtime.pages.num_seqs:
         return True
     chunked = [scheduler.chunked_req] if scheduler.chunked_req is not None else []
     grammar = getattr(getattr(scheduler, "grammar_manager", None), "grammar_queue", ())
+    refused = (r for r in scheduler.waiting_queue if r.to_finish is not None)
     # A finished one stays in the running batch until SGLang filters it, its KV already released.
     return any(is_be(r) and not r.finished() for r in itertools.chain(
-        deferred, chunked, scheduler.running_batch.reqs, grammar))
+        deferred, chunked, scheduler.running_batch.reqs, grammar, refused))
 
 
 def _queued_be(scheduler) -> list:
-    return [r for r in scheduler.waiting_queue if is_be(r) and not r.finished()]
+    """The BE requests in SGLang's waiting queue that wait to be served (not refused)."""
+    return [r for r in scheduler.waiting_queue if is_be(r) and not r.finished() and r.to_finish is None]
 
 
 def _park(scheduler, reqs) -> None:
@@ -160,8 +163,9 @@ def _switched(to_be: bool, why: str) -> None:
 
 def check_switch(_result, scheduler, *args, **kwargs) -> None:
     """AFTER ``Scheduler.ingest_requests`` (the top of each loop iteration): switches mode when a
-    BE request has arrived in LS mode, or when none is left in BE mode; in SGLang's overlap loop by
-    leaving it for :func:`run_loops`, else in place."""
+    BE request has arrived in LS mode (with the controller: when a parked one has slack), or when
+    none is left in BE mode (with the controller: none holds KV and the queued ones, parked now,
+    had no slack); in SGLang's overlap loop by leaving it for :func:`run_loops`, else in place."""
     global _arrived
     from omniserve_sgl.sglang_glue import controller
     from omniserve_sgl.sglang_glue import scheduler as glue
@@ -173,6 +177,11 @@ def check_switch(_result, scheduler, *args, **kwargs) -> None:
             _park(scheduler, _queued_be(scheduler))
         _arrived = False
         if _parked:
+            # A prefill in flight: its requests join the running batch only at the next step, so
+            # the controller could not see them yet.
+            last = scheduler.last_batch
+            if last is not None and last.forward_mode.is_extend():
+                return
             if not controller.be_prefill_slack(scheduler, _parked):
                 return
             _unpark(scheduler)

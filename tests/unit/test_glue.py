@@ -94,8 +94,8 @@ def test_mode_switches_at_the_loop_top_on_a_be_arrival_and_back_once_none_is_lef
     from omniserve_sgl.sglang_glue import mode
 
     mode.start(pinned=False)
-    be, ls = (types.SimpleNamespace(omniserve_be=c, finished=lambda: False) for c in (True, False))
-    done = types.SimpleNamespace(omniserve_be=True, finished=lambda: True)
+    be, ls = (types.SimpleNamespace(omniserve_be=c, finished=lambda: False, to_finish=None) for c in (True, False))
+    done = types.SimpleNamespace(omniserve_be=True, finished=lambda: True, to_finish=None)
     try:
         mode.check_switch(None, _sched(queue=[ls]))
         assert not mode.be_mode()  # LS traffic alone: nothing happens
@@ -118,25 +118,33 @@ def test_be_requests_without_slack_wait_parked_in_ls_mode_and_aborts_reach_them(
     """With a controller, a BE request that has no slack is parked outside SGLang's queue and the
     overlap loop goes on; once the controller would prefill it, it is queued again and the
     scheduler switches; in BE mode, queued BE requests with no slack for PARK_AFTER_STEPS plans are
-    parked again and the scheduler goes back to LS mode. An abort finds a parked request in the
-    queue on SGLang's path; the others stay parked."""
+    parked again and the scheduler goes back to LS mode. No decision while a prefill is in flight
+    (its requests are in neither the queue nor the running batch). An abort finds a parked request
+    in the queue on SGLang's path; the others stay parked."""
     from omniserve_sgl.sglang_glue import controller, mode
 
     slack, idle = [False], [0]
     monkeypatch.setattr(controller, "can_park", lambda: True)
     monkeypatch.setattr(controller, "be_prefill_slack", lambda scheduler, parked: slack[0])
     monkeypatch.setattr(controller, "steps_without_be_work", lambda: idle[0])
-    be, be2, ls = (types.SimpleNamespace(rid=r, omniserve_be=c, finished=lambda: False)
-                   for r, c in (("b", True), ("b2", True), ("l", False)))
+    be, be2, ls, refused = (types.SimpleNamespace(rid=r, omniserve_be=c, finished=lambda: False, to_finish=t)
+                            for r, c, t in (("b", True, None), ("b2", True, None), ("l", False, None),
+                                            ("r", True, "abort")))
     mode.start(pinned=False)
     try:
-        sched = _sched(queue=[ls, be])
+        sched = _sched(queue=[ls, be, refused])
         mode.note_be_arrival()
         mode.check_switch(None, sched)  # no slack: parked, the overlap loop goes on
-        assert not mode.be_mode() and sched.waiting_queue == [ls] and mode.parked() == [be]
+        # (a refused one stays: SGLang answers it from a one-token prefill)
+        assert not mode.be_mode() and sched.waiting_queue == [ls, refused] and mode.parked() == [be]
+        sched.waiting_queue.remove(refused)
         mode.check_switch(None, sched)
         assert mode.parked() == [be]
         slack[0] = True
+        sched.last_batch.forward_mode.is_extend = lambda: True
+        mode.check_switch(None, sched)  # a prefill in flight: its requests are not in the view yet
+        assert mode.parked() == [be]
+        sched.last_batch.forward_mode.is_extend = lambda: False
         with pytest.raises(mode._Switch):  # slack: queued again, the overlap loop is left
             mode.check_switch(None, sched)
         assert sched.waiting_queue == [ls, be] and mode.parked() == []
