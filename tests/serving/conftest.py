@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +156,23 @@ def generate(server, text, max_new_tokens=32, service_class=None, headers=None, 
                       headers=headers, timeout=600)
     r.raise_for_status()
     return r.json()
+
+
+def stream_generate(server, text, max_new, first_chunk: threading.Event, custom_params: dict | None = None) -> list[int]:
+    """Streamed greedy ``/generate`` (with ``custom_params`` when given); sets ``first_chunk`` at the
+    first chunk; returns the output ids."""
+    params = {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
+    if custom_params is not None:
+        params["custom_params"] = custom_params
+    out = []
+    with requests.post(f"{server.url}/generate", json={"text": text, "stream": True, "sampling_params": params},
+                       stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                out = json.loads(line[6:])["output_ids"]
+                first_chunk.set()
+    return out
 
 
 def metric(server, name: str, **labels: str) -> float:

@@ -8,7 +8,6 @@ The sdpa and moves tests run their own servers; the float32 tests share ``f32_se
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -20,7 +19,7 @@ import requests
 
 from omniserve_sgl.bench.launch import SGLangServer
 from omniserve_sgl.kv import BEKVPoolSpec
-from tests.serving.conftest import flush_cache, generate, metric, worker_processes
+from tests.serving.conftest import flush_cache, generate, metric, stream_generate, worker_processes
 
 
 def test_be_output_equals_ls_output_token_for_token(model_path, plain_run, exact_texts):
@@ -94,20 +93,6 @@ def test_without_be_requests_the_scheduler_runs_sglangs_overlap_loop(f32_server,
     assert metric(f32_server, "omniserve_overlap_schedule") == 1
 
 
-def _stream(server, text, max_new, first_chunk: threading.Event) -> list[int]:
-    """Streamed greedy ``/generate``; sets ``first_chunk`` at the first chunk; the output ids."""
-    body = {"text": text, "stream": True, "sampling_params": {"max_new_tokens": max_new, "temperature": 0,
-                                                             "ignore_eos": True}}
-    out = []
-    with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: {"):
-                out = json.loads(line[6:])["output_ids"]
-                first_chunk.set()
-    return out
-
-
 def test_a_be_request_amid_streaming_ls_requests_switches_mode_twice_and_changes_no_output(f32_server, exact_texts):
     """LS requests stream; a BE request arrives, the scheduler leaves SGLang's overlap loop for the
     BE path, the BE request finishes, the scheduler goes back while the LS requests still stream:
@@ -125,7 +110,7 @@ def test_a_be_request_amid_streaming_ls_requests_switches_mode_twice_and_changes
     flush_cache(f32_server)
     started = [threading.Event() for _ in exact_texts]
     with ThreadPoolExecutor(len(exact_texts)) as pool:
-        ls = [pool.submit(_stream, f32_server, t, 96, e) for t, e in zip(exact_texts, started)]
+        ls = [pool.submit(stream_generate, f32_server, t, 96, e) for t, e in zip(exact_texts, started)]
         assert all(e.wait(300) for e in started)
         be = generate(f32_server, exact_texts[0], 8, "be")["output_ids"]
         deadline = time.monotonic() + 60

@@ -19,7 +19,7 @@ import requests
 from omniserve_sgl.bench.launch import SGLangServer
 from omniserve_sgl.bench.workload import sharegpt_json
 from omniserve_sgl.control import LatencyModel, StepShape
-from tests.serving.conftest import flush_cache, generate, metric, worker_processes
+from tests.serving.conftest import flush_cache, generate, metric, stream_generate, worker_processes
 
 CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
 
@@ -97,20 +97,6 @@ def test_16_ls_and_16_be_in_flight_together(omni_server, prompts):
     assert metric(omni_server, "omniserve_be_pool_pages_reserved") == 0
 
 
-def _stream_ls(server, text: str, n: int, custom: dict, first: threading.Event) -> list[int]:
-    """Streamed greedy LS ``/generate`` with ``custom`` params; sets ``first`` at the first chunk."""
-    body = {"text": text, "stream": True, "sampling_params": {"max_new_tokens": n, "temperature": 0,
-                                                             "ignore_eos": True, "custom_params": custom}}
-    out = []
-    with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: {"):
-                out = json.loads(line[6:])["output_ids"]
-                first.set()
-    return out
-
-
 def test_be_requests_without_slack_wait_parked_while_sglangs_overlap_loop_serves_ls(omni_server):
     """An LS request with a 1 ms TPOT SLO leaves no slack: BE requests arriving while it streams are
     parked (the scheduler stays in SGLang's overlap loop: no mode switch), and a parked one can be
@@ -123,8 +109,8 @@ def test_be_requests_without_slack_wait_parked_while_sglangs_overlap_loop_serves
     before = switches()
     first = threading.Event()
     with ThreadPoolExecutor(3) as pool:
-        ls = pool.submit(_stream_ls, omni_server, "Count from one to a thousand:", 256,
-                         {"omniserve_tpot_slo": 0.001, "omniserve_ttft_slo": 600}, first)
+        ls = pool.submit(stream_generate, omni_server, "Count from one to a thousand:", 256, first,
+                         {"omniserve_tpot_slo": 0.001, "omniserve_ttft_slo": 600})
         assert first.wait(300)
         be = pool.submit(generate, omni_server, "Name a planet.", 8, "be")
         gone = pool.submit(generate, omni_server, "Name a river.", 8, "be", rid="omniserve-test-parked")
