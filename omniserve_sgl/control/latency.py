@@ -226,19 +226,36 @@ def fit(samples: Sequence[StepSample], tiles: Sequence[int] = TILES, meta: dict 
     return LatencyModel(tile, *map(float, x), meta=dict(meta or {}))
 
 
+def _stratum(shape: StepShape) -> tuple[bool, bool, bool]:
+    """What kind of step ``shape`` is: (decodes rows, continues prompts past a cached prefix, has CPU jobs)."""
+    return shape.decode_rows > 0, shape.prefill_context > shape.tokens, shape.cpu_jobs > 0
+
+
 def fit_and_check(samples: Sequence[StepSample], holdout: float = 0.25, seed: int = 0,
                   meta: dict | None = None, cpu_jobs: Sequence[CPUJobSample] = ()) -> tuple[LatencyModel, Accuracy]:
     """Fits (see :func:`fit`) on a random ``1 - holdout`` of ``samples`` and reports the accuracy
-    on the rest.
+    on the rest. The split is stratified by kind of step (prefill, prefill chunk after a cached
+    prefix, decode, decode with CPU jobs), and a kind's last sample is never held out: only chunk
+    samples tell the prefix's cost from the chunk's own (a fresh prefill reads as many tokens as it
+    writes), and a slow machine profiles few of them.
 
     Raises:
         ValueError: ``holdout`` outside (0, 1), or too few samples to fit and check.
     """
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    order = np.random.default_rng(seed).permutation(len(samples))
-    n_check = max(1, round(holdout * len(samples)))
-    check = [samples[i] for i in order[:n_check]]
-    train = [samples[i] for i in order[n_check:]]
+    rng = np.random.default_rng(seed)
+    strata: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        strata.setdefault(_stratum(s.shape), []).append(i)
+    check_idx: list[int] = []
+    for members in strata.values():
+        n = min(round(holdout * len(members)), len(members) - 1)
+        check_idx += [members[i] for i in rng.permutation(len(members))[:n]]
+    if not check_idx:
+        raise ValueError(f"too few samples to fit and check: {len(samples)}")
+    held = set(check_idx)
+    check = [samples[i] for i in sorted(held)]
+    train = [s for i, s in enumerate(samples) if i not in held]
     model = fit(train, meta=meta, cpu_jobs=cpu_jobs)
     return model, model.accuracy(check)

@@ -37,7 +37,10 @@ class ControllerConfig:
         be_margin: BE work fits within this share of the TPOT SLO (a stricter bound than LS
             prefill's, so prediction error lands on BE, not on LS).
         be_ttft_share: a BE prefill chunk takes at most this share of the TTFT SLO, so an LS
-            request arriving during it waits at most that long, with or without LS decodes.
+            request arriving during it waits at most that long, with or without LS decodes;
+            without LS decodes, a chunk the cap would leave too small to be efficient (see
+            ``be_chunk_waste``) grows to the smallest efficient one: BE prefill always progresses
+            when no LS request is there to protect.
         ahead_share, ahead_cap: of the time the running LS decodes are ahead of
             ``lead_target`` of their TPOT SLO (:meth:`Controller.lead`), this share, and at most
             ``ahead_cap`` TPOT SLOs, is spent on one gap between two of their tokens.
@@ -271,6 +274,8 @@ class Controller:
 
             chunk = largest_fitting(1, hi, be_fits)
             smallest = self._smallest_efficient_be_chunk(r.prompt_len - r.prefilled, r.prefilled, hi)
+            if be_budget is None:  # nothing to protect but an LS arrival: the cap never starves BE
+                chunk = max(chunk, min(smallest, hi))
             if chunk >= smallest:
                 return StepPlan(be_prefill=(r.rid, chunk), predicted_s=self._prefill_time(chunk, r.prefilled),
                                 why=f"BE prefill {chunk} tokens of {r.rid}", **common)

@@ -103,12 +103,14 @@ def _run(coro):
 @pytest.mark.parametrize("how,stream", HOWS)
 def test_abort_while_waiting_for_pool_pages(soak_server, reference, how, stream):
     url = soak_server.url
-    # Two requests of half the pool each (prompt + max_new_tokens) hold every page.
+    # Two requests of half the pool each (prompt + max_new_tokens) hold every page from their
+    # admission on: short prompts, so their prefill is one step (a 792-token prompt took 13 chunks
+    # of ~2.7 s each on the 2-core VM, and longer than the wait below in CI).
     half = POOL_PAGES // 2 * PAGE - 40
 
     async def case(session):
         blockers = [(uuid.uuid4().hex, []) for _ in range(2)]
-        tasks = [asyncio.ensure_future(_send(session, url, _prompt(half), 40, "be", True, rid, ch))
+        tasks = [asyncio.ensure_future(_send(session, url, _prompt(40), half, "be", True, rid, ch))
                  for rid, ch in blockers]
         await _until(session, url, lambda m: m[USED] + m[RESERVED] == POOL_PAGES)
         rid = uuid.uuid4().hex

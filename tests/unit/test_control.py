@@ -66,10 +66,27 @@ def test_fit_recovers_a_known_staircase_from_noisy_samples():
     # of a step): the jobs' share of a step is right to within 2% of the median step.
     median_step = float(np.median([s.seconds for s in samples]))
     assert abs(model.c_cpu_job - TRUE.c_cpu_job) * 32 < 0.02 * median_step
-    assert acc.samples == 200 and acc.mean > 0.95 and acc.p90 > 0.93
+    assert abs(acc.samples - 200) <= 4 and acc.mean > 0.95 and acc.p90 > 0.93  # 25% of each kind of step
     # The staircase, not a line: one token past a tile costs a whole tile.
     assert model.predict(StepShape(65)) - model.predict(StepShape(64)) == pytest.approx(model.c_dense)
     assert model.predict(StepShape(64)) == model.predict(StepShape(33))
+
+
+def test_the_held_out_steps_never_take_every_chunk_sample_that_prices_the_prefix():
+    """A fresh prefill reads as many tokens as it writes, so only chunks after a cached prefix tell
+    the prefix's cost from the chunk's own; a slow machine profiles two or three of them. Holding
+    them all out (a plain random split does, for some seeds) fits a model that prices a chunk's
+    prefix as new tokens (found on the 2-core VM: held-out accuracy -107%)."""
+    fresh = [StepShape(tokens=n, prefill_attn_work=n * n, prefill_context=n) for n in (16, 128, 256, 512, 32, 64, 96)]
+    decode = [StepShape(tokens=b, decode_context=b * c, decode_rows=b) for b in (1, 4, 16) for c in (20, 130, 515)]
+    chunks = [StepShape(tokens=32, prefill_attn_work=32 * 288, prefill_context=288),
+              StepShape(tokens=32, prefill_attn_work=32 * 1056, prefill_context=1056)]
+    samples = [StepSample(s, STANDIN.predict(s)) for s in fresh + decode + chunks]
+    for seed in range(200):  # a plain split of these 18 holds out both chunks for 1 seed in 26
+        model, acc = fit_and_check(samples, holdout=0.25, seed=seed)
+        for c in chunks:
+            assert model.predict(c) == pytest.approx(STANDIN.predict(c), rel=0.05), seed
+        assert acc.samples >= 4
 
 
 def test_fit_keeps_every_coefficient_non_negative():
@@ -217,6 +234,21 @@ def test_a_be_chunk_too_small_to_pay_for_its_fixed_and_prefix_costs_waits_and_de
     assert ctl.plan(_view(ls_decodes=ahead, be=(late,), slo=SLO(ttft_s=4.0, tpot_s=0.4))).be_prefill == ("b", 500)
     # A GPU-like model: every chunk that fits is efficient.
     assert Controller(TRUE).plan(_view(ls_decodes=LS_DECODES, be=(late,), slo=slo)).be_prefill is not None
+
+
+def test_without_ls_decodes_a_be_prompt_always_progresses_even_when_no_chunk_fits_the_ttft_cap():
+    """A slow machine (or a pessimistic profile) can price every chunk of a long BE prompt above
+    the TTFT cap; with no LS decode to protect, the smallest efficient chunk runs anyway (found in
+    CI: BE requests waited forever on an idle server). With LS decodes the cap still holds."""
+    ctl = Controller(STANDIN)
+    slo = SLO(ttft_s=0.2, tpot_s=0.4)  # cap 0.1 s: below even one token's step at this prefix
+    late = BERequest("b", WAITING, prompt_len=1000, prefilled=500)
+    assert ctl._prefill_time(1, 500) > ControllerConfig().be_ttft_share * slo.ttft_s
+    plan = ctl.plan(_view(be=(late,), slo=slo))
+    smallest = ctl._smallest_efficient_be_chunk(500, 500, 500)
+    assert plan.be_prefill == ("b", smallest) and 1 < smallest <= 500
+    with_ls = ctl.plan(_view(be=(late,), slo=slo, ls_decodes=(LSDecode("ls", 150, ahead_s=10.0),)))
+    assert with_ls.be_prefill is None
 
 
 def test_be_requests_decode_where_their_rows_cost_less():
