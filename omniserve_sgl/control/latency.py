@@ -227,7 +227,7 @@ def fit(samples: Sequence[StepSample], tiles: Sequence[int] = TILES, meta: dict 
 
 
 def _stratum(shape: StepShape) -> tuple[bool, bool, bool]:
-    """What kind of step ``shape`` is: (decodes rows, continues prompts past a cached prefix, has CPU jobs)."""
+    """What kind of step ``shape`` is: (has decode rows, continues prompts past a cached prefix, has CPU jobs)."""
     return shape.decode_rows > 0, shape.prefill_context > shape.tokens, shape.cpu_jobs > 0
 
 

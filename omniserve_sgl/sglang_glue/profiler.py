@@ -38,8 +38,8 @@ DECODE_STEPS = 3
 # (SGLang's chunked prefill): what a chunk costs beyond a fresh prefill of its length. The cheap
 # ones first, so that a slow machine (the 2-core VM prefills ~90 tokens/s) still gets a few: only
 # these tell a prefix's cost from the chunk's own.
-CHUNK_GRID = ((1, 32, 16), (1, 64, 32), (2, 64, 16), (1, 128, 64), (1, 256, 32), (1, 1024, 32), (2, 512, 64), (1, 1024, 256), (4, 256, 64), (1, 2048, 64),
-              (1, 2048, 512), (2, 1536, 128))
+CHUNK_GRID = ((1, 32, 16), (1, 64, 32), (2, 64, 16), (1, 128, 64), (1, 256, 32), (1, 1024, 32), (2, 512, 64),
+              (1, 1024, 256), (4, 256, 64), (1, 2048, 64), (1, 2048, 512), (2, 1536, 128))
 MAX_BATCH_TOKENS = 4096  # the grid's largest prefill (one pass, whatever --chunked-prefill-size says)
 BUDGET_S = 60.0  # the whole profile, forward passes and CPU jobs
 CPU_JOBS_BUDGET_S = 6.0  # timed first: a few ms each, and a model without them would call CPU attention free
