@@ -147,13 +147,13 @@ def flush_cache(server) -> None:
     server.flush_cache()
 
 
-def generate(server, text, max_new_tokens=32, service_class=None, headers=None, **extra):
-    """Greedy ``/generate``; returns the JSON answer (raises on HTTP errors)."""
+def generate(server, text, max_new_tokens=32, service_class=None, headers=None, timeout=600, **extra):
+    """Greedy ``/generate``; returns the JSON answer (raises on HTTP errors; ``timeout`` in s)."""
     params = {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
     if service_class is not None:
         params["custom_params"] = {"omniserve_class": service_class}
     r = requests.post(f"{server.url}/generate", json={"text": text, "sampling_params": params, **extra},
-                      headers=headers, timeout=600)
+                      headers=headers, timeout=timeout)
     r.raise_for_status()
     return r.json()
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from omniserve_sgl.bench.launch import SGLangServer
 from omniserve_sgl.control import LatencyModel, StepShape
-from tests.serving.conftest import metric
+from tests.serving.conftest import generate, metric
 
 TTFT_SLO = 0.05
 
@@ -28,15 +27,7 @@ def test_be_requests_complete_on_an_idle_server_when_no_chunk_fits_the_ttft_cap(
     one_token = LatencyModel.load(latency_profile.path).predict(StepShape(tokens=1, prefill_attn_work=1, prefill_context=1))
     assert one_token > TTFT_SLO / 2  # the premise: no chunk fits the cap
     prompts = [f"Write a short poem about the number {i}." for i in range(3)]
-
-    def be(text: str) -> dict:
-        body = {"text": text, "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True,
-                                                  "custom_params": {"omniserve_class": "be"}}}
-        r = requests.post(f"{tight_server.url}/generate", json=body, timeout=240)  # ~20 s here
-        r.raise_for_status()
-        return r.json()
-
     with ThreadPoolExecutor(len(prompts)) as pool:
-        outs = list(pool.map(be, prompts))
+        outs = list(pool.map(lambda p: generate(tight_server, p, 8, "be", timeout=240), prompts))  # ~2 s here
     assert all(len(o["output_ids"]) == 8 for o in outs)
     assert metric(tight_server, "omniserve_be_parked_requests") == 0
