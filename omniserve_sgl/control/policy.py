@@ -277,6 +277,11 @@ class Controller:
             if be_budget is None:  # nothing to protect but an LS arrival: the cap never starves BE
                 chunk = max(chunk, min(smallest, hi))
             if chunk >= smallest:
+                # A request moving back to the GPU takes its slots before this chunk is allocated
+                # (moves run first): it waits when both do not fit (BE prefill > BE decode).
+                back = sum(b.context_len + 1 for b in view.be if b.rid in to_gpu)
+                if back and chunk + back > be_room:
+                    common["to_gpu"] = ()
                 return StepPlan(be_prefill=(r.rid, chunk), predicted_s=self._prefill_time(chunk, r.prefilled),
                                 why=f"BE prefill {chunk} tokens of {r.rid}", **common)
             why += f"BE prefill of {r.rid} waits (fits {max(chunk, 0)} tokens, efficient from {smallest}); "

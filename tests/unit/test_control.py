@@ -405,6 +405,22 @@ def test_a_be_prompt_starts_only_when_all_of_it_fits_the_gpu_kv():
     assert Controller(TRUE).plan(begun).be_prefill[0] == "b0"
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_be_request_moving_back_to_the_gpu_never_takes_the_slots_of_the_be_chunk_planned_beside_it(overlap):
+    """Moves run before the step's prefill is allocated: a request coming back and the chunk of a
+    begun BE prompt both need GPU slots (in a served run SGLang's allocator was then asked for a
+    168-token chunk with 62 slots free: out of memory, which ends the server)."""
+    be = (BERequest("c0", CPU, context_len=1500, last_run_step=3), BERequest("w", WAITING, prompt_len=3000,
+                                                                             prefilled=1000))
+    view = _view(ls_decodes=LS_DECODES[:2], be=be, cpu_overlap=overlap)
+    roomy = Controller(TRUE).plan(view)
+    assert roomy.be_prefill[0] == "w" and roomy.to_gpu == ("c0",)  # room for both: both
+    tight = dataclasses.replace(view, gpu_kv_free_tokens=2 + 1501 + roomy.be_prefill[1] - 1)
+    plan = Controller(TRUE).plan(tight)
+    assert plan.be_prefill == roomy.be_prefill and plan.to_gpu == ()  # BE prefill goes before a BE decode row
+    assert plan.be_prefill[1] <= tight.gpu_kv_free_tokens - 2
+
+
 def test_with_cpu_overlap_offloaded_rows_cost_the_step_only_their_dense_work():
     rows = tuple(BERequest(f"b{i}", CPU, context_len=20_000, last_run_step=i) for i in range(64))
     view = _view(ls_decodes=LS_DECODES, be=rows, since_decode_s=0.02)
