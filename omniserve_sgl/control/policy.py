@@ -318,7 +318,8 @@ class Controller:
     def _placement(self, view: ServerView) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """BE KV moves for this step (paper 3.3): GPU-resident BE requests go to the BE KV pool,
         largest first, while the GPU KV the LS requests need (queued prompts, a token per decode,
-        the reserve) is not free. Otherwise (``auto`` placement, no LS prompt waiting) one request
+        the reserve) is not free. Otherwise (``auto`` placement, no LS prompt waiting) the largest
+        GPU-resident one goes to the pool when the next BE prompt waits for GPU KV, else one request
         moves for speed: the largest GPU-resident one to the pool when its row costs a decode step
         less there, else the longest-deferred CPU-resident one back to fresh GPU slots when its KV
         fits beside the LS need, its row costs less on the GPU, and the GPU's BE rows with it still
@@ -335,6 +336,13 @@ class Controller:
                 headroom += r.context_len
         if to_cpu or self.config.be_placement == "cpu" or view.ls_waiting:
             return tuple(to_cpu), ()
+        # The next BE prompt waiting for GPU KV (all of it, before its first chunk) counts as
+        # pressure too: in the pool a request still decodes; a prompt is prefilled on the GPU only.
+        queued = next((r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled), None)
+        gpu = [r for r in view.be if r.placement == GPU]
+        if queued is not None and queued.prefilled == 0 and headroom < queued.prompt_len and gpu:
+            r = max(gpu, key=lambda r: (r.context_len, r.rid))
+            return ((r.rid,), ()) if r.context_len <= view.be_pool_free_tokens else ((), ())
         if view.cpu_overlap:
             return self._placement_overlap(view, headroom)
         # For speed: one move per step, to wherever the request's row adds less to a decode step of
@@ -371,8 +379,8 @@ class Controller:
         time, so it yields a token at most every pass and often fewer, where a row on the GPU yields
         one per decode pass. So BE requests stay on the
         GPU while the GPU's BE rows fit the BE budget (paper 3.3: on the GPU while there is slack),
-        the largest moves to the pool when they no longer fit or a BE prompt waits for GPU KV, and
-        the longest-deferred CPU one comes back when it fits beside them; one move per step."""
+        the largest moves to the pool when they no longer fit, and the longest-deferred CPU one
+        comes back when it fits beside them; one move per step."""
         tpot = self.tpot_budget(view)
         budget = None if tpot is None else self.config.be_margin * tpot
         gpu = [r for r in view.be if r.placement == GPU]
@@ -380,10 +388,7 @@ class Controller:
         def fits(rows: list[BERequest]) -> bool:
             return budget is None or self.model.predict(self._decode_shape(view, rows)) <= budget
 
-        # A BE prompt waiting for GPU KV counts as pressure too: in the pool a request still decodes.
-        queued = next((r for r in view.be if r.placement == WAITING and r.prefilled == 0), None)
-        short = queued is not None and headroom < queued.prompt_len
-        if gpu and (short or not fits(gpu)):
+        if gpu and not fits(gpu):
             r = max(gpu, key=lambda r: (r.context_len, r.rid))
             return ((r.rid,), ()) if r.context_len <= view.be_pool_free_tokens else ((), ())
         cpu = sorted((r for r in view.be if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid))

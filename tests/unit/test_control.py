@@ -421,6 +421,23 @@ def test_a_be_request_moving_back_to_the_gpu_never_takes_the_slots_of_the_be_chu
     assert plan.be_prefill[1] <= tight.gpu_kv_free_tokens - 2
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_be_prompt_waiting_for_gpu_kv_moves_the_largest_gpu_be_request_to_the_pool(overlap):
+    """BE requests kept on the GPU must not hold the only place a BE prompt can be prefilled:
+    in a served run (4 BE in flight, 4K-token KV cache) 45% of the steps had the next BE prompt
+    waiting for GPU KV while the BE requests on the GPU decoded."""
+    on_gpu = (BERequest("g0", GPU, context_len=900), BERequest("g1", GPU, context_len=1000))
+    waiting = BERequest("w", WAITING, prompt_len=800)
+    view = _view(ls_decodes=LS_DECODES[:2], be=(*on_gpu, waiting), gpu_kv_free_tokens=500, cpu_overlap=overlap)
+    assert Controller(TRUE).plan(view).to_cpu == ("g1",)  # the largest, one per step
+    roomy = dataclasses.replace(view, gpu_kv_free_tokens=2000)
+    assert Controller(TRUE).plan(roomy).to_cpu == ()  # the prompt fits: nothing moves for it
+    full_pool = dataclasses.replace(view, be_pool_free_tokens=500)
+    assert Controller(TRUE).plan(full_pool).to_cpu == ()  # nowhere to go
+    begun = dataclasses.replace(view, be=(*on_gpu, dataclasses.replace(waiting, prefilled=400)))
+    assert Controller(TRUE).plan(begun).to_cpu == ()  # a begun prompt needs only its next chunk
+
+
 def test_with_cpu_overlap_offloaded_rows_cost_the_step_only_their_dense_work():
     rows = tuple(BERequest(f"b{i}", CPU, context_len=20_000, last_run_step=i) for i in range(64))
     view = _view(ls_decodes=LS_DECODES, be=rows, since_decode_s=0.02)
@@ -438,9 +455,6 @@ def test_with_cpu_overlap_be_requests_stay_on_the_gpu_while_their_rows_fit_the_b
     assert ctl.plan(dataclasses.replace(view, be=many)).to_cpu == ("g39",)  # too many: the largest goes
     back = (*few, BERequest("c0", CPU, context_len=1500, last_run_step=3))
     assert ctl.plan(dataclasses.replace(view, be=back)).to_gpu == ("c0",)  # slack: it comes back
-    # A BE prompt that waits for GPU KV moves the largest GPU one out: in the pool it still decodes.
-    full = dataclasses.replace(view, be=(*few, BERequest("w", WAITING, prompt_len=3000)), gpu_kv_free_tokens=1000)
-    assert ctl.plan(full).to_cpu == ("g0",) or ctl.plan(full).to_cpu == ("g1",)
 
 
 def test_be_rows_that_add_nothing_to_the_step_ride_along_even_without_slack():
