@@ -50,8 +50,9 @@ class ControllerConfig:
         be_chunk_waste: a BE prefill chunk costs at most this multiple of the time per token of
             prefilling the rest of the prompt in one step (a tiny chunk pays the step's fixed cost,
             and on backends whose chunk cost grows with the prefix, such as SGLang's CPU
-            torch_native, the whole prefix again, for a few tokens); when no chunk that fits is
-            that efficient, the slack goes to BE decode rows instead.
+            torch_native, the whole prefix again, for a few tokens), or is the server's largest
+            chunk (``--chunked-prefill-size``); when no chunk that fits is that efficient, the
+            slack goes to BE decode rows instead.
         move_gain: a BE request moves between the GPU KV cache and the BE KV pool for speed only
             when its row costs a decode step at least this share less at the other place
             (hysteresis: no back and forth on prediction noise).
@@ -273,7 +274,10 @@ class Controller:
                     be_budget is None or fits(c, r.prefilled, be_budget))
 
             chunk = largest_fitting(1, hi, be_fits)
-            smallest = self._smallest_efficient_be_chunk(r.prompt_len - r.prefilled, r.prefilled, hi)
+            # The server's own chunk limit is as efficient as a chunk can be: no chunk beyond it
+            # is asked for (with a small --chunked-prefill-size none might pass the waste bound).
+            top = min(r.prompt_len - r.prefilled, view.max_prefill_tokens)
+            smallest = min(self._smallest_efficient_be_chunk(r.prompt_len - r.prefilled, r.prefilled, hi), top)
             if be_budget is None:  # nothing to protect but an LS arrival: the cap never starves BE
                 chunk = max(chunk, min(smallest, hi))
             if chunk >= smallest:

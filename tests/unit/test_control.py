@@ -251,6 +251,21 @@ def test_without_ls_decodes_a_be_prompt_always_progresses_even_when_no_chunk_fit
     assert with_ls.be_prefill is None
 
 
+def test_a_be_prompt_progresses_when_the_servers_chunk_limit_is_below_every_efficient_chunk():
+    """With a fixed step cost that is large against the cost per token, no chunk of at most
+    ``--chunked-prefill-size`` passes the waste bound; the limit's own chunk then counts as
+    efficient (found in CI on a faster machine: a BE prompt with 64-token chunks never started
+    on an idle server)."""
+    # The default model's profile on a 2-core Xeon: a 47 ms step, 0.27 ms a token.
+    ctl = Controller(LatencyModel(tile=4, c_step=0.047, c_dense=1.08e-3, c_prefill_attn=5.3e-8, c_prefill_ctx=9.1e-5))
+    fresh = BERequest("b", WAITING, prompt_len=1536)
+    assert ctl._smallest_efficient_be_chunk(1536, 0, 64) > 64  # none within the limit
+    assert ctl.plan(_view(be=(fresh,), max_prefill_tokens=64)).be_prefill == ("b", 64)
+    # With LS decodes it runs too, when it fits their slack.
+    ahead = (LSDecode("ls", 150, ahead_s=10.0),)
+    assert ctl.plan(_view(be=(fresh,), max_prefill_tokens=64, ls_decodes=ahead)).be_prefill == ("b", 64)
+
+
 def test_be_requests_decode_where_their_rows_cost_less():
     """With slack, a BE request's row goes where it adds less to a decode step: the CPU worker on
     the CPU stand-in (SGLang's CPU decode attention is slower than the worker's kernel), the GPU on a
