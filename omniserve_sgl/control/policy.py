@@ -345,8 +345,7 @@ class Controller:
         queued = next((r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled), None)
         gpu = [r for r in view.be if r.placement == GPU]
         if queued is not None and queued.prefilled == 0 and headroom < queued.prompt_len and gpu:
-            r = max(gpu, key=lambda r: (r.context_len, r.rid))
-            return ((r.rid,), ()) if r.context_len <= view.be_pool_free_tokens else ((), ())
+            return _largest_to_pool(gpu, view)
         if view.cpu_overlap:
             return self._placement_overlap(view, headroom)
         # For speed: one move per step, to wherever the request's row adds less to a decode step of
@@ -393,12 +392,18 @@ class Controller:
             return budget is None or self.model.predict(self._decode_shape(view, rows)) <= budget
 
         if gpu and not fits(gpu):
-            r = max(gpu, key=lambda r: (r.context_len, r.rid))
-            return ((r.rid,), ()) if r.context_len <= view.be_pool_free_tokens else ((), ())
+            return _largest_to_pool(gpu, view)
         cpu = sorted((r for r in view.be if r.placement == CPU), key=lambda r: (r.last_run_step, r.rid))
         if cpu and cpu[0].context_len + 1 <= headroom and fits([*gpu, dataclasses.replace(cpu[0], placement=GPU)]):
             return (), (cpu[0].rid,)
         return (), ()
+
+
+def _largest_to_pool(gpu: list[BERequest], view: ServerView) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The move of the largest of the GPU-resident BE requests ``gpu`` to the BE KV pool, or no
+    move when the pool cannot take it."""
+    r = max(gpu, key=lambda r: (r.context_len, r.rid))
+    return ((r.rid,), ()) if r.context_len <= view.be_pool_free_tokens else ((), ())
 
 
 @dataclasses.dataclass(frozen=True)
