@@ -4,7 +4,7 @@ alternating, pair after pair (each pair's order flips, so drift in the machine f
 sides), and reports each pair's ratio omniserve / plain of median and p99 TTFT and TPOT, then their
 median and spread over the pairs.
 
-    .venv/bin/python benchmarks/ls_cost.py            # CPU, default model, about 20 min
+    .venv/bin/python benchmarks/ls_cost.py            # CPU, default model, about 15 min
 
 Two workloads per server, both the same random-token LS stream (fixed seed):
   ls-only  LS requests alone: ``--omniserve`` should run as plain SGLang (its overlap schedule)
