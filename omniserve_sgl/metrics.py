@@ -19,6 +19,8 @@ class BEMetrics:
     ``|predicted - measured| / measured`` per prefill or decode step); with the SLO controller,
     ``omniserve_ls_rejected_total`` (LS requests refused by ``--omniserve-ls-admission reject``),
     ``omniserve_be_rows_deferred_total`` (BE decode rows that sat out a step: no slack),
+    ``omniserve_be_prefill_yields_total`` (BE prompts being prefilled in chunks that yielded to an
+    LS prompt; each resumes from the chunks it had),
     ``omniserve_be_moves_total{direction="to_cpu"|"to_gpu"}`` (BE KV moves between the GPU KV cache
     and the BE KV pool) and ``omniserve_be_requests{placement="gpu"|"cpu"}`` (running BE requests
     by where their KV lives); ``omniserve_mode_switches_total{to="be"|"ls"}`` (the scheduler's
@@ -56,6 +58,8 @@ class BEMetrics:
                                    "LS requests rejected at admission: predicted TTFT over the TTFT SLO")
         self.be_rows_deferred = Counter("omniserve_be_rows_deferred",
                                         "BE decode rows that sat out a decode step (no SLO slack for them)")
+        self.be_prefill_yields = Counter("omniserve_be_prefill_yields", "BE prompts being prefilled in chunks "
+                                         "that yielded to an LS prompt (each resumes from the chunks it had)")
         self.be_moves = Counter("omniserve_be_moves", "BE requests whose KV moved between the GPU KV cache and "
                                 "the BE KV pool", ["direction"])
         self.be_requests = Gauge("omniserve_be_requests", "Running BE requests by where their KV lives",
@@ -71,6 +75,7 @@ class BEMetrics:
         self.residual_store_bytes = Gauge("omniserve_residual_store_bytes", "Residual-stream bytes held for BE "
                                           "tokens between two layers (asynchronous piggybacking)", **gauge)
         self.ls_pass_waits.inc(0)
+        self.be_prefill_yields.inc(0)
         self.parked.set(0)
         for placement in ("gpu", "cpu"):
             self.be_requests.labels(placement=placement).set(0)

@@ -259,10 +259,9 @@ class Controller:
             why = f"LS decodes first ({1e3 * since:.0f} ms late for their schedule), then LS prefill; "
         be_budget = None if tpot is None else cfg.be_margin * tpot
         be_waiting = [r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled]
-        # A BE prompt needs GPU KV beside what the LS decodes' next tokens need: all of it before
-        # its first chunk (SGLang's PrefillAdder admits a request whole), then its next chunk.
+        # A BE prompt needs GPU KV beside what the LS decodes' next tokens need (_kv_to_start).
         be_room = view.gpu_kv_free_tokens - len(view.ls_decodes) - cfg.gpu_kv_reserve_tokens
-        if be_waiting and not waiting and be_room < (be_waiting[0].prompt_len if be_waiting[0].prefilled == 0 else 1):
+        if be_waiting and not waiting and be_room < _kv_to_start(be_waiting[0]):
             why += f"BE prefill of {be_waiting[0].rid} waits for GPU KV; "
         elif be_waiting and not waiting:
             r = be_waiting[0]
@@ -340,11 +339,11 @@ class Controller:
                 headroom += r.context_len
         if to_cpu or self.config.be_placement == "cpu" or view.ls_waiting:
             return tuple(to_cpu), ()
-        # The next BE prompt waiting for GPU KV (all of it, before its first chunk) counts as
+        # The next BE prompt waiting for GPU KV (the rest of it, before its next chunk) counts as
         # pressure too: in the pool a request still decodes; a prompt is prefilled on the GPU only.
         queued = next((r for r in view.be if r.placement == WAITING and r.prompt_len > r.prefilled), None)
         gpu = [r for r in view.be if r.placement == GPU]
-        if queued is not None and queued.prefilled == 0 and headroom < queued.prompt_len and gpu:
+        if queued is not None and not queued.in_prefill and headroom < _kv_to_start(queued) and gpu:
             return _largest_to_pool(gpu, view)
         if view.cpu_overlap:
             return self._placement_overlap(view, headroom)
@@ -397,6 +396,13 @@ class Controller:
         if cpu and cpu[0].context_len + 1 <= headroom and fits([*gpu, dataclasses.replace(cpu[0], placement=GPU)]):
             return (), (cpu[0].rid,)
         return (), ()
+
+
+def _kv_to_start(r: BERequest) -> int:
+    """GPU KV slots the waiting BE request ``r`` needs free before its next chunk: the rest of its
+    prompt unless the server is prefilling it chunk by chunk (SGLang's ``PrefillAdder`` admits a
+    request whole, then sizes each chunk of its chunked request to the free KV)."""
+    return 1 if r.in_prefill else r.prompt_len - r.prefilled
 
 
 def _largest_to_pool(gpu: list[BERequest], view: ServerView) -> tuple[tuple[str, ...], tuple[str, ...]]:

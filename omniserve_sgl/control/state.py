@@ -68,7 +68,11 @@ class LSWaiting:
 class BERequest:
     """A BE request: ``placement`` is one of ``PLACEMENTS``; ``context_len`` tokens with KV (for a
     waiting one, ``prefilled`` of its ``prompt_len``); ``last_run_step`` is the step it last decoded
-    in (-1: never), so the longest-deferred rows go first and none starves."""
+    in (-1: never), so the longest-deferred rows go first and none starves. A waiting one is
+    ``in_prefill`` while the server prefills it chunk by chunk (its next chunk needs GPU KV only for
+    itself); one that has not started, or yielded to an LS prompt and resumes from the ``prefilled``
+    tokens the server kept, needs GPU KV for all the rest of its prompt before its next chunk (as
+    SGLang's ``PrefillAdder`` admits a request)."""
 
     rid: str
     placement: str
@@ -76,6 +80,7 @@ class BERequest:
     prompt_len: int = 0
     prefilled: int = 0
     last_run_step: int = -1
+    in_prefill: bool = False
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:

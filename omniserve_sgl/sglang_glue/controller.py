@@ -55,6 +55,7 @@ _view: ServerView | None = None  # what it was planned from
 _step = 0
 _decoded_last_step = True
 _deferred: list = []  # BE Reqs sitting out the decode step in flight
+_yielded: list = []  # queued BE Reqs that yielded to an LS prompt, their prefilled chunks pinned
 _test_step = 0
 _without_be_work = 0  # consecutive plans that gave BE nothing to do
 _metrics = None
@@ -180,7 +181,10 @@ def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:
         if r.finished() or r.to_finish is not None:
             continue
         if is_be(r):
-            be.append(BERequest(r.rid, WAITING, prompt_len=len(r.origin_input_ids), prefilled=r.kv.kv_committed_len))
+            pin = getattr(r, "omniserve_pin", None)
+            be.append(BERequest(r.rid, WAITING, prompt_len=len(r.origin_input_ids),
+                                prefilled=max(r.kv.kv_committed_len, pin[1] if pin else 0),
+                                in_prefill=r is scheduler.chunked_req))
         else:
             ls_waiting.append(LSWaiting(r.rid, len(r.origin_input_ids), r.time_stats.wait_queue_entry_time or now,
                                         prefilled=r.kv.kv_committed_len, ttft_slo_s=_slos(r)[0]))
@@ -230,7 +234,11 @@ def plan_step(original, self, running_batch) -> bool:
         return deferred
     _set_chunk_limit(self)
     _step += 1
+    release_yielded(self)
     _view = server_view(self, running_batch, glue.runtime())
+    if _yielded and _ls_short_of_kv(_view):
+        release_yielded(self, everything=True)
+        _view = server_view(self, running_batch, glue.runtime())
     _plan = _controller.plan(_view)
     _without_be_work = 0 if _plan.be_prefill or _plan.be_decode else _without_be_work + 1
     piggyback.set_budget(sum(map(piggyback.owns, _plan.be_decode)))
@@ -247,13 +255,50 @@ def _park_be_prefill(scheduler) -> None:
     goes first in every prefill step): the BE request goes back to the queue, as SGLang retracts a
     request, and the LS prompt takes this step (strict order: LS prefill > BE prefill). The chunks
     it has prefilled stay in the radix cache (SGLang put them there at the start of this step), so
-    it resumes from them unless they are evicted meanwhile."""
+    it resumes from them: they are pinned there (a tree lock of ours on the node they end at) until
+    it is admitted again (:func:`release_yielded`). Unpinned, the radix cache's LRU eviction takes
+    the tail of its prefix first, and the chunks are computed again: in a served run at 2.5 LS/s,
+    BE prompts of 1K tokens were prefilled 1.4 to 5.3 times over."""
     from sglang.srt.mem_cache import common
 
     req, scheduler.chunked_req = scheduler.chunked_req, None
+    kept = req.kv.cache_protected_len
+    pin = (scheduler.tree_cache.lock(req.last_node), kept) if kept and req.last_node is not None else None
     common.release_kv_cache(req, scheduler.tree_cache, checkpoint=False)  # with omniserve's hook: pool pages too
     req.reset_for_retract()
+    if pin is not None:
+        req.omniserve_pin = pin
+        _yielded.append(req)
     scheduler._add_request_to_queue(req, is_retracted=True)
+    if _metrics is not None:
+        _metrics.be_prefill_yields.inc()
+
+
+def _ls_short_of_kv(view: ServerView) -> bool:
+    """Whether the LS requests need more GPU KV (their queued prompts, a token per decode) than is
+    free, evictable, or held by BE requests the plan can move to the BE KV pool: then the chunks of
+    BE prompts that yielded to them are unpinned (they become evictable, LRU first)."""
+    movable = sum(b.context_len for b in view.be if b.placement == GPU)
+    need = sum(w.remaining for w in view.ls_waiting) + len(view.ls_decodes)
+    return need > view.gpu_kv_free_tokens + movable
+
+
+def release_yielded(scheduler, everything: bool = False) -> None:
+    """Unpins the chunks of BE prompts that yielded to LS prompts (:func:`_park_be_prefill`) once
+    they are out of SGLang's waiting queue (admitted again, holding a tree lock of their own, or
+    aborted), or all of them when ``everything`` (LS requests need the GPU KV, or the BE path goes
+    off); unpinned chunks stay in the radix cache until evicted."""
+    if not _yielded:
+        return
+    queued = {id(r) for r in scheduler.waiting_queue}
+    keep = []
+    for req in _yielded:
+        if everything or id(req) not in queued or req.finished():
+            scheduler.tree_cache.unlock(req.omniserve_pin[0])
+            req.omniserve_pin = None
+        else:
+            keep.append(req)
+    _yielded[:] = keep
 
 
 def _move(scheduler, running_batch, runtime, to_cpu, to_gpu) -> None:

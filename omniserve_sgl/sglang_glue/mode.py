@@ -201,6 +201,7 @@ def check_switch(_result, scheduler, *args, **kwargs) -> None:
             why = f"{len(queued)} BE request(s) wait for slack, parked: BE path off"
         else:
             why = "no BE request left: BE path off"
+        controller.release_yielded(scheduler, everything=True)
         if _overlap_configured:
             raise _Switch(why)
         _switched(False, why)

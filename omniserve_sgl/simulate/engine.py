@@ -512,7 +512,7 @@ class Simulation:
             key = (WAITING, r.target, r.prefilled)
             if r.cls == "be":
                 be_waiting.append(self._cached(r, key, lambda r=r: BERequest(
-                    r.rid, WAITING, prompt_len=r.target, prefilled=r.prefilled)))
+                    r.rid, WAITING, prompt_len=r.target, prefilled=r.prefilled, in_prefill=r.prefilled > 0)))
             else:
                 ls_waiting.append(self._cached(r, key, lambda r=r: LSWaiting(
                     r.rid, r.target, r.arrival, prefilled=r.prefilled)))

@@ -1,6 +1,7 @@
 """The SLO controller on a real server: LS admission in ``reject`` mode, BE rows that sit out while an
-LS request needs its TPOT, and BE requests that decode in the GPU KV cache, move to the BE KV pool
-when an LS prompt needs the room, and come back.
+LS request needs its TPOT, BE requests that decode in the GPU KV cache, move to the BE KV pool
+when an LS prompt needs the room, and come back, and a BE prompt that yields to an LS prompt
+mid-prefill and resumes from its chunks.
 
 The server's GPU KV cache holds 1536 tokens, so a BE request of ~400 tokens and an LS prompt of
 ~1200 cannot both be there. Its latency model is the profiled one made GPU-like: GPU decode
@@ -22,6 +23,7 @@ from omniserve_sgl.bench.launch import SGLangServer
 from tests.serving.conftest import metric
 
 GPU_KV_TOKENS = 1536
+CHUNK = 128  # --chunked-prefill-size: a long prompt is prefilled over several steps
 MOVES = "omniserve_be_moves_total"
 
 
@@ -33,7 +35,8 @@ def ctl_server(model_path, latency_profile, tmp_path_factory):
     path = tmp_path_factory.mktemp("gpu-like") / "latency.json"
     path.write_text(json.dumps(gpu_like))
     with SGLangServer(model_path, "--omniserve", "--omniserve-ls-admission", "reject", "--enable-metrics",
-                      "--max-total-tokens", str(GPU_KV_TOKENS), "--omniserve-profile", str(path)) as s:
+                      "--max-total-tokens", str(GPU_KV_TOKENS), "--chunked-prefill-size", str(CHUNK),
+                      "--omniserve-profile", str(path)) as s:
         yield s
 
 
@@ -102,3 +105,52 @@ def test_be_request_leaves_the_gpu_for_an_ls_prompt_and_comes_back(ctl_server, t
     assert metric(ctl_server, "omniserve_cpu_attention_tokens_total") > cpu_tokens  # it decoded on the CPU meanwhile
     assert metric(ctl_server, "omniserve_be_pool_pages_used") == 0
     assert metric(ctl_server, "omniserve_be_requests", placement="cpu") == 0
+
+
+def test_a_be_prompt_that_yields_to_an_ls_prompt_mid_prefill_resumes_from_its_chunks(ctl_server, tokenizer):
+    """An LS prompt arriving while a BE prompt is prefilled chunk by chunk goes first; the BE prompt
+    keeps the chunks it had, pinned in the radix cache, while LS work goes on: here an LS request
+    with no TPOT slack (so the BE prompt stays out), a short LS request that finishes (its prompt
+    stays in the radix cache, more recently used than the BE chunks) and a long LS prompt that
+    needs some of the cached KV. The eviction takes the finished LS prompt, not the older BE
+    chunks: every BE prompt token is computed once. Once all are done nothing stays pinned."""
+    def text(words: str, n: int) -> str:  # no first token shared with another prompt: nothing cached
+        return words * n + str(time.time_ns())
+
+    be_text = text("Long ago, in a kingdom by the sea, ", 90)
+    hold_text, short_text = text("List the even numbers: ", 3), text("The sun is a star. ", 65)
+    long_text = text("Rivers flow into the ocean. ", 158)
+    n = {k: len(tokenizer.encode(t)) for k, t in
+         (("be", be_text), ("hold", hold_text), ("short", short_text), ("long", long_text))}
+    hold_out = 96
+    # The long prompt fits beside what is held (the hold request, the BE chunks: 1-3 chunks when it
+    # yields) only by evicting some of the cached prompts.
+    held = n["hold"] + hold_out + 2 * CHUNK
+    assert GPU_KV_TOKENS - held - n["short"] < n["long"] < GPU_KV_TOKENS - held - 64, n
+
+    def computed() -> float:  # prompt tokens SGLang has computed (not taken from its prefix cache)
+        return metric(ctl_server, "sglang:realtime_tokens_total", mode="prefill_compute")
+
+    start, yields = computed(), metric(ctl_server, "omniserve_be_prefill_yields_total")
+    relaxed = {"omniserve_ttft_slo": 600, "omniserve_tpot_slo": 30}
+    with ThreadPoolExecutor(2) as pool:
+        be = pool.submit(_post, ctl_server, be_text, 8, {"omniserve_class": "be"})
+        _wait_until(lambda: computed() >= start + CHUNK, "the BE prefill never started")
+        hold = pool.submit(_post, ctl_server, hold_text, hold_out, {"omniserve_ttft_slo": 600,
+                                                                    "omniserve_tpot_slo": 0.001})
+        _wait_until(lambda: metric(ctl_server, "omniserve_be_prefill_yields_total") == yields + 1,
+                    "the BE prompt never yielded")
+        for t in (short_text, long_text):
+            r = _post(ctl_server, t, 1, relaxed)
+            assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 1
+        assert not hold.done(), "the LS request holding BE out ended too soon: nothing was checked"
+        assert hold.result().status_code == 200 and hold.result().json()["meta_info"]["completion_tokens"] == hold_out
+        assert be.result().status_code == 200 and be.result().json()["meta_info"]["completion_tokens"] == 8
+    total = sum(n.values())
+    _wait_until(lambda: computed() >= start + total - 2, "the prefill counter never caught up", timeout=30)
+    assert computed() - start <= total, (computed() - start, n)
+    # Nothing stays pinned: a prompt that needs nearly the whole GPU KV cache is served.
+    final = text("Mountains rise above the clouds. ", 238)
+    assert GPU_KV_TOKENS - 100 < len(tokenizer.encode(final)) < GPU_KV_TOKENS - 16
+    r = _post(ctl_server, final, 4, relaxed)
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 4

@@ -223,7 +223,7 @@ def test_a_be_chunk_too_small_to_pay_for_its_fixed_and_prefix_costs_waits_and_de
     ctl = Controller(STANDIN)
     slo = SLO(ttft_s=1.0, tpot_s=0.4)
     decodes = tuple(LSDecode(f"ls{i}", 150) for i in range(3))
-    late = BERequest("b", WAITING, prompt_len=1000, prefilled=500)
+    late = BERequest("b", WAITING, prompt_len=1000, prefilled=500, in_prefill=True)
     plan = ctl.plan(_view(ls_decodes=decodes, be=(late, BERequest("r", CPU, context_len=900)), slo=slo,
                           kv_bytes_per_token=30 * 2 * 3 * 64 * 2, num_layers=30))
     assert plan.be_prefill is None and plan.be_decode == ("r",) and "BE prefill of b waits" in plan.why
@@ -242,7 +242,7 @@ def test_without_ls_decodes_a_be_prompt_always_progresses_even_when_no_chunk_fit
     CI: BE requests waited forever on an idle server). With LS decodes the cap still holds."""
     ctl = Controller(STANDIN)
     slo = SLO(ttft_s=0.2, tpot_s=0.4)  # cap 0.1 s: below even one token's step at this prefix
-    late = BERequest("b", WAITING, prompt_len=1000, prefilled=500)
+    late = BERequest("b", WAITING, prompt_len=1000, prefilled=500, in_prefill=True)
     assert ctl._prefill_time(1, 500) > ControllerConfig().be_ttft_share * slo.ttft_s
     plan = ctl.plan(_view(be=(late,), slo=slo))
     smallest = ctl._smallest_efficient_be_chunk(500, 500, 500)
@@ -416,8 +416,13 @@ def test_a_be_prompt_starts_only_when_all_of_it_fits_the_gpu_kv():
     plan = Controller(TRUE).plan(view)
     assert plan.be_prefill is None and "waits for GPU KV" in plan.why and plan.be_decode == ("b1",)
     # Once begun (SGLang admitted it whole), its next chunk needs only room for itself.
-    begun = dataclasses.replace(view, be=(dataclasses.replace(be[0], prefilled=1500), be[1]))
+    begun = dataclasses.replace(view, be=(dataclasses.replace(be[0], prefilled=1500, in_prefill=True), be[1]))
     assert Controller(TRUE).plan(begun).be_prefill[0] == "b0"
+    # One that yielded to an LS prompt resumes from the tokens the server kept: it is admitted
+    # again, so the rest of its prompt must fit.
+    resumed = dataclasses.replace(begun, be=(dataclasses.replace(be[0], prefilled=800), be[1]))
+    assert Controller(TRUE).plan(resumed).be_prefill is None  # 2200 > 2000 - 2
+    assert Controller(TRUE).plan(dataclasses.replace(resumed, gpu_kv_free_tokens=2 + 2200)).be_prefill[0] == "b0"
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -426,7 +431,7 @@ def test_a_be_request_moving_back_to_the_gpu_never_takes_the_slots_of_the_be_chu
     begun BE prompt both need GPU slots (in a served run SGLang's allocator was then asked for a
     168-token chunk with 62 slots free: out of memory, which ends the server)."""
     be = (BERequest("c0", CPU, context_len=1500, last_run_step=3), BERequest("w", WAITING, prompt_len=3000,
-                                                                             prefilled=1000))
+                                                                             prefilled=1000, in_prefill=True))
     view = _view(ls_decodes=LS_DECODES[:2], be=be, cpu_overlap=overlap)
     roomy = Controller(TRUE).plan(view)
     assert roomy.be_prefill[0] == "w" and roomy.to_gpu == ("c0",)  # room for both: both
@@ -449,8 +454,12 @@ def test_a_be_prompt_waiting_for_gpu_kv_moves_the_largest_gpu_be_request_to_the_
     assert Controller(TRUE).plan(roomy).to_cpu == ()  # the prompt fits: nothing moves for it
     full_pool = dataclasses.replace(view, be_pool_free_tokens=500)
     assert Controller(TRUE).plan(full_pool).to_cpu == ()  # nowhere to go
-    begun = dataclasses.replace(view, be=(*on_gpu, dataclasses.replace(waiting, prefilled=400)))
+    begun = dataclasses.replace(view, be=(*on_gpu, dataclasses.replace(waiting, prefilled=400, in_prefill=True)))
     assert Controller(TRUE).plan(begun).to_cpu == ()  # a begun prompt needs only its next chunk
+    resumed = dataclasses.replace(view, be=(*on_gpu, dataclasses.replace(waiting, prefilled=200)))
+    assert Controller(TRUE).plan(resumed).to_cpu == ("g1",)  # a resumed one needs the rest: 600 > 500 - 2
+    kept_most = dataclasses.replace(view, be=(*on_gpu, dataclasses.replace(waiting, prefilled=700)))
+    assert Controller(TRUE).plan(kept_most).to_cpu == ()  # 100 fit
 
 
 def test_with_cpu_overlap_offloaded_rows_cost_the_step_only_their_dense_work():
