@@ -253,7 +253,7 @@ def plan_step(original, self, running_batch) -> bool:
 def _park_be_prefill(scheduler) -> None:
     """An LS prompt waits while a BE prompt is being prefilled in chunks (SGLang's chunked request
     goes first in every prefill step): the BE request goes back to the queue, as SGLang retracts a
-    request, and the LS prompt takes this step (strict order: LS prefill > BE prefill). The chunks
+    request (ahead of the BE requests that have not started), and the LS prompt takes this step (strict order: LS prefill > BE prefill). The chunks
     it has prefilled stay in the radix cache (SGLang put them there at the start of this step), so
     it resumes from them: they are pinned there (a tree lock of ours on the node they end at) until
     it is admitted again (:func:`release_yielded`). Unpinned, the radix cache's LRU eviction takes
@@ -270,6 +270,12 @@ def _park_be_prefill(scheduler) -> None:
         req.omniserve_pin = pin
         _yielded.append(req)
     scheduler._add_request_to_queue(req, is_retracted=True)
+    # SGLang appends it; it goes back ahead of the BE requests that have not started, so it resumes
+    # before another BE prompt starts (one at a time: fewer chunks pinned, the oldest done first).
+    queue = scheduler.waiting_queue
+    if queue and queue[-1] is req:
+        queue.pop()
+        queue.insert(next((i for i, r in enumerate(queue) if is_be(r)), len(queue)), req)
     if _metrics is not None:
         _metrics.be_prefill_yields.inc()
 

@@ -113,29 +113,38 @@ def test_a_be_prompt_that_yields_to_an_ls_prompt_mid_prefill_resumes_from_its_ch
     with no TPOT slack (so the BE prompt stays out), a short LS request that finishes (its prompt
     stays in the radix cache, more recently used than the BE chunks) and a long LS prompt that
     needs some of the cached KV. The eviction takes the finished LS prompt, not the older BE
-    chunks: every BE prompt token is computed once. Once all are done nothing stays pinned."""
+    chunks: every BE prompt token is computed once. The BE prompt resumes before a BE request
+    queued behind it starts. Once all are done nothing stays pinned."""
     def text(words: str, n: int) -> str:  # no first token shared with another prompt: nothing cached
         return words * n + str(time.time_ns())
 
     be_text = text("Long ago, in a kingdom by the sea, ", 90)
     hold_text, short_text = text("List the even numbers: ", 3), text("The sun is a star. ", 65)
-    long_text = text("Rivers flow into the ocean. ", 158)
-    n = {k: len(tokenizer.encode(t)) for k, t in
-         (("be", be_text), ("hold", hold_text), ("short", short_text), ("long", long_text))}
+    long_text, be2_text = text("Rivers flow into the ocean. ", 158), text("Birds sing at dawn. ", 50)
+    n = {k: len(tokenizer.encode(t)) for k, t in (("be", be_text), ("hold", hold_text), ("short", short_text),
+                                                  ("long", long_text), ("be2", be2_text))}
     hold_out = 96
     # The long prompt fits beside what is held (the hold request, the BE chunks: 1-3 chunks when it
     # yields) only by evicting some of the cached prompts.
     held = n["hold"] + hold_out + 2 * CHUNK
     assert GPU_KV_TOKENS - held - n["short"] < n["long"] < GPU_KV_TOKENS - held - 64, n
+    assert n["be"] + n["be2"] + 64 < GPU_KV_TOKENS, n
 
     def computed() -> float:  # prompt tokens SGLang has computed (not taken from its prefix cache)
         return metric(ctl_server, "sglang:realtime_tokens_total", mode="prefill_compute")
 
+    def timed(*args) -> tuple[requests.Response, float]:
+        r = _post(*args)
+        return r, time.monotonic()
+
     start, yields = computed(), metric(ctl_server, "omniserve_be_prefill_yields_total")
     relaxed = {"omniserve_ttft_slo": 600, "omniserve_tpot_slo": 30}
-    with ThreadPoolExecutor(2) as pool:
-        be = pool.submit(_post, ctl_server, be_text, 8, {"omniserve_class": "be"})
+    with ThreadPoolExecutor(3) as pool:
+        # One output token each: a BE request is done when its prefill is.
+        be = pool.submit(timed, ctl_server, be_text, 1, {"omniserve_class": "be"})
         _wait_until(lambda: computed() >= start + CHUNK, "the BE prefill never started")
+        # A second BE request, queued behind the first: the first resumes before it starts.
+        be2 = pool.submit(timed, ctl_server, be2_text, 1, {"omniserve_class": "be"})
         hold = pool.submit(_post, ctl_server, hold_text, hold_out, {"omniserve_ttft_slo": 600,
                                                                     "omniserve_tpot_slo": 0.001})
         _wait_until(lambda: metric(ctl_server, "omniserve_be_prefill_yields_total") == yields + 1,
@@ -145,7 +154,9 @@ def test_a_be_prompt_that_yields_to_an_ls_prompt_mid_prefill_resumes_from_its_ch
             assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 1
         assert not hold.done(), "the LS request holding BE out ended too soon: nothing was checked"
         assert hold.result().status_code == 200 and hold.result().json()["meta_info"]["completion_tokens"] == hold_out
-        assert be.result().status_code == 200 and be.result().json()["meta_info"]["completion_tokens"] == 8
+        for r, _ in (be.result(), be2.result()):
+            assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 1
+        assert be.result()[1] < be2.result()[1], "the second BE prompt went ahead of the one that yielded"
     total = sum(n.values())
     _wait_until(lambda: computed() >= start + total - 2, "the prefill counter never caught up", timeout=30)
     assert computed() - start <= total, (computed() - start, n)
