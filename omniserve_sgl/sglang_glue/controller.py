@@ -292,8 +292,9 @@ def _ls_short_of_kv(view: ServerView) -> bool:
 def release_yielded(scheduler, everything: bool = False) -> None:
     """Unpins the chunks of BE prompts that yielded to LS prompts (:func:`_park_be_prefill`) once
     they are out of SGLang's waiting queue (admitted again, holding a tree lock of their own, or
-    aborted), or all of them when ``everything`` (LS requests need the GPU KV, or the BE path goes
-    off); unpinned chunks stay in the radix cache until evicted."""
+    aborted), or all of them when ``everything`` (LS requests need the GPU KV, SGLang found no room
+    for a planned LS prefill, or the BE path goes off); unpinned chunks stay in the radix cache
+    until evicted."""
     if not _yielded:
         return
     queued = {id(r) for r in scheduler.waiting_queue}
@@ -371,6 +372,8 @@ def defer_be_rows(original, self, batch):
     chosen = None
     if _plan is not None:
         if _plan.is_prefill:  # no prefill could be formed after all (GPU KV, request rows): plan the decode
+            if _plan.ls_prefill_tokens:  # SGLang found no room for the LS prompt: pinned BE chunks give way
+                release_yielded(self, everything=True)
             _plan = _controller.plan(dataclasses.replace(_view, ls_waiting=(), be=tuple(
                 r for r in _view.be if r.placement != WAITING)))
         chosen = set(_plan.be_decode)
