@@ -253,12 +253,13 @@ def plan_step(original, self, running_batch) -> bool:
 def _park_be_prefill(scheduler) -> None:
     """An LS prompt waits while a BE prompt is being prefilled in chunks (SGLang's chunked request
     goes first in every prefill step): the BE request goes back to the queue, as SGLang retracts a
-    request (ahead of the BE requests that have not started), and the LS prompt takes this step (strict order: LS prefill > BE prefill). The chunks
-    it has prefilled stay in the radix cache (SGLang put them there at the start of this step), so
-    it resumes from them: they are pinned there (a tree lock of ours on the node they end at) until
-    it is admitted again (:func:`release_yielded`). Unpinned, the radix cache's LRU eviction takes
-    the tail of its prefix first, and the chunks are computed again: in a served run at 2.5 LS/s,
-    BE prompts of 1K tokens were prefilled 1.4 to 5.3 times over."""
+    request (ahead of the BE requests that have not started), and the LS prompt takes this step
+    (strict order: LS prefill > BE prefill). The chunks it has prefilled stay in the radix cache
+    (SGLang put them there at the start of this step), so it resumes from them: they are pinned
+    there (a tree lock of ours on the node they end at) until it is admitted again
+    (:func:`release_yielded`). Unpinned, the radix cache's LRU eviction takes the tail of its prefix
+    first, and the chunks are computed again: in a served run at 2.5 LS/s, BE prompts of 1K tokens
+    were prefilled 1.4 to 5.3 times over."""
     from sglang.srt.mem_cache import common
 
     req, scheduler.chunked_req = scheduler.chunked_req, None
