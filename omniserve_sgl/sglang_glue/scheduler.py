@@ -291,12 +291,15 @@ def decode_tokens_needed(original, self, selected_indices=None):
 def retraction_order(original, reqs):
     """AROUND ``ScheduleBatch._get_decode_retraction_order`` (most preferred to keep first; SGLang
     retracts from the end): offloaded BE requests hold no GPU KV, so retracting one frees nothing
-    and throws its decode progress away. They move to the front, in SGLang's order, and LS
-    requests are retracted first, in SGLang's order."""
+    and throws its decode progress away: they move to the front. BE requests decoding in the GPU KV
+    cache go to the end (best effort: they give their slots up before any LS request does), LS
+    requests between them; each group in SGLang's order."""
     order = original(reqs)
     if not mode.be_mode():
         return order
-    return [i for i in order if is_offloaded(reqs[i])] + [i for i in order if not is_offloaded(reqs[i])]
+    on_gpu_be = [i for i in order if is_be(reqs[i]) and not is_offloaded(reqs[i])]
+    ls = [i for i in order if not is_be(reqs[i])]
+    return [i for i in order if is_offloaded(reqs[i])] + ls + on_gpu_be
 
 
 def retract_decode(original, self):

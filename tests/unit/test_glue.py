@@ -177,6 +177,17 @@ def test_retraction_keeps_offloaded_be_requests_and_takes_ls_ones_in_sglangs_ord
     assert order == [3, 1, 2, 0]  # SGLang retracts from the end: LS 0 first, then LS 2
 
 
+def test_retraction_takes_be_requests_decoding_on_the_gpu_before_any_ls_request(be_mode):
+    """In a served run (async mode, 4K-token GPU KV) SGLang ran out of decode slots and retracted
+    by its own order, LS and GPU-resident BE requests alike; BE requests give their slots up first."""
+    from omniserve_sgl.sglang_glue import scheduler
+
+    reqs = _reqs(False, True, False, False, False)
+    reqs[3].omniserve_be = reqs[4].omniserve_be = True  # decoding in the GPU KV cache
+    order = scheduler.retraction_order(lambda rs: [4, 0, 3, 1, 2], reqs)
+    assert order == [1, 0, 2, 4, 3]  # from the end: BE 3, BE 4, then LS 2, LS 0; offloaded BE 1 kept
+
+
 def test_next_decode_step_counts_gpu_kv_for_ls_rows_only(be_mode):
     from omniserve_sgl.sglang_glue import scheduler
 
