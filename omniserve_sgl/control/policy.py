@@ -327,9 +327,7 @@ class Controller:
         less there, else the longest-deferred CPU-resident one back to fresh GPU slots when its KV
         fits beside the LS need, its row costs less on the GPU, and the GPU's BE rows with it still
         fit the BE budget."""
-        need = (sum(w.remaining for w in view.ls_waiting) + len(view.ls_decodes)
-                + self.config.gpu_kv_reserve_tokens)
-        headroom = view.gpu_kv_free_tokens - need
+        headroom = view.gpu_kv_free_tokens - view.ls_kv_need - self.config.gpu_kv_reserve_tokens
         to_cpu = []
         for r in sorted((r for r in view.be if r.placement == GPU), key=lambda r: (-r.context_len, r.rid)):
             if headroom >= 0:

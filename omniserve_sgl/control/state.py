@@ -123,6 +123,12 @@ class ServerView:
     decoded_last_step: bool = True
     cpu_overlap: bool = False
 
+    @property
+    def ls_kv_need(self) -> int:
+        """GPU KV slots the LS requests need next, tokens: their queued prompts' rest and one per
+        running decode."""
+        return sum(w.remaining for w in self.ls_waiting) + len(self.ls_decodes)
+
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:

@@ -286,8 +286,7 @@ def _ls_short_of_kv(view: ServerView) -> bool:
     free, evictable, or held by BE requests the plan can move to the BE KV pool: then the chunks of
     BE prompts that yielded to them are unpinned (they become evictable, LRU first)."""
     movable = sum(b.context_len for b in view.be if b.placement == GPU)
-    need = sum(w.remaining for w in view.ls_waiting) + len(view.ls_decodes)
-    return need > view.gpu_kv_free_tokens + movable
+    return view.ls_kv_need > view.gpu_kv_free_tokens + movable
 
 
 def release_yielded(scheduler, everything: bool = False) -> None:
