@@ -102,9 +102,7 @@ def _lead(d: LSDecode, default_tpot: float, lead_target: float, t_decode: float)
     tpot = d.tpot_slo_s or default_tpot
     done, left = d.tokens_done, d.tokens_left
     elapsed = tpot * done - d.ahead_s
-    pace = elapsed / done if done else 0.0
-    pace = max(pace, t_decode)
-    return lead_target * tpot * (done + left) - elapsed - left * pace
+    return lead_target * tpot * (done + left) - elapsed - left * t_decode
 
 
 def largest_fitting(lo: int, hi: int, fits) -> int:
@@ -164,10 +162,13 @@ class Controller:
 
     def lead(self, d: LSDecode, view: ServerView, t_decode: float) -> float:
         """How far ``d`` is ahead of a ``lead_target`` share of its TPOT SLO, s, over the tokens it
-        has produced and those it will produce for certain (``tokens_left``), were the latter to
-        come at its pace so far (at least ``t_decode``, the LS decode step's predicted time, s):
-        ``target * (done + left) - elapsed - left * pace``. A gap it takes now slows its pace, so
-        what it lends shrinks as it lends."""
+        has produced and those it will produce for certain or most likely (``tokens_left``), were
+        the latter to come one LS decode step apart (``t_decode``, the step's predicted time, s):
+        ``target * (done + left) - elapsed - left * t_decode``. A gap it takes now is counted
+        once, in ``elapsed``: projecting its pace so far onto the tokens to come would charge a
+        lent gap again for each of them (and a young request that lent one gap would hold every
+        BE chunk back for the rest of its life). The LS prefill steps between its future tokens
+        are what ``lead_target``'s margin is for."""
         return _lead(d, view.slo.tpot_s, self.config.lead_target, t_decode)
 
     def spendable(self, view: ServerView, t_decode: float) -> float | None:

@@ -37,8 +37,9 @@ class LSDecode:
     ``ahead_s``: how far ahead of its TPOT SLO it is, s (TPOT SLO x tokens since its first token,
     less the time they took: TPOT is an average, so time a request is ahead may be spent);
     ``tokens_left``: output tokens it will still produce for certain (``ignore_eos`` and no stop
-    condition, or ``min_new_tokens``), 0 when it may end at any token; ``tokens_done``: tokens
-    since its first (the gaps ``ahead_s`` counts)."""
+    condition, or ``min_new_tokens``) or most likely (:class:`~omniserve_sgl.control.OutputLengths`,
+    from the LS requests that finished before it), 0 when nothing says it will go on;
+    ``tokens_done``: tokens since its first (the gaps ``ahead_s`` counts)."""
 
     rid: str
     context_len: int

@@ -39,6 +39,7 @@ from omniserve_sgl.control import (
     LSDecode,
     LSWaiting,
     OnlineCorrection,
+    OutputLengths,
     ServerView,
     StepPlan,
 )
@@ -58,6 +59,7 @@ _deferred: list = []  # BE Reqs sitting out the decode step in flight
 _yielded: list = []  # queued BE Reqs that yielded to an LS prompt, their prefilled chunks pinned
 _test_step = 0
 _without_be_work = 0  # consecutive plans that gave BE nothing to do
+_lengths = OutputLengths()  # of the LS requests that finished in this process, LS mode included
 _metrics = None
 
 
@@ -141,15 +143,26 @@ def _last_token_time(req, now: float) -> float:
     return max(ts.last_decode_finish_time, ts.prefill_finished_time) or now
 
 
+def ls_finished(req) -> None:
+    """Records a finished LS request's output length for :func:`_tokens_left` (from SGLang's
+    ``release_kv_cache``, which every finished request passes; aborted ones are not recorded)."""
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    if req.finished() and not isinstance(req.finished_reason, FINISH_ABORT):
+        _lengths.add(len(req.output_ids))
+
+
 def _tokens_left(req) -> int:
-    """Output tokens ``req`` will still produce for certain: up to ``max_new_tokens`` with
-    ``ignore_eos`` and no stop token, else up to ``min_new_tokens``; 0 with a stop string or
-    regex (either may end it at any token)."""
-    sp = req.sampling_params
-    if sp.stop_strs or sp.stop_regex_strs:
-        return 0
-    certain = sp.max_new_tokens if sp.ignore_eos and not sp.stop_token_ids else sp.min_new_tokens
-    return max((certain or 0) - len(req.output_ids), 0)
+    """Output tokens ``req`` will still produce: for certain (up to ``max_new_tokens`` with
+    ``ignore_eos`` and no stop token, else up to ``min_new_tokens``; none with a stop string or
+    regex, either of which may end it at any token), or, when more, most likely (from the output
+    lengths of the LS requests that finished before it, at most up to ``max_new_tokens``)."""
+    sp, produced = req.sampling_params, len(req.output_ids)
+    certain = 0
+    if not (sp.stop_strs or sp.stop_regex_strs):
+        certain = (sp.max_new_tokens if sp.ignore_eos and not sp.stop_token_ids else sp.min_new_tokens) or 0
+    cap = sp.max_new_tokens - produced if sp.max_new_tokens is not None else _lengths.likely_left(produced)
+    return max(certain - produced, min(_lengths.likely_left(produced), cap), 0)
 
 
 def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:

@@ -262,6 +262,7 @@ def release_kv(original, req, tree_cache, *, checkpoint: bool):
     frees its BE KV pool pages. An offloaded one holds no GPU KV slots (they went back after its
     prefill), so only its ``req_to_token`` row is returned and nothing is put in the radix cache."""
     if not is_be(req):
+        controller.ls_finished(req)
         return original(req, tree_cache, checkpoint=checkpoint)
     if piggyback.owns(req.rid):
         piggyback.release(req.rid)  # the executor frees its pages once no CPU job of it is in flight

@@ -43,6 +43,7 @@ from omniserve_sgl.control import (
     LSDecode,
     LSWaiting,
     OnlineCorrection,
+    OutputLengths,
     ServerView,
     StepShape,
 )
@@ -204,6 +205,7 @@ class Simulation:
         self.decoded_last_step = True
         self.stats = SimStats(cpu_busy_s=[0.0] * len(self.nodes))
         self.async_cpu = cfg.system == "omniserve"
+        self.lengths = OutputLengths()  # the LS requests' that finished, as the server's glue keeps them
         if cfg.system in CONTROLLED:
             self.model = OnlineCorrection(self.timing)
             self.controller = Controller(self.model, cfg.controller)
@@ -280,6 +282,8 @@ class Simulation:
             self.running.remove(r)
             if r.cls == "be":
                 self._send_be()
+            elif not r.error:
+                self.lengths.add(r.generated)
 
     def _release(self, r: _Req) -> None:
         self.gpu_free += r.gpu_kv
@@ -493,7 +497,7 @@ class Simulation:
                 if r.view_key != done:  # a new token since the last view (not so in a prefill step)
                     r.view_key, r.view_obj = done, LSDecode(r.rid, r.prompt_len + r.generated, None,
                                                             tpot * done - (times[-1] - times[0]),
-                                                            r.output_len - r.generated, done)
+                                                            self.lengths.likely_left(r.generated), done)
                 ls_decodes.append(r.view_obj)
                 last.append(times[-1])
         # The requests mid-prefill first (SGLang's ``chunked_req``), then the queue. Of the queued

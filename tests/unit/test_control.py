@@ -21,6 +21,7 @@ from omniserve_sgl.control import (
     LSDecode,
     LSWaiting,
     OnlineCorrection,
+    OutputLengths,
     ServerView,
     StepSample,
     StepShape,
@@ -304,9 +305,8 @@ def test_time_the_decodes_are_ahead_of_their_tpot_is_spent_on_be_work_up_to_a_ca
 
 def test_tokens_a_decode_will_surely_produce_add_their_share_of_the_tpot_to_its_lead():
     """A request certain to produce more tokens (``ignore_eos``) can take a longer gap now: each of
-    those tokens, at its pace so far (at least an LS decode step), leaves the rest of
-    ``lead_target`` of the TPOT SLO. One that may end at any token lends only its lead so far, and
-    a slow pace lends less."""
+    those tokens, one LS decode step apart, leaves the rest of ``lead_target`` of the TPOT SLO.
+    One that may end at any token lends only its lead so far, and a slow past lends less, once."""
     ctl = Controller(TRUE)
     view = _view(ls_decodes=LS_DECODES, be=(BERequest("b", WAITING, prompt_len=8000),), slo=SLO(ttft_s=10.0, tpot_s=0.05))
     may_end = ctl.plan(view).be_prefill[1]
@@ -317,9 +317,32 @@ def test_tokens_a_decode_will_surely_produce_add_their_share_of_the_tpot_to_its_
     assert ctl.plan(sure).be_prefill[1] > may_end
     one_may_end = dataclasses.replace(sure, ls_decodes=(*sure.ls_decodes, LSDecode("open", 100)))
     assert ctl.plan(one_may_end).be_prefill[1] == may_end
-    # 10 tokens at 0.9 of the target each: 0.1 of it ahead on each, past and future.
+    # 10 tokens at 0.9 of the target each: 0.1 of it ahead on each of those, and the target less a
+    # decode step on each of the 20 to come (the slow past is not projected onto them).
     slow = LSDecode("s", 100, ahead_s=10 * (0.05 - 0.9 * target), tokens_done=10, tokens_left=20)
-    assert ctl.lead(slow, view, t_decode) == pytest.approx(30 * 0.1 * target)
+    assert ctl.lead(slow, view, t_decode) == pytest.approx(10 * 0.1 * target + 20 * (target - t_decode))
+    on_target = dataclasses.replace(slow, ahead_s=10 * (0.05 - target))
+    assert ctl.lead(slow, view, t_decode) - ctl.lead(on_target, view, t_decode) == pytest.approx(10 * 0.1 * target)
+
+
+def test_output_lengths_estimate_what_a_running_request_will_still_produce():
+    """The estimate is the ``risk`` quantile of what the finished requests that went past a point
+    produced beyond it: at least ``1 - risk`` of them produced that much more. Without enough of
+    them, nothing is estimated; old requests drop out of the window."""
+    lengths = OutputLengths(window=100, risk=0.1, min_samples=20)
+    assert lengths.likely_left(0) == 0
+    for n in range(1, 101):  # one request of each length 1..100
+        lengths.add(n)
+    assert lengths.likely_left(0) == 11  # 90 of the 100 produced 11 or more
+    assert lengths.likely_left(50) == 6  # of the 50 past 50 tokens, 45 reached 56
+    assert lengths.likely_left(85) == 0  # 15 went past 85: too few to say
+    assert lengths.likely_left(100) == 0
+    for _ in range(100):  # the traffic changes: every request now stops at 4 tokens
+        lengths.add(4)
+    assert len(lengths) == 100 and lengths.likely_left(0) == 4 and lengths.likely_left(4) == 0
+    for bad in ({"risk": 1.0}, {"risk": -0.1}, {"window": 0}, {"min_samples": 0}):
+        with pytest.raises(ValueError):
+            OutputLengths(**bad)
 
 
 def test_no_be_rows_while_ls_prompts_wait():

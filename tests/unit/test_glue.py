@@ -402,18 +402,34 @@ def test_mla_model_is_refused_before_loading(no_config, monkeypatch, tmp_path):
         cli.from_cli_args(ServerArgs.from_cli_args.__func__, ServerArgs, args)
 
 
-def test_tokens_left_counts_only_tokens_a_request_will_surely_produce():
+def test_tokens_left_counts_tokens_a_request_will_surely_or_most_likely_produce(monkeypatch):
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    from omniserve_sgl.sglang_glue.controller import _tokens_left
+    from omniserve_sgl.control import OutputLengths
+    from omniserve_sgl.sglang_glue import controller
+
+    monkeypatch.setattr(controller, "_lengths", OutputLengths())
+
+    def req(produced=2, **kw):
+        return types.SimpleNamespace(sampling_params=SamplingParams(**{"max_new_tokens": 32, **kw}),
+                                     output_ids=list(range(produced)))
 
     def left(**kw):
-        sp = SamplingParams(max_new_tokens=32, **kw)
-        return _tokens_left(types.SimpleNamespace(sampling_params=sp, output_ids=[1, 2]))
+        return controller._tokens_left(req(**kw))
 
     assert left(ignore_eos=True) == 30
     assert left() == 0 and left(min_new_tokens=10) == 8
     assert left(ignore_eos=True, stop=["\n"]) == 0 and left(ignore_eos=True, stop_token_ids=[7]) == 0
+    # Once enough LS requests finished at 40 tokens, a running one likely goes on too, up to its
+    # max_new_tokens; aborted requests say nothing about where requests end.
+    for reason in (FINISH_LENGTH(40), FINISH_ABORT("gone")):
+        for _ in range(40):
+            controller.ls_finished(types.SimpleNamespace(finished=lambda: True, finished_reason=reason,
+                                                         output_ids=[0] * (40 if reason.__class__ is FINISH_LENGTH else 3)))
+    assert len(controller._lengths) == 40
+    assert left() == 30 and left(max_new_tokens=12) == 10 and left(stop=["\n"]) == 30
+    assert left(produced=40) == 0
 
 
 def test_step_shape_reads_sglangs_batch_for_the_latency_model():
