@@ -144,6 +144,29 @@ def test_the_simulator_runs_the_servers_own_controller():
     assert type(sim.controller) is policy.Controller is glue.Controller
 
 
+def test_the_simulated_controller_knows_only_what_the_server_knows_of_ls_output_lengths(monkeypatch):
+    """The server cannot know where an LS request will end: the simulator gives the controller the
+    tokens the LS requests finished so far make likely (as the glue does), not each request's
+    actual remaining output."""
+    from omniserve_sgl.control import policy
+
+    seen, plan = [], policy.Controller.plan
+
+    def spy(self, view):
+        seen.extend((len(sim.lengths), d.tokens_done, d.tokens_left, sim.lengths.likely_left(d.tokens_done + 1))
+                    for d in view.ls_decodes)
+        return plan(self, view)
+
+    monkeypatch.setattr(policy.Controller, "plan", spy)
+    ls = ls_requests(arrivals("poisson", 2.0, DURATION, 0), lambda rng: (rng.randint(32, 192), rng.randint(2, 48)), 0)
+    sim = Simulation(SimConfig("omniserve-sync", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=200_000), ls,
+                     DURATION, be_backlog=document_lengths("768-1024:96"), be_concurrency=4)
+    sim.run()
+    assert seen and all(left == likely for _, _, left, likely in seen)
+    assert {left for n, _, left, _ in seen if n == 0} == {0}  # nothing finished yet: nothing is likely
+    assert any(left > 0 for n, _, left, _ in seen if n >= 32)
+
+
 def test_the_same_seed_gives_the_same_run():
     a, b = run("omniserve-sync")[1], run("omniserve-sync")[1]
     assert [r.token_times for r in a] == [r.token_times for r in b]
