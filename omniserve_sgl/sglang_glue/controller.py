@@ -161,8 +161,10 @@ def _tokens_left(req) -> int:
     certain = 0
     if not (sp.stop_strs or sp.stop_regex_strs):
         certain = (sp.max_new_tokens if sp.ignore_eos and not sp.stop_token_ids else sp.min_new_tokens) or 0
-    cap = sp.max_new_tokens - produced if sp.max_new_tokens is not None else _lengths.likely_left(produced)
-    return max(certain - produced, min(_lengths.likely_left(produced), cap), 0)
+    likely = _lengths.likely_left(produced)
+    if sp.max_new_tokens is not None:
+        likely = min(likely, sp.max_new_tokens - produced)
+    return max(certain - produced, likely, 0)
 
 
 def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:

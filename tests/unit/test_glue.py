@@ -423,10 +423,10 @@ def test_tokens_left_counts_tokens_a_request_will_surely_or_most_likely_produce(
     assert left(ignore_eos=True, stop=["\n"]) == 0 and left(ignore_eos=True, stop_token_ids=[7]) == 0
     # Once enough LS requests finished at 40 tokens, a running one likely goes on too, up to its
     # max_new_tokens; aborted requests say nothing about where requests end.
-    for reason in (FINISH_LENGTH(40), FINISH_ABORT("gone")):
+    for reason, produced in ((FINISH_LENGTH(40), 40), (FINISH_ABORT("gone"), 3)):
         for _ in range(40):
             controller.ls_finished(types.SimpleNamespace(finished=lambda: True, finished_reason=reason,
-                                                         output_ids=[0] * (40 if reason.__class__ is FINISH_LENGTH else 3)))
+                                                         output_ids=[0] * produced))
     assert len(controller._lengths) == 40
     assert left() == 30 and left(max_new_tokens=12) == 10 and left(stop=["\n"]) == 30
     assert left(produced=40) == 0
