@@ -266,7 +266,10 @@ def main(argv=None) -> int:
                 "source": "fixed" if None not in fixed else
                 f"ls-only at {profile.ls_rates[0]:g} LS/s: {profile.ttft_factor:g} x median TTFT, "
                 f"{profile.tpot_factor:g} x median TPOT"},
-        "workload": dataclasses.asdict(profile), "systems": systems,
+        "workload": {**dataclasses.asdict(profile), "seed": args.seed,
+                     # what the server prefills per BE request (the documents are cut at the top of the range)
+                     "be_prompt_lengths": [len(tok.encode(d)) for d in prompts[BE]]},
+        "systems": systems,
         "wall_s": round(time.time() - started, 1), "rows": rows, "ls_tpot_samples_s": tpot_samples,
         "server_info": server_info,
     }

@@ -40,6 +40,18 @@ def profile_machine(path: Path, server_args: list[str]) -> None:
     subprocess.run([sys.executable, "-m", "omniserve_sgl.profile", "--out", str(path), *server_args], check=True)
 
 
+def be_lengths(workload: dict) -> str:
+    """The simulator's BE lengths spec for a coserve run's ``workload``: the prompt lengths of the
+    documents it sent when recorded (the quick profile's documents are cut at the top of its range,
+    so drawing from the whole range would give the simulator 12% shorter BE prompts), else the
+    range."""
+    out = workload["be_max_new_tokens"]
+    if workload.get("be_prompt_lengths"):
+        return f"{','.join(map(str, workload['be_prompt_lengths']))}:{out}"
+    lo, hi = workload["be_prompt_tokens"]
+    return f"{lo}-{hi}:{out}"
+
+
 def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
     """The simulator's rows for the systems, rates, workload and SLOs of the coserve result ``real``."""
     w, info = real["workload"], real.get("server_info", {})
@@ -55,7 +67,7 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
     kv = int(one.get("max_total_num_tokens") or w["server_args"][w["server_args"].index("--max-total-tokens") + 1])
     scenario = Scenario("quick (simulated)", systems, tuple(w["ls_rates"]), w["duration_s"], slo,
                         ls_max_prompt_tokens=w["ls_max_prompt_tokens"], ls_output_tokens=w["ls_max_new_tokens"],
-                        be_lengths=f"{w['be_prompt_tokens'][0]}-{w['be_prompt_tokens'][1]}:{w['be_max_new_tokens']}",
+                        be_lengths=be_lengths(w),
                         be_concurrency=w["be_concurrency"], headroom_be_concurrency=w["headroom_be_concurrency"])
 
     def config(system: str) -> SimConfig:

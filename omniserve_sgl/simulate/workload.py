@@ -129,12 +129,12 @@ def fixed_or_sharegpt(max_prompt_tokens: int, output_tokens: int | None) -> Call
 
 def document_lengths(spec: str) -> Callable[[random.Random], tuple[int, int]]:
     """BE lengths from ``spec``: a dataset of :data:`BE_DATASETS` (prompts lognormal around its mean
-    with sigma :data:`DOC_SIGMA`, outputs its mean), or ``MIN-MAX:OUT`` (prompts uniform in
-    ``[MIN, MAX]``, ``OUT`` output tokens; ``benchmarks/coserve.py``'s quick profile is
-    ``768-1024:96``).
+    with sigma :data:`DOC_SIGMA`, outputs its mean), ``MIN-MAX:OUT`` (prompts uniform in
+    ``[MIN, MAX]``, ``OUT`` output tokens), or ``L1,L2,...:OUT`` (prompts drawn from those lengths:
+    ``benchmarks/sim_validate.py`` passes the documents a real run sent).
 
     Raises:
-        ValueError: neither form.
+        ValueError: none of these forms.
     """
     if spec in BE_DATASETS:
         mean_p, out = BE_DATASETS[spec]
@@ -145,10 +145,18 @@ def document_lengths(spec: str) -> Callable[[random.Random], tuple[int, int]]:
         return draw
     try:
         span, out = spec.split(":")
-        lo, hi = (int(x) for x in span.split("-"))
         out = int(out)
+        if "," in span:
+            lengths = [int(x) for x in span.split(",")]
+            lo, hi = min(lengths), max(lengths)
+        else:
+            lengths = None
+            lo, hi = (int(x) for x in span.split("-"))
     except ValueError:
-        raise ValueError(f"BE lengths must be one of {sorted(BE_DATASETS)} or MIN-MAX:OUT, got {spec!r}") from None
+        raise ValueError(f"BE lengths must be one of {sorted(BE_DATASETS)}, MIN-MAX:OUT or L1,L2,...:OUT, "
+                         f"got {spec!r}") from None
     if not 0 < lo <= hi or out < 1:
-        raise ValueError(f"BE lengths need 0 < MIN <= MAX and OUT >= 1, got {spec!r}")
+        raise ValueError(f"BE lengths need prompts > 0 (MIN <= MAX) and OUT >= 1, got {spec!r}")
+    if lengths:
+        return lambda rng: (rng.choice(lengths), out)
     return lambda rng: (rng.randint(lo, hi), out)

@@ -33,6 +33,8 @@ def test_short_run_writes_rows_report_and_plots(tmp_path, latency_profile):
     assert ls_only["be_tokens_per_s"] == 0 and fcfs["be_requests_finished"] > 0 and omniserve["lost"] == 0
     # What the simulator needs to replay each system was recorded from the server itself.
     assert all(result["server_info"][s]["chunked_prefill_size"] for s in ("ls-only", "fcfs", "omniserve"))
+    lo, hi = result["workload"]["be_prompt_tokens"]
+    assert all(lo <= n <= hi + 4 for n in result["workload"]["be_prompt_lengths"])  # re-tokenizing adds a few
     # The controller ran with the derived SLOs and its predictions were checked step by step.
     assert 0.0 < result["latency_model_accuracy_p90"] < result["latency_model_accuracy"] <= 1.0
     assert result["latency_model_steps"] >= 10

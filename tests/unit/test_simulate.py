@@ -94,7 +94,8 @@ def test_document_lengths_follow_the_published_mean_and_bad_specs_are_refused():
     prompts, outputs = zip(*(draw(rng) for _ in range(4000)))
     assert abs(statistics.mean(prompts) - 8952) / 8952 < 0.05 and set(outputs) == {136}
     assert document_lengths("10-20:5")(rng)[1] == 5
-    for bad in ("wiki", "20-10:5", "10-20", "10-20:0"):
+    assert {document_lengths("1024,1025,7:96")(rng) for _ in range(200)} == {(1024, 96), (1025, 96), (7, 96)}
+    for bad in ("wiki", "20-10:5", "10-20", "10-20:0", "0,5:3", "5,x:3"):
         with pytest.raises(ValueError, match="BE lengths"):
             document_lengths(bad)
 
@@ -165,6 +166,22 @@ def test_the_simulated_controller_knows_only_what_the_server_knows_of_ls_output_
     assert seen and all(left == likely for _, _, left, likely in seen)
     assert {left for n, _, left, _ in seen if n == 0} == {0}  # nothing finished yet: nothing is likely
     assert any(left > 0 for n, _, left, _ in seen if n >= 32)
+
+
+def test_sim_validate_simulates_the_be_documents_the_real_run_sent():
+    """The quick profile's BE documents are cut at the top of their range: validation draws the
+    prompt lengths the real run recorded, and the range only for runs that did not record them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from sim_validate import be_lengths
+
+    w = {"be_prompt_tokens": [768, 1024], "be_max_new_tokens": 96}
+    assert be_lengths(w) == "768-1024:96"
+    spec = be_lengths({**w, "be_prompt_lengths": [1024, 1025, 1024]})
+    assert spec == "1024,1025,1024:96"
+    assert {document_lengths(spec)(random.Random(s))[0] for s in range(50)} == {1024, 1025}
 
 
 def test_the_same_seed_gives_the_same_run():
