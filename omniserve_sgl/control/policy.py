@@ -2,10 +2,13 @@
 SLOs' slack, and only the slack, on BE work, in the strict order LS decode > LS prefill > BE
 prefill > BE decode.
 
-SGLang runs a step either as a prefill (EXTEND) batch or as a decode batch; without
-``--enable-mixed-chunk`` the decode rows wait while a prefill step runs. So a prefill chunk is
-bounded by the TPOT slack of the LS decodes it stalls: ``t(prefill chunk) + t(decode step) <=
-TPOT SLO`` (the decodes' next token comes one prefill step late).
+SGLang runs a step as a prefill (EXTEND) batch or as a decode batch. In a plain prefill step the
+decode rows wait, so a chunk is bounded by the TPOT slack of the LS decodes it stalls:
+``t(prefill chunk) + t(decode step) <= TPOT SLO`` (their next token comes one prefill step late).
+With mixed steps (``ServerView.mixed_steps``: SGLang's mixed chunked prefill, the paper's
+Sarathi-style co-scheduling) the decode rows run in the prefill step itself, so the bound is
+``t(chunk with the decode rows) <= TPOT SLO``: the chunk no longer pays a step's fixed cost of its
+own, and BE decode rows may ride the same step in what is left.
 """
 
 from __future__ import annotations
@@ -142,6 +145,13 @@ class Controller:
         return self.model.predict(StepShape(tokens=chunk, prefill_attn_work=chunk * (prefix + chunk),
                                             prefill_context=prefix + chunk))
 
+    def _mixed_time(self, view: ServerView, chunk: int, prefix: int, be: _BESum) -> float:
+        """A prefill chunk of ``chunk`` tokens after ``prefix`` in one step with every LS decode and
+        the BE rows summed in ``be``, s."""
+        d = self._shape(view, be)
+        return self.model.predict(dataclasses.replace(d, tokens=d.tokens + chunk, prefill_attn_work=chunk * (
+            prefix + chunk), prefill_context=prefix + chunk if chunk else 0))
+
     def _ls_summary(self, view: ServerView) -> tuple:
         """``(ls_decodes, slo, summed context, tightest TPOT SLO or None)`` of ``view``, computed once
         per view: a plan reads them many times, and a simulated step can hold hundreds of LS decodes."""
@@ -190,14 +200,15 @@ class Controller:
     def predicted_ttfts(self, view: ServerView) -> list[float]:
         """Predicted TTFT of each waiting LS request, in queue order, s: its wait so far plus the
         prefill steps of the queue up to and including it, at the largest chunk, each followed by
-        a decode step of the running LS rows."""
+        (or, with mixed steps, running with) a decode step of the running LS rows."""
         t_decode = self.model.predict(self._decode_shape(view, [])) if view.ls_decodes else 0.0
         ahead, out = 0.0, []
         for w in view.ls_waiting:
             left, prefix = w.remaining, w.prefilled
             while left > 0:
                 chunk = min(left, view.max_prefill_tokens)
-                ahead += self._prefill_time(chunk, prefix) + t_decode
+                ahead += (self._mixed_time(view, chunk, prefix, _BESum()) if view.mixed_steps
+                          else self._prefill_time(chunk, prefix) + t_decode)
                 left, prefix = left - chunk, prefix + chunk
             out.append(view.now_s - w.arrival_s + ahead)
         return out
@@ -206,9 +217,11 @@ class Controller:
     def plan(self, view: ServerView) -> StepPlan:
         """The decision for this step (see the module docstring for the order and the bounds).
 
-        A prefill chunk fits when ``since_decode_s - ahead + t(chunk) + t(LS decode step)`` stays within
+        A prefill chunk fits when ``since_decode_s - ahead + t(chunk) + t(LS decode step)`` (with
+        mixed steps: ``since_decode_s - ahead + t(chunk with the LS decodes)``) stays within
         ``ls_margin`` (LS) or ``be_margin`` (BE) of the TPOT SLO; a BE chunk also within
-        ``be_ttft_share`` of the TTFT SLO. When no LS chunk of at least
+        ``be_ttft_share`` of the TTFT SLO, and BE decode rows ride a mixed BE chunk within what is
+        left of ``be_margin``. When no LS chunk of at least
         ``min_ls_chunk`` fits and the last step was not a decode, the LS decodes go first; right
         after a decode step the minimum chunk runs anyway, so LS prefill never stalls. When a
         waiting LS request's TTFT is at risk (``ls_ttft_share``), the largest chunk runs.
@@ -237,8 +250,16 @@ class Controller:
         to_cpu, to_gpu = self._placement(view)
         common = {"ls_rejected": tuple(rejected), "to_cpu": to_cpu, "to_gpu": to_gpu}
 
+        mixed = view.mixed_steps
+
+        def step_time(chunk: int, prefix: int, be: _BESum = _BESum()) -> float:
+            """The prefill step, s; without mixed steps plus the LS decode step it delays."""
+            if mixed:
+                return self._mixed_time(view, chunk, prefix, be)
+            return self._prefill_time(chunk, prefix) + t_ls_decode
+
         def fits(chunk: int, prefix: int, budget: float) -> bool:
-            return since + self._prefill_time(chunk, prefix) + t_ls_decode <= budget
+            return since + step_time(chunk, prefix) <= budget
 
         why = ""
         if waiting:  # LS prefill, bounded by the slack of the decodes it stalls
@@ -255,7 +276,8 @@ class Controller:
                 chunk = min(cfg.min_ls_chunk, hi)
             if chunk >= min(cfg.min_ls_chunk, hi):
                 risk = f" (TTFT at risk: {', '.join(at_risk[:3])})" if at_risk else ""
-                return StepPlan(ls_prefill_tokens=chunk, predicted_s=self._prefill_time(chunk, prefix),
+                t = step_time(chunk, prefix) if mixed else self._prefill_time(chunk, prefix)
+                return StepPlan(ls_prefill_tokens=chunk, mixed=mixed, predicted_s=t,
                                 why=f"LS prefill {chunk} of {queued} queued tokens{risk}", **common)
             why = f"LS decodes first ({1e3 * since:.0f} ms late for their schedule), then LS prefill; "
         be_budget = None if tpot is None else cfg.be_margin * tpot
@@ -269,15 +291,23 @@ class Controller:
             hi = min(r.prompt_len - r.prefilled, view.max_prefill_tokens, be_room)
             ttft_cap = cfg.be_ttft_share * view.slo.ttft_s
 
+            def alone(c: int) -> float:  # what an LS request arriving now waits for
+                return step_time(c, r.prefilled) if mixed else self._prefill_time(c, r.prefilled)
+
             def be_fits(c: int) -> bool:
-                return self._prefill_time(c, r.prefilled) <= ttft_cap and (
-                    be_budget is None or fits(c, r.prefilled, be_budget))
+                return alone(c) <= ttft_cap and (be_budget is None or fits(c, r.prefilled, be_budget))
 
             chunk = largest_fitting(1, hi, be_fits)
+            # A chunk riding the LS decodes' step costs only what it adds to that step.
+            ride = mixed and bool(view.ls_decodes)
+
+            def cost(c: int) -> float:
+                return step_time(c, r.prefilled) - t_ls_decode if ride else self._prefill_time(c, r.prefilled)
+
             # The server's own chunk limit is as efficient as a chunk can be: no chunk beyond it
             # is asked for (with a small --chunked-prefill-size none might pass the waste bound).
             top = min(r.prompt_len - r.prefilled, view.max_prefill_tokens)
-            smallest = min(self._smallest_efficient_be_chunk(r.prompt_len - r.prefilled, r.prefilled, hi), top)
+            smallest = min(self._smallest_efficient_be_chunk(r.prompt_len - r.prefilled, hi, cost), top)
             if be_budget is None:  # nothing to protect but an LS arrival: the cap never starves BE
                 chunk = max(chunk, min(smallest, hi))
             if chunk >= smallest:
@@ -286,38 +316,59 @@ class Controller:
                 back = sum(b.context_len + 1 for b in view.be if b.rid in to_gpu)
                 if back and chunk + back > be_room:
                     common["to_gpu"] = ()
-                return StepPlan(be_prefill=(r.rid, chunk), predicted_s=self._prefill_time(chunk, r.prefilled),
-                                why=f"BE prefill {chunk} tokens of {r.rid}", **common)
+                if not mixed:
+                    return StepPlan(be_prefill=(r.rid, chunk), predicted_s=self._prefill_time(chunk, r.prefilled),
+                                    why=f"BE prefill {chunk} tokens of {r.rid}", **common)
+                # BE decode rows ride the chunk's step in what is left (BE prefill > BE decode).
+                rows = self._be_rows(view, common["to_cpu"], common["to_gpu"])
+                limit = min(ttft_cap, math.inf if be_budget is None else be_budget - since)
+                n, first = self._rows_within(rows, lambda be: step_time(chunk, r.prefilled, be), limit)
+                return StepPlan(be_prefill=(r.rid, chunk), mixed=True, be_decode=tuple(x.rid for x in rows[:n]),
+                                be_budget_per_layer=(n,) * view.num_layers,
+                                predicted_s=step_time(chunk, r.prefilled, first[n]),
+                                why=f"BE prefill {chunk} tokens of {r.rid} with {len(view.ls_decodes)} LS + "
+                                    f"{n} of {len(rows)} BE decode rows", **common)
             why += f"BE prefill of {r.rid} waits (fits {max(chunk, 0)} tokens, efficient from {smallest}); "
         # Decode step: every LS row, then BE rows, longest-deferred first, while the step fits; none
         # while LS prompts wait (their prefill comes first, and BE rows would shrink its chunk).
-        moved = {**{rid: CPU for rid in to_cpu}, **{rid: GPU for rid in to_gpu}}
-        rows = sorted((dataclasses.replace(r, placement=moved.get(r.rid, r.placement)) for r in view.be
-                       if r.placement != WAITING), key=lambda r: (r.last_run_step, r.rid))
+        rows = self._be_rows(view, common["to_cpu"], common["to_gpu"])
         if waiting:
             n = 0
         elif be_budget is None:
             n = len(rows)
         else:  # what BE rows add to the step fits the slack left (rows that add nothing always fit)
             slack = max(be_budget - since - t_ls_decode, 0.0)
-            first = [_BESum()]
-            for r in rows:
-                first.append(first[-1].plus(r))
-            n = max(largest_fitting(1, len(rows), lambda k: self.model.predict(
-                self._shape(view, first[k])) - t_ls_decode <= slack), 0)
+            n, _ = self._rows_within(rows, lambda be: self.model.predict(self._shape(view, be)) - t_ls_decode, slack)
         chosen = rows[:n]
         return StepPlan(be_decode=tuple(r.rid for r in chosen), be_budget_per_layer=(n,) * view.num_layers,
                         predicted_s=self.model.predict(self._decode_shape(view, chosen)),
                         why=f"{why}decode {len(view.ls_decodes)} LS + {n} of {len(rows)} BE rows", **common)
 
-    def _smallest_efficient_be_chunk(self, remaining: int, prefix: int, hi: int) -> int:
-        """The smallest BE chunk whose time per token is within ``be_chunk_waste`` of the time per
-        token of prefilling all ``remaining`` tokens in one step (time per token falls with the
-        chunk: the fixed and prefix terms are shared by its tokens)."""
-        bound = self.config.be_chunk_waste * self._prefill_time(remaining, prefix) / remaining
+    def _smallest_efficient_be_chunk(self, remaining: int, hi: int, cost) -> int:
+        """The smallest BE chunk whose time per token (``cost(chunk)``, s) is within
+        ``be_chunk_waste`` of the time per token of prefilling all ``remaining`` tokens in one step
+        (time per token falls with the chunk: the fixed and prefix terms are shared by its tokens)."""
+        bound = self.config.be_chunk_waste * cost(remaining) / remaining
         # largest_fitting over the mirrored range finds the boundary of a predicate true from it up.
-        n = largest_fitting(-hi, -1, lambda m: self._prefill_time(-m, prefix) / -m <= bound)
+        n = largest_fitting(-hi, -1, lambda m: cost(-m) / -m <= bound)
         return hi + 1 if n < -hi else -n
+
+    @staticmethod
+    def _be_rows(view: ServerView, to_cpu, to_gpu) -> list[BERequest]:
+        """The BE decode rows of ``view`` at their places after this step's moves, longest-deferred
+        first (so none starves)."""
+        moved = {**{rid: CPU for rid in to_cpu}, **{rid: GPU for rid in to_gpu}}
+        return sorted((dataclasses.replace(r, placement=moved.get(r.rid, r.placement)) for r in view.be
+                       if r.placement != WAITING), key=lambda r: (r.last_run_step, r.rid))
+
+    @staticmethod
+    def _rows_within(rows: list[BERequest], cost, limit: float) -> tuple[int, list[_BESum]]:
+        """How many of ``rows``, first first, keep ``cost(_BESum of them)`` (s) within ``limit``
+        (0 when even one does not), and the sums of the first k rows, k = 0..len(rows)."""
+        first = [_BESum()]
+        for r in rows:
+            first.append(first[-1].plus(r))
+        return max(largest_fitting(1, len(rows), lambda k: cost(first[k]) <= limit), 0), first
 
     def _placement(self, view: ServerView) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """BE KV moves for this step (paper 3.3): GPU-resident BE requests go to the BE KV pool,

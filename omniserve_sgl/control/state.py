@@ -107,6 +107,10 @@ class ServerView:
         cpu_overlap: the CPU worker's attention overlaps the GPU pass (asynchronous piggybacking:
             a BE row on the CPU costs the pass only its dense work); False when the GPU waits for
             the worker in each layer (the synchronous path).
+        mixed_steps: a prefill chunk runs in one step with the decode rows (SGLang's mixed chunked
+            prefill; the paper's Sarathi-style co-scheduling, section 3.3): the LS decodes get
+            their next token in the prefill step itself instead of waiting for the decode step
+            after it.
     """
 
     now_s: float
@@ -123,6 +127,7 @@ class ServerView:
     since_decode_s: float = 0.0
     decoded_last_step: bool = True
     cpu_overlap: bool = False
+    mixed_steps: bool = False
 
     @property
     def ls_kv_need(self) -> int:
@@ -142,6 +147,8 @@ class StepPlan:
             (``reject`` admission only).
         be_prefill: (rid, tokens) of the BE request whose prompt is prefilled in this step, if any.
         be_decode: BE requests that decode in this step (the others keep their state).
+        mixed: a prefill step that also decodes: every running LS decode and the ``be_decode`` rows
+            run in it (only with ``ServerView.mixed_steps``).
         be_budget_per_layer: BE rows allowed at each layer (all equal until piggybacking fills
             them layer by layer).
         to_cpu / to_gpu: BE requests whose KV moves to the BE KV pool / back to GPU slots.
@@ -157,6 +164,7 @@ class StepPlan:
     ls_rejected: tuple[tuple[str, str], ...] = ()
     be_prefill: tuple[str, int] | None = None
     be_decode: tuple[str, ...] = ()
+    mixed: bool = False
     be_budget_per_layer: tuple[int, ...] = ()
     to_cpu: tuple[str, ...] = ()
     to_gpu: tuple[str, ...] = ()

@@ -151,7 +151,7 @@ class _Node:
 class SimStats:
     """What a run measured besides the requests: GPU busy time (passes), CPU attention time per
     node, s, the BE tokens whose attention ran on a CPU, and the longest decode step that had LS
-    rows, s."""
+    rows and BE work (BE rows, or a BE chunk in a mixed step), s."""
 
     wall_s: float = 0.0
     gpu_busy_s: float = 0.0
@@ -369,14 +369,17 @@ class Simulation:
                 extra += self._finish_prefill(r, self.t)
         self._advance(extra)
 
-    def _decode(self, gpu_rows: list[_Req], cpu_rows: list[_Req]) -> None:
+    def _decode(self, gpu_rows: list[_Req], cpu_rows: list[_Req], chunks: list[tuple[_Req, int]] = ()) -> None:
         """One synchronous decode step: the GPU rows, and CPU rows whose attention the GPU waits for
-        in each layer (on every node in parallel)."""
+        in each layer (on every node in parallel); with ``chunks`` (``(request, chunk)``, KV
+        allocated by the caller) a mixed step that prefills them too."""
         for r in gpu_rows:
             r.gpu_kv += 1
             self.gpu_free -= 1
-        shape = StepShape(tokens=len(gpu_rows) + len(cpu_rows), decode_context=sum(r.context for r in gpu_rows),
-                          decode_rows=len(gpu_rows) + len(cpu_rows))
+        shape = StepShape(tokens=len(gpu_rows) + len(cpu_rows) + sum(c for _, c in chunks),
+                          prefill_attn_work=sum(c * (r.prefilled + c) for r, c in chunks),
+                          prefill_context=sum(r.prefilled + c for r, c in chunks),
+                          decode_context=sum(r.context for r in gpu_rows), decode_rows=len(gpu_rows) + len(cpu_rows))
         gpu_s = self.timing.gpu_step_s(shape)
         cpu_s = 0.0
         for layer in range(self.L if cpu_rows else 0):  # each layer waits for its jobs on every node
@@ -394,10 +397,16 @@ class Simulation:
         seconds = self._measured(gpu_s + cpu_s)
         self._observe(full, seconds)
         self._advance(seconds)
-        self._after_decode(gpu_rows + cpu_rows, seconds)
+        self._after_decode(gpu_rows + cpu_rows, seconds, be_chunk=any(r.cls == "be" for r, _ in chunks))
+        extra = 0.0
+        for r, c in chunks:
+            r.prefilled += c
+            if r.prefilled >= r.target:
+                extra += self._finish_prefill(r, self.t)
+        self._advance(extra)
 
-    def _after_decode(self, rows: list[_Req], seconds: float) -> None:
-        if any(r.cls == "ls" for r in rows):
+    def _after_decode(self, rows: list[_Req], seconds: float, be_chunk: bool = False) -> None:
+        if any(r.cls == "ls" for r in rows) and (be_chunk or any(r.cls == "be" for r in rows)):
             self.stats.longest_ls_decode_s = max(self.stats.longest_ls_decode_s, seconds)
         self.step += 1
         self.stats.steps += 1
@@ -526,7 +535,7 @@ class Simulation:
             be_pool_free_tokens=max(n.pool_free for n in self.nodes),
             kv_bytes_per_token=self.kv_bytes, num_layers=self.L, max_prefill_tokens=self.cfg.chunk_tokens,
             since_decode_s=self.t - min(last) if last else 0.0, decoded_last_step=self.decoded_last_step,
-            cpu_overlap=self.async_cpu)
+            cpu_overlap=self.async_cpu, mixed_steps=self.cfg.system == "omniserve-sync")
 
     def _step_controlled(self) -> bool:
         view = self._view()
@@ -560,29 +569,45 @@ class Simulation:
             for r, c in batch:
                 r.gpu_kv += c
                 self.gpu_free -= c
+            if batch and plan.mixed:
+                # The decode rows ride the chunk's step when the KV left fits their next tokens (as
+                # SGLang's mixed chunked prefill: else they sit this step out).
+                gpu_rows, cpu_rows = self._decode_rows(plan)
+                if len(gpu_rows) <= self.gpu_free:
+                    self._decode(gpu_rows, cpu_rows, batch)
+                    return True
             if batch:
                 self._prefill(batch)
                 return True
             # Nothing admissible (SGLang would run the running batch): plan the decode step alone.
             plan = self.controller.plan(dataclasses.replace(
                 view, ls_waiting=(), be=tuple(b for b in view.be if b.placement != WAITING)))
-        chosen = set(plan.be_decode)
-        ls_rows = [r for r in self.running if r.cls == "ls" and r.prefilled >= r.target]
-        be_rows = [r for r in self.running if r.cls == "be" and r.rid in chosen
-                   and (r.ready_at <= self.t or (self.async_cpu and r.placement == CPU))]  # KV still on the wire
+        gpu_rows, be_rows = self._decode_rows(plan)
 
         def victims() -> list[_Req]:
             gpu = [r for r in self.running if r.placement != CPU]
             return sorted(gpu, key=lambda r: (r.cls == "ls", -r.arrival))
-        gpu_rows = self._decode_kv(ls_rows + [r for r in be_rows if r.placement == GPU], victims)
+        gpu_rows = self._decode_kv(gpu_rows, victims)
         if self.async_cpu:
-            budget = sum(r.placement == CPU for r in be_rows)
-            return self._pass_async(gpu_rows, budget) or bool(moved)
-        cpu_rows = [r for r in be_rows if r.placement == CPU]
+            return self._pass_async(gpu_rows, len(be_rows)) or bool(moved)
+        cpu_rows = be_rows
         if not (gpu_rows or cpu_rows):
             return bool(moved)
         self._decode(gpu_rows, cpu_rows)
         return True
+
+    def _decode_rows(self, plan) -> tuple[list[_Req], list[_Req]]:
+        """The rows of ``plan``'s decode: every decoding LS request and the planned BE rows on the
+        GPU, and the planned BE rows on the CPU (whose KV is not still on the wire)."""
+        chosen = set(plan.be_decode)
+        gpu, cpu = [], []
+        for r in self.running:
+            if r.cls == "ls":
+                if r.prefilled >= r.target:
+                    gpu.append(r)
+            elif r.rid in chosen and (r.ready_at <= self.t or (self.async_cpu and r.placement == CPU)):
+                (cpu if r.placement == CPU else gpu).append(r)
+        return gpu, cpu
 
     def _pass_async(self, gpu_rows: list[_Req], budget: int) -> bool:
         """One decode pass with asynchronous piggybacking (see :meth:`_piggyback`): the GPU rows

@@ -30,6 +30,7 @@ from omniserve_sgl.control import (
     largest_fitting,
     step_kind,
 )
+from omniserve_sgl.control.policy import _BESum
 
 # A GPU-like step: 4 ms fixed, 1.5 ms per 64-token tile, attention and CPU terms.
 TRUE = LatencyModel(tile=64, c_step=4e-3, c_dense=1.5e-3, c_prefill_attn=2e-9, c_prefill_ctx=2e-7, c_decode_attn=3e-8,
@@ -210,6 +211,38 @@ def test_decodes_that_already_waited_go_before_more_prefill():
     assert ctl.plan(dataclasses.replace(loose, since_decode_s=0.2)).be_decode == ()
 
 
+def test_with_mixed_steps_a_chunk_runs_with_the_decodes_and_no_longer_pays_a_step_of_its_own():
+    """Mixed steps (SGLang's mixed chunked prefill): the LS decodes get their token in the prefill
+    step, so a chunk is bounded by ``t(chunk with the decodes)``, not ``t(chunk) + t(decode step)``:
+    it is larger by the step's fixed cost, and it is still the largest that fits."""
+    ctl = Controller(STANDIN)
+    slo = SLO(ttft_s=10.0, tpot_s=0.3)
+    decodes = tuple(LSDecode(f"ls{i}", 150) for i in range(4))
+    view = _view(ls_decodes=decodes, ls_waiting=(LSWaiting("w", 2000, arrival_s=9.9),), slo=slo)
+    plain = ctl.plan(view)
+    mixed = ctl.plan(dataclasses.replace(view, mixed_steps=True))
+    assert mixed.mixed and not plain.mixed and mixed.ls_prefill_tokens > plain.ls_prefill_tokens
+    budget = ControllerConfig().ls_margin * slo.tpot_s
+    fits = [ctl._mixed_time(view, c, 0, _BESum()) for c in (mixed.ls_prefill_tokens, mixed.ls_prefill_tokens + 1)]
+    assert fits[0] <= budget < fits[1] and mixed.predicted_s == pytest.approx(fits[0])
+    # A BE chunk: the same bound at be_margin, and BE decode rows ride in what is left, oldest first.
+    rows = tuple(BERequest(f"r{i}", GPU, context_len=300, last_run_step=i) for i in range(6))
+    be_view = _view(ls_decodes=decodes, be=(BERequest("b", WAITING, prompt_len=1000), *rows), slo=slo,
+                    mixed_steps=True, kv_bytes_per_token=30 * 2 * 3 * 64 * 2, num_layers=30)
+    plan = ctl.plan(be_view)
+    assert plan.mixed and plan.be_prefill is not None
+    assert plan.be_prefill[1] > ctl.plan(dataclasses.replace(be_view, mixed_steps=False)).be_prefill[1]
+    assert plan.predicted_s <= ControllerConfig().be_margin * slo.tpot_s
+    assert plan.be_decode == tuple(f"r{i}" for i in range(len(plan.be_decode)))
+    assert plan.be_budget_per_layer == (len(plan.be_decode),) * 30
+    # With more TPOT slack the chunk is the whole prompt and rows ride beside it.
+    loose = ctl.plan(dataclasses.replace(be_view, slo=SLO(ttft_s=4.0, tpot_s=3.0)))
+    assert loose.be_prefill == ("b", 1000) and 0 < len(loose.be_decode)
+    # An LS prompt waiting: no BE row rides its chunk (strict order), the decodes do.
+    ls_first = ctl.plan(dataclasses.replace(be_view, ls_waiting=(LSWaiting("w", 200, arrival_s=9.9),)))
+    assert ls_first.mixed and ls_first.ls_prefill_tokens and ls_first.be_decode == ()
+
+
 def test_a_be_chunk_takes_at_most_a_share_of_the_ttft_slo_even_without_ls_decodes():
     ctl = Controller(TRUE)
     view = _view(be=(BERequest("b", WAITING, prompt_len=8000),), slo=SLO(ttft_s=0.4, tpot_s=0.05))
@@ -246,7 +279,7 @@ def test_without_ls_decodes_a_be_prompt_always_progresses_even_when_no_chunk_fit
     late = BERequest("b", WAITING, prompt_len=1000, prefilled=500, in_prefill=True)
     assert ctl._prefill_time(1, 500) > ControllerConfig().be_ttft_share * slo.ttft_s
     plan = ctl.plan(_view(be=(late,), slo=slo))
-    smallest = ctl._smallest_efficient_be_chunk(500, 500, 500)
+    smallest = ctl._smallest_efficient_be_chunk(500, 500, lambda c: ctl._prefill_time(c, 500))
     assert plan.be_prefill == ("b", smallest) and 1 < smallest <= 500
     with_ls = ctl.plan(_view(be=(late,), slo=slo, ls_decodes=(LSDecode("ls", 150, ahead_s=10.0),)))
     assert with_ls.be_prefill is None
@@ -260,7 +293,7 @@ def test_a_be_prompt_progresses_when_the_servers_chunk_limit_is_below_every_effi
     # The default model's profile on a 2-core Xeon: a 47 ms step, 0.27 ms a token.
     ctl = Controller(LatencyModel(tile=4, c_step=0.047, c_dense=1.08e-3, c_prefill_attn=5.3e-8, c_prefill_ctx=9.1e-5))
     fresh = BERequest("b", WAITING, prompt_len=1536)
-    assert ctl._smallest_efficient_be_chunk(1536, 0, 64) > 64  # none within the limit
+    assert ctl._smallest_efficient_be_chunk(1536, 64, lambda c: ctl._prefill_time(c, 0)) > 64  # none within the limit
     assert ctl.plan(_view(be=(fresh,), max_prefill_tokens=64)).be_prefill == ("b", 64)
     # With LS decodes it runs too, when it fits their slack.
     ahead = (LSDecode("ls", 150, ahead_s=10.0),)
