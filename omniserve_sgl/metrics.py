@@ -20,7 +20,8 @@ class BEMetrics:
     ``omniserve_ls_rejected_total`` (LS requests refused by ``--omniserve-ls-admission reject``),
     ``omniserve_be_rows_deferred_total`` (BE decode rows that sat out a step: no slack),
     ``omniserve_be_prefill_yields_total`` (BE prompts being prefilled in chunks that yielded to an
-    LS prompt; each resumes from the chunks it had),
+    LS prompt; each resumes from the chunks it had), ``omniserve_mixed_steps_total`` (prefill steps
+    that also decoded the running rows: sync mode's mixed chunked prefill),
     ``omniserve_be_moves_total{direction="to_cpu"|"to_gpu"}`` (BE KV moves between the GPU KV cache
     and the BE KV pool) and ``omniserve_be_requests{placement="gpu"|"cpu"}`` (running BE requests
     by where their KV lives); ``omniserve_mode_switches_total{to="be"|"ls"}`` (the scheduler's
@@ -60,6 +61,8 @@ class BEMetrics:
                                         "BE decode rows that sat out a decode step (no SLO slack for them)")
         self.be_prefill_yields = Counter("omniserve_be_prefill_yields", "BE prompts being prefilled in chunks "
                                          "that yielded to an LS prompt (each resumes from the chunks it had)")
+        self.mixed_steps = Counter("omniserve_mixed_steps", "Prefill steps that also decoded the running rows "
+                                   "(a prefill chunk and the decode rows in one step)")
         self.be_moves = Counter("omniserve_be_moves", "BE requests whose KV moved between the GPU KV cache and "
                                 "the BE KV pool", ["direction"])
         self.be_requests = Gauge("omniserve_be_requests", "Running BE requests by where their KV lives",
@@ -76,6 +79,7 @@ class BEMetrics:
                                           "tokens between two layers (asynchronous piggybacking)", **gauge)
         self.ls_pass_waits.inc(0)
         self.be_prefill_yields.inc(0)
+        self.mixed_steps.inc(0)
         self.parked.set(0)
         for placement in ("gpu", "cpu"):
             self.be_requests.labels(placement=placement).set(0)

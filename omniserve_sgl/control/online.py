@@ -21,10 +21,16 @@ PREFILL, DECODE, DECODE_CPU = "prefill", "decode", "decode+cpu"
 
 
 def step_kind(shape: StepShape) -> str:
-    """``prefill`` (no decode rows), ``decode+cpu`` (decode rows, some on the CPU worker) or ``decode``."""
-    if shape.decode_rows == 0:
+    """``prefill`` (a prefill chunk, with or without decode rows: a mixed step's time is mostly
+    its chunk's), ``decode+cpu`` (decode rows only, some on the CPU worker) or ``decode``."""
+    if _gpu_kind(shape) == PREFILL:
         return PREFILL
     return DECODE_CPU if shape.cpu_jobs > 0 else DECODE
+
+
+def _gpu_kind(shape: StepShape) -> str:
+    has_chunk = shape.prefill_context > 0 or shape.prefill_attn_work > 0
+    return PREFILL if shape.decode_rows == 0 or has_chunk else DECODE
 
 
 class OnlineCorrection:
@@ -61,9 +67,9 @@ class OnlineCorrection:
         """(GPU part's kind, GPU part, CPU worker's part) of the profile's prediction, s."""
         total = self.model.predict(shape)
         if shape.cpu_jobs <= 0 and shape.cpu_kv_bytes <= 0:
-            return (PREFILL if shape.decode_rows == 0 else DECODE), total, 0.0
+            return _gpu_kind(shape), total, 0.0
         gpu = self.model.predict(dataclasses.replace(shape, cpu_kv_bytes=0.0, cpu_jobs=0))
-        return DECODE, gpu, max(total - gpu, 0.0)
+        return _gpu_kind(shape), gpu, max(total - gpu, 0.0)
 
     def _corrected(self, kind: str, gpu: float, cpu: float) -> float:
         return gpu * self.factors[kind] + cpu * self.factors[DECODE_CPU]

@@ -6,6 +6,12 @@ to the CPU attention worker (submitted first, so the CPU works while the GPU doe
 the LS rows go to SGLang's own backend (FlashInfer on a GPU, torch_native on the CPU device) as a
 batch of their own, and the two outputs are put back in row order. Everything around attention
 (QKV/O projections, MLP, sampling) runs once over all rows, unchanged.
+
+A mixed step (SGLang's mixed chunked prefill: prefill chunks, then the decode rows as one-token
+extends) is split the same way: its offloaded BE rows go to the worker and the rest to SGLang's
+backend as one extend batch. On backends whose extend attends over the whole sequence for every
+row (torch_native: a decode row would pay ``(context + 1)^2`` for one token), the decode rows also
+go to the backend's decode path, as in a decode step.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import types
 
 import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
 from omniserve_sgl.be_runtime import BEUnavailableError
 from omniserve_sgl.sglang_glue import scheduler
@@ -29,6 +36,63 @@ def _ls_view(fb, ls_rows: list[int]):
     ls.batch_size = len(ls_rows)
     ls.seq_lens_sum = int(ls.seq_lens_cpu.sum()) if ls.seq_lens_cpu is not None else int(ls.seq_lens.sum())
     return ls
+
+
+# Per-request and per-token ForwardBatch fields of an extend (or mixed) step.
+_REQ_TENSORS = ("req_pool_indices", "seq_lens", "orig_seq_lens", "seq_lens_cpu", "req_pool_indices_cpu",
+                "extend_seq_lens", "extend_prefix_lens")
+_REQ_LISTS = ("rids", "extend_seq_lens_cpu", "extend_prefix_lens_cpu", "extend_logprob_start_lens_cpu")
+_TOKEN_TENSORS = ("input_ids", "positions", "out_cache_loc")
+
+
+def _extend_view(fb, rows: list[int], tokens: torch.Tensor, mode=None):
+    """The extend ForwardBatch ``fb`` restricted to requests ``rows`` and their ``tokens`` (a
+    shallow copy), as a batch of ``mode`` (default: ``fb``'s)."""
+    view = select_rows(fb, rows, _REQ_TENSORS, _REQ_LISTS)
+    for name in _TOKEN_TENSORS:
+        t = getattr(fb, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            setattr(view, name, t[tokens.to(t.device)])
+    view.batch_size = len(rows)
+    view.seq_lens_sum = int(view.seq_lens_cpu.sum()) if view.seq_lens_cpu is not None else int(view.seq_lens.sum())
+    if view.extend_seq_lens is not None:
+        view.extend_num_tokens = int(view.extend_seq_lens.sum())
+        view.extend_start_loc = torch.cumsum(view.extend_seq_lens, 0) - view.extend_seq_lens
+    if mode is not None:
+        view.forward_mode = mode
+    return view
+
+
+class _MixedStep:
+    """A mixed step: prefill requests, then ``tail`` decode rows of one token each (SGLang's
+    ``ScheduleBatch.mix_with_running``), of which ``plan`` (if any) holds the offloaded BE rows
+    (their indices among the decode rows). ``parts``: (token indices, ForwardBatch view) for
+    SGLang's backend."""
+
+    def __init__(self, fb, plan, tail: int, split_decode: bool):
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        self.fb, self.plan = fb, plan
+        n_ext = fb.batch_size - tail
+        ext_tokens = sum(fb.extend_seq_lens_cpu[:n_ext])
+        device = fb.seq_lens.device
+        cpu = list(plan.rows) if plan is not None else []
+        self.be_idx = torch.tensor([ext_tokens + j for j in cpu], dtype=torch.int64, device=device)
+        ls = [j for j in range(tail) if j not in set(cpu)]
+
+        def part(rows: list[int], tokens: list[int], mode=None):
+            idx = torch.tensor(tokens, dtype=torch.int64, device=device)
+            return idx, _extend_view(fb, rows, idx, mode)
+
+        if split_decode:
+            self.parts = [part(list(range(n_ext)), list(range(ext_tokens)))] if n_ext else []
+            if ls:
+                self.parts.append(part([n_ext + j for j in ls], [ext_tokens + j for j in ls], ForwardMode.DECODE))
+        else:
+            self.parts = [part(list(range(n_ext)) + [n_ext + j for j in ls],
+                               list(range(ext_tokens)) + [ext_tokens + j for j in ls])]
+        self.be_out: torch.Tensor | None = None
+        self.be_failed = False
 
 
 class _Step:
@@ -67,9 +131,22 @@ def install(backend) -> None:
     inner_init = backend.init_forward_metadata
     inner_forward = backend.forward
     state = {"step": None}
+    split_decode = isinstance(backend, TorchNativeAttnBackend)
 
     def init_forward_metadata(self, forward_batch):
-        plan = scheduler.take_decode_plan() if forward_batch.forward_mode.is_decode() else None
+        mode = forward_batch.forward_mode
+        # SGLang runs a mixed batch as EXTEND (EagerRunner.execute); the scheduler hook counted its tail.
+        tail = scheduler.take_mixed_tail() if mode.is_extend() else 0
+        if tail:
+            plan = scheduler.take_decode_plan()
+            if plan is None and not split_decode:
+                state["step"] = None
+                return inner_init(forward_batch)
+            step = state["step"] = _MixedStep(forward_batch, plan, tail, split_decode)
+            for _, view in step.parts:  # torch_native keeps no per-batch metadata; others get one part
+                inner_init(view)
+            return None
+        plan = scheduler.take_decode_plan() if mode.is_decode() else None
         if plan is None:
             state["step"] = None
             return inner_init(forward_batch)
@@ -78,10 +155,35 @@ def install(backend) -> None:
             inner_init(step.ls_fb)
         return None
 
+    def forward_mixed(step: _MixedStep, q, k, v, layer, save_kv_cache, **kwargs):
+        rt = scheduler.runtime()
+        n, hq, hkv, d = q.shape[0], layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q3, k3, v3 = q.reshape(n, hq, d), k.reshape(n, hkv, d), v.reshape(n, hkv, layer.v_head_dim)
+        be = step.be_idx
+        job = None
+        if step.plan is not None and not step.be_failed:
+            job = _be_call(step, rt.submit, step.plan, layer.layer_id, q3[be], k3[be], v3[be], layer.scaling)
+        out = q.new_empty(n, hq * layer.v_head_dim)
+        for idx, view in step.parts:
+            out[idx] = inner_forward(q3[idx].reshape(len(idx), -1), k3[idx], v3[idx], layer, view,
+                                     save_kv_cache, **kwargs).reshape(len(idx), -1)
+        if step.plan is None:
+            return out
+        if step.be_out is None:
+            step.be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
+        if job is not None:
+            _be_call(step, rt.wait, job, step.be_out)
+        if step.be_failed:
+            step.be_out.zero_()
+        out[be] = step.be_out.reshape(len(be), -1)
+        return out
+
     def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         step = state["step"]
         if step is None or step.fb is not forward_batch:
             return inner_forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if isinstance(step, _MixedStep):
+            return forward_mixed(step, q, k, v, layer, save_kv_cache, **kwargs)
         rt = scheduler.runtime()
         bs, hq, hkv, d = forward_batch.batch_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q3, k3, v3 = q.reshape(bs, hq, d), k.reshape(bs, hkv, d), v.reshape(bs, hkv, layer.v_head_dim)

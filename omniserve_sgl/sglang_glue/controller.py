@@ -7,7 +7,8 @@ plans the step, and the hooks here apply the plan:
   prefilled in chunks yields to a waiting LS prompt; BE KV moves; a decode step is forced when the
   plan says the LS decodes come first.
 - ``Scheduler._get_new_batch_prefill_raw`` (``scheduler.admit_prefill``): the plan's chunk size;
-  BE requests sit out unless the plan prefills one.
+  BE requests sit out unless the plan prefills one; a mixed step (sync mode: the prefill chunk and
+  the decode rows in one step, SGLang's mixed chunked prefill) with the BE rows the plan keeps.
 - ``Scheduler.update_running_batch`` (AROUND): BE rows beyond the plan's budget sit out this decode
   step (filtered out of the batch with their KV and state untouched) ...
 - ``Scheduler.process_batch_result`` (AFTER): ... and are merged back, as a decode-ready batch,
@@ -139,8 +140,9 @@ def _slos(req) -> tuple[float | None, float | None]:
 
 
 def _last_token_time(req, now: float) -> float:
+    # SGLang stamps decode steps' tokens only; a mixed step's are stamped by merge_deferred.
     ts = req.time_stats
-    return max(ts.last_decode_finish_time, ts.prefill_finished_time) or now
+    return max(ts.last_decode_finish_time, ts.prefill_finished_time, getattr(req, "omniserve_token_s", 0.0)) or now
 
 
 def ls_finished(req) -> None:
@@ -212,7 +214,7 @@ def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:
         kv_bytes_per_token=runtime.kv_bytes_per_token_layer * spec.num_layers, num_layers=spec.num_layers,
         max_prefill_tokens=scheduler.omniserve_chunk_limit,
         since_decode_s=now - min(last_tokens) if last_tokens else 0.0, decoded_last_step=_decoded_last_step,
-        cpu_overlap=piggyback.enabled())
+        cpu_overlap=piggyback.enabled(), mixed_steps=not piggyback.enabled())
 
 
 # planning ---------------------------------------------------------------------------------------
@@ -355,6 +357,42 @@ def prefill_chunk(scheduler) -> int | None:
     return _plan.ls_prefill_tokens or _plan.be_prefill[1]
 
 
+def mix_decodes(running_batch) -> bool:
+    """Before SGLang forms this step's prefill batch: whether the plan is a mixed step, whose
+    prefill batch takes the decode rows of ``running_batch``; if so, the BE rows the plan leaves
+    out sit out, as in a decode step (:func:`defer_be_rows`), and those that run are stamped."""
+    global _deferred
+    if _plan is None or not _plan.mixed or running_batch.is_empty():
+        return False
+    chosen = set(_plan.be_decode)
+    keep = [i for i, r in enumerate(running_batch.reqs) if r.rid in chosen or not deferrable(r)]
+    if len(keep) < len(running_batch.reqs):
+        kept = set(keep)
+        _deferred = [r for i, r in enumerate(running_batch.reqs) if i not in kept and not r.finished()]
+        if _metrics is not None:
+            _metrics.be_rows_deferred.inc(len(_deferred))
+        running_batch.filter_batch(keep_indices=keep)
+    for r in running_batch.reqs:
+        if is_be(r):
+            r.omniserve_last_step = _step
+    return True
+
+
+def unmix(scheduler, running_batch):
+    """The mixed step did not form (no prefill after all, or SGLang ran it without the decode
+    rows): the BE rows that sat out go back into ``running_batch`` at once (a decode step may run
+    next in this same step). Returns the running batch."""
+    global _deferred
+    reqs, _deferred = [r for r in _deferred if not r.finished()], []
+    if not reqs:
+        return running_batch
+    part = _decode_ready_batch(scheduler, reqs)
+    if running_batch.is_empty():
+        return part
+    running_batch.merge_batch(part)
+    return running_batch
+
+
 def be_prefill_allowed() -> bool:
     """Whether a BE request may start its prefill in this step (one whose chunked prefill is under
     way continues in any prefill step: SGLang's chunked request goes first)."""
@@ -452,7 +490,15 @@ def merge_deferred(_result, self, *args, **kwargs) -> None:
     global _deferred, _decoded_last_step, _plan
     if not mode.be_mode():
         return
-    if _plan is not None and _plan.is_prefill:
+    batch = args[0] if args else None
+    if batch is not None and batch.forward_mode.is_mixed():  # its decode rows got a token
+        now = time.perf_counter()
+        for r in batch.decoding_reqs or ():
+            r.omniserve_token_s = now
+        _decoded_last_step = True
+        if _metrics is not None:
+            _metrics.mixed_steps.inc()
+    elif _plan is not None and _plan.is_prefill:
         _decoded_last_step = False
     _plan = None
     piggyback.emit(self)

@@ -33,6 +33,7 @@ _latency_model: OnlineCorrection | None = None  # the profile (sglang_glue.profi
 _metrics = None  # BEMetrics with --enable-metrics
 _pending_plan: DecodePlan | None = None  # the BE rows of the decode step being prepared
 _plan_reqs: list = []  # their Reqs
+_mixed_tail = 0  # decode rows at the end of the mixed step being prepared
 
 
 def runtime() -> BERuntime | None:
@@ -46,6 +47,14 @@ def latency_model() -> OnlineCorrection | None:
 def decode_plan_pending() -> bool:
     """Whether the decode batch about to run has BE rows for the CPU worker."""
     return _pending_plan is not None
+
+
+def take_mixed_tail() -> int:
+    """How many decode rows end the mixed step about to run (consumed once, by the attention
+    backend); their offloaded BE rows are in :func:`take_decode_plan`."""
+    global _mixed_tail
+    tail, _mixed_tail = _mixed_tail, 0
+    return tail
 
 
 def take_decode_plan() -> DecodePlan | None:
@@ -200,7 +209,11 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
       ``max_new_tokens`` reads as one more than it has generated (not 0: SGLang treats 0 as a
       prefill-only request and samples nothing).
     - Admitted BE requests get their pool reservation, so they never stall or fail mid-decode.
+    - When the plan is a mixed step (:func:`controller.mix_decodes`), SGLang's mixed chunked
+      prefill runs for this call: the decode rows the plan keeps join the prefill batch, and the
+      chunk limit grows by their count (SGLang takes one token per decode row off it).
     """
+    global _mixed_tail
     if _runtime is None or not mode.be_mode():
         return original(self, prefill_delayer_single_pass, running_batch)
     if (why := _check_worker()) is not None:
@@ -212,23 +225,29 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
         queue, is_be, lambda r: _runtime.pages.pages_for(_be_tokens(r)) if _needs_pool(r) else None,
         _runtime.pages.free_pages, be_allowed=controller.be_prefill_allowed())
     self.waiting_queue[:] = offered
+    mixed = controller.mix_decodes(running_batch)
     hidden = [r for r in offered if is_be(r)] + [r for r in running_batch.reqs if is_be(r)]
     saved = [(r, r.sampling_params.max_new_tokens) for r in hidden]
     for r, _ in saved:
         r.sampling_params.max_new_tokens = len(r.output_ids) + 1
-    chunk, own_chunk = controller.prefill_chunk(self), self.chunked_prefill_size
+    chunk, own_chunk, own_mixed = controller.prefill_chunk(self), self.chunked_prefill_size, self.is_mixed_chunk
     if chunk is not None:
-        self.chunked_prefill_size = chunk
+        self.chunked_prefill_size = chunk + (running_batch.batch_size() if mixed else 0)
+    self.is_mixed_chunk = mixed
     try:
         result = original(self, prefill_delayer_single_pass, running_batch)
     finally:
-        self.chunked_prefill_size = own_chunk
+        self.chunked_prefill_size, self.is_mixed_chunk = own_chunk, own_mixed
         for r, n in saved:
             r.sampling_params.max_new_tokens = n
         order = {id(r): i for i, r in enumerate(sorted(queue, key=is_be))}  # LS first, each class in order
         self.waiting_queue[:] = sorted(list(self.waiting_queue) + held,
                                        key=lambda r: order.get(id(r), len(order)))
     new_batch = result[0]
+    if mixed and new_batch is not None and new_batch.forward_mode.is_mixed():
+        _mixed_tail = len(new_batch.decoding_reqs)
+    elif mixed:  # no prefill formed, or SGLang ran it plain: the rows that sat out go back now
+        result = (new_batch, controller.unmix(self, result[1]))
     for req in new_batch.reqs if new_batch is not None else []:
         if _needs_pool(req):
             _runtime.reserve(req.rid, _be_tokens(req))
@@ -315,8 +334,8 @@ def alloc_decode(original, batch, token_per_req: int):
     """AROUND ``mem_cache.allocation.alloc_for_decode``: only LS rows get GPU KV slots. Offloaded BE
     rows get slot 0 (SGLang's padding slot, never written: the attention split keeps BE rows away
     from the GPU KV cache) and their next token is placed in the BE KV pool instead."""
-    global _pending_plan, _plan_reqs
-    _pending_plan, _plan_reqs = None, []
+    global _pending_plan, _plan_reqs, _mixed_tail
+    _pending_plan, _plan_reqs, _mixed_tail = None, [], 0
     if not mode.be_mode():
         return original(batch, token_per_req)
     be_rows, ls_rows = [], []

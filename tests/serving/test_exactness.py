@@ -8,6 +8,7 @@ The sdpa and moves tests run their own servers; the float32 tests share ``f32_se
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -53,6 +54,40 @@ def test_be_output_is_unchanged_by_moves_between_gpu_and_cpu(model_path, exact_t
         assert min(moves) >= 3 * 5  # each request went both ways several times
         assert metric(server, "omniserve_cpu_attention_tokens_total") > 0
         assert metric(server, "omniserve_be_pool_pages_used") == 0
+
+
+def test_mixed_steps_change_no_output(model_path, latency_profile, exact_texts, tmp_path):
+    """Sync mode with the SLO controller runs a prefill chunk and the running decode rows in one
+    step (SGLang's mixed chunked prefill). LS and BE prompts arriving one after another while the
+    earlier ones decode are prefilled in 4-token chunks in such steps, beside LS rows, BE rows in
+    the GPU KV cache and BE rows in the BE KV pool (every BE request moves each step): every
+    request's greedy output is the one it gets alone (float32). The SLOs leave slack for all of it;
+    the profile is the test run's, relabelled float32 (the policy, not its accuracy, is under test)."""
+    profile = json.loads(latency_profile.path.read_text())
+    profile["meta"]["key"]["dtype"] = "torch.float32"
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps(profile))
+    with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--enable-metrics", "--omniserve-profile",
+                      str(path), "--omniserve-ttft-slo", "600", "--omniserve-tpot-slo", "30",
+                      "--chunked-prefill-size", "4", env={"OMNISERVE_TEST_MOVE_EVERY": "1"}) as server:
+        alone = {}
+        for text in exact_texts:
+            flush_cache(server)
+            alone[text] = generate(server, text, 32, "ls")["output_ids"]
+        flush_cache(server)
+        jobs = [(text, cls) for cls in ("be", "ls") for text in exact_texts]
+
+        def staggered(i: int) -> list[int]:
+            time.sleep(0.4 * i)
+            text, cls = jobs[i]
+            return generate(server, text, 32, cls)["output_ids"]
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            outputs = list(pool.map(staggered, range(len(jobs))))
+        assert outputs == [alone[text] for text, _ in jobs]
+        assert metric(server, "omniserve_mixed_steps_total") >= len(jobs)
+        assert metric(server, "omniserve_cpu_attention_tokens_total") > 0
+        assert min(metric(server, "omniserve_be_moves_total", direction=d) for d in ("to_cpu", "to_gpu")) > 0
 
 
 @pytest.fixture(scope="module")

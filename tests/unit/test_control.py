@@ -399,6 +399,10 @@ def test_online_correction_learns_a_systematic_bias_per_step_kind():
     corrected.observe(prefill, 100 * TRUE.predict(prefill))  # one wild step moves it within bounds
     assert corrected.predict(prefill) <= 3.0 * TRUE.predict(prefill)
     assert step_kind(dataclasses.replace(decode, cpu_jobs=32)) == "decode+cpu"
+    # A mixed step (a chunk with decode rows) is mostly its chunk: the prefill factor prices it.
+    mixed = dataclasses.replace(prefill, tokens=520, decode_context=8000, decode_rows=8)
+    assert step_kind(mixed) == "prefill" and corrected.predict(mixed) == pytest.approx(
+        corrected.factors["prefill"] * TRUE.predict(mixed))
 
 
 def test_a_cpu_row_never_makes_a_corrected_decode_step_cheaper():

@@ -448,4 +448,11 @@ def test_step_shape_reads_sglangs_batch_for_the_latency_model():
         tokens=3, decode_context=50, decode_rows=3, cpu_kv_bytes=100.0 * 100 * 3, cpu_jobs=3)
     ls_only = types.SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=reqs[:1])
     assert step_shape(ls_only, runtime, 3, lambda r: r.off).cpu_jobs == 0
+    # A mixed step: the prefill requests, then its decode rows as one-token extends.
+    prefill = types.SimpleNamespace(seqlen=10, off=False)
+    mixed = types.SimpleNamespace(forward_mode=ForwardMode.MIXED, extend_lens=[10, 1, 1, 1], prefix_lens=[0, 49, 69, 29],
+                                  reqs=[prefill, *reqs], decoding_reqs=reqs)
+    assert step_shape(mixed, runtime, 3, lambda r: r.off) == StepShape(
+        tokens=13, prefill_attn_work=100, prefill_context=10, decode_context=50, decode_rows=3,
+        cpu_kv_bytes=100.0 * 100 * 3, cpu_jobs=3)
     assert step_shape(types.SimpleNamespace(forward_mode=ForwardMode.IDLE), runtime, 3, lambda r: False) is None
