@@ -214,7 +214,7 @@ def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:
         kv_bytes_per_token=runtime.kv_bytes_per_token_layer * spec.num_layers, num_layers=spec.num_layers,
         max_prefill_tokens=scheduler.omniserve_chunk_limit,
         since_decode_s=now - min(last_tokens) if last_tokens else 0.0, decoded_last_step=_decoded_last_step,
-        cpu_overlap=piggyback.enabled(), mixed_steps=not piggyback.enabled())
+        cpu_overlap=piggyback.enabled(), mixed_steps=True)
 
 
 # planning ---------------------------------------------------------------------------------------
@@ -357,20 +357,28 @@ def prefill_chunk(scheduler) -> int | None:
     return _plan.ls_prefill_tokens or _plan.be_prefill[1]
 
 
-def mix_decodes(running_batch) -> bool:
+def mix_decodes(scheduler, running_batch) -> bool:
     """Before SGLang forms this step's prefill batch: whether the plan is a mixed step, whose
     prefill batch takes the decode rows of ``running_batch``; if so, the BE rows the plan leaves
-    out sit out, as in a decode step (:func:`defer_be_rows`), and those that run are stamped."""
+    out sit out, as in a decode step (:func:`defer_be_rows`: with asynchronous piggybacking the
+    offloaded ones go to the executor, up to the plan's rows per layer), and those that run are
+    stamped."""
     global _deferred
     if _plan is None or not _plan.mixed or running_batch.is_empty():
         return False
     chosen = set(_plan.be_decode)
-    keep = [i for i, r in enumerate(running_batch.reqs) if r.rid in chosen or not deferrable(r)]
+    # Asynchronous piggybacking: offloaded rows leave the batch for the executor, as in a decode step.
+    taken = piggyback.take(scheduler, running_batch.reqs) if piggyback.enabled() else []
+    gone = {id(r) for r in taken} | {id(r) for r in running_batch.reqs if r.finished()} if taken else set()
+    if piggyback.enabled():
+        piggyback.set_budget(sum(r.rid in chosen for r in taken))
+    keep = [i for i, r in enumerate(running_batch.reqs)
+            if id(r) not in gone and (r.rid in chosen or not deferrable(r))]
     if len(keep) < len(running_batch.reqs):
         kept = set(keep)
         _deferred = [r for i, r in enumerate(running_batch.reqs) if i not in kept and not r.finished()]
         if _metrics is not None:
-            _metrics.be_rows_deferred.inc(len(_deferred))
+            _metrics.be_rows_deferred.inc(sum(id(r) not in gone for r in _deferred))
         running_batch.filter_batch(keep_indices=keep)
     for r in running_batch.reqs:
         if is_be(r):

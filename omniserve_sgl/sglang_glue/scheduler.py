@@ -225,7 +225,7 @@ def admit_prefill(original, self, prefill_delayer_single_pass, running_batch):
         queue, is_be, lambda r: _runtime.pages.pages_for(_be_tokens(r)) if _needs_pool(r) else None,
         _runtime.pages.free_pages, be_allowed=controller.be_prefill_allowed())
     self.waiting_queue[:] = offered
-    mixed = controller.mix_decodes(running_batch)
+    mixed = controller.mix_decodes(self, running_batch)
     hidden = [r for r in offered if is_be(r)] + [r for r in running_batch.reqs if is_be(r)]
     saved = [(r, r.sampling_params.max_new_tokens) for r in hidden]
     for r, _ in saved:

@@ -398,6 +398,10 @@ class Simulation:
         self._observe(full, seconds)
         self._advance(seconds)
         self._after_decode(gpu_rows + cpu_rows, seconds, be_chunk=any(r.cls == "be" for r, _ in chunks))
+        self._finish_chunks(chunks)
+
+    def _finish_chunks(self, chunks: list[tuple[_Req, int]]) -> None:
+        """The prefill chunks of a mixed step ran (see :meth:`_finish_prefill`)."""
         extra = 0.0
         for r, c in chunks:
             r.prefilled += c
@@ -535,7 +539,7 @@ class Simulation:
             be_pool_free_tokens=max(n.pool_free for n in self.nodes),
             kv_bytes_per_token=self.kv_bytes, num_layers=self.L, max_prefill_tokens=self.cfg.chunk_tokens,
             since_decode_s=self.t - min(last) if last else 0.0, decoded_last_step=self.decoded_last_step,
-            cpu_overlap=self.async_cpu, mixed_steps=self.cfg.system == "omniserve-sync")
+            cpu_overlap=self.async_cpu, mixed_steps=True)
 
     def _step_controlled(self) -> bool:
         view = self._view()
@@ -574,7 +578,10 @@ class Simulation:
                 # SGLang's mixed chunked prefill: else they sit this step out).
                 gpu_rows, cpu_rows = self._decode_rows(plan)
                 if len(gpu_rows) <= self.gpu_free:
-                    self._decode(gpu_rows, cpu_rows, batch)
+                    if self.async_cpu:
+                        self._pass_async(gpu_rows, len(cpu_rows), batch)
+                    else:
+                        self._decode(gpu_rows, cpu_rows, batch)
                     return True
             if batch:
                 self._prefill(batch)
@@ -609,15 +616,20 @@ class Simulation:
                 (cpu if r.placement == CPU else gpu).append(r)
         return gpu, cpu
 
-    def _pass_async(self, gpu_rows: list[_Req], budget: int) -> bool:
+    def _pass_async(self, gpu_rows: list[_Req], budget: int, chunks: list[tuple[_Req, int]] = ()) -> bool:
         """One decode pass with asynchronous piggybacking (see :meth:`_piggyback`): the GPU rows
         decode, and up to ``budget`` offloaded BE rows join at each layer boundary. With no GPU rows
-        the pass waits at each boundary for the first result due there (BE speed is then the CPU's)."""
-        if not gpu_rows and (budget == 0 or not self._cpu_rows()):
+        the pass waits at each boundary for the first result due there (BE speed is then the CPU's).
+        With ``chunks`` (``(request, chunk)``, KV allocated by the caller) a mixed pass that
+        prefills them too."""
+        if not chunks and not gpu_rows and (budget == 0 or not self._cpu_rows()):
             return False
-        base = StepShape(tokens=len(gpu_rows), decode_context=sum(r.context for r in gpu_rows), decode_rows=len(gpu_rows))
-        joined, sampled, stall = self._piggyback(base, budget, wait=not gpu_rows)
-        if not gpu_rows and joined == 0:
+        base = StepShape(tokens=len(gpu_rows) + sum(c for _, c in chunks),
+                         prefill_attn_work=sum(c * (r.prefilled + c) for r, c in chunks),
+                         prefill_context=sum(r.prefilled + c for r, c in chunks),
+                         decode_context=sum(r.context for r in gpu_rows), decode_rows=len(gpu_rows))
+        joined, sampled, stall = self._piggyback(base, budget, wait=not (gpu_rows or chunks))
+        if not (gpu_rows or chunks) and joined == 0:
             return False
         for r in gpu_rows:
             r.gpu_kv += 1
@@ -628,7 +640,8 @@ class Simulation:
         self._observe(shape, seconds)
         self._advance(seconds)
         self._advance(stall, busy=False)
-        self._after_decode(gpu_rows + sampled, seconds + stall)
+        self._after_decode(gpu_rows + sampled, seconds + stall, be_chunk=any(r.cls == "be" for r, _ in chunks))
+        self._finish_chunks(chunks)
         return True
 
     def _cpu_rows(self) -> list[_Req]:

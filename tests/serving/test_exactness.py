@@ -56,19 +56,21 @@ def test_be_output_is_unchanged_by_moves_between_gpu_and_cpu(model_path, exact_t
         assert metric(server, "omniserve_be_pool_pages_used") == 0
 
 
-def test_mixed_steps_change_no_output(model_path, latency_profile, exact_texts, tmp_path):
-    """Sync mode with the SLO controller runs a prefill chunk and the running decode rows in one
-    step (SGLang's mixed chunked prefill). LS and BE prompts arriving one after another while the
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_mixed_steps_change_no_output(model_path, latency_profile, exact_texts, tmp_path, mode):
+    """With the SLO controller a prefill chunk runs in one step with the running decode rows
+    (SGLang's mixed chunked prefill). LS and BE prompts arriving one after another while the
     earlier ones decode are prefilled in 4-token chunks in such steps, beside LS rows, BE rows in
-    the GPU KV cache and BE rows in the BE KV pool (every BE request moves each step): every
-    request's greedy output is the one it gets alone (float32). The SLOs leave slack for all of it;
-    the profile is the test run's, relabelled float32 (the policy, not its accuracy, is under test)."""
+    the GPU KV cache and BE rows in the BE KV pool (every BE request moves each step; in async mode
+    the executor carries the pool's rows through the mixed passes): every request's greedy output
+    is the one it gets alone (float32). The SLOs leave slack for all of it; the profile is the test
+    run's, relabelled float32 (the policy, not its accuracy, is under test)."""
     profile = json.loads(latency_profile.path.read_text())
     profile["meta"]["key"]["dtype"] = "torch.float32"
     path = tmp_path / "latency.json"
     path.write_text(json.dumps(profile))
-    with SGLangServer(model_path, "--omniserve", "--dtype", "float32", "--enable-metrics", "--omniserve-profile",
-                      str(path), "--omniserve-ttft-slo", "600", "--omniserve-tpot-slo", "30",
+    with SGLangServer(model_path, "--omniserve", "--omniserve-mode", mode, "--dtype", "float32", "--enable-metrics",
+                      "--omniserve-profile", str(path), "--omniserve-ttft-slo", "600", "--omniserve-tpot-slo", "30",
                       "--chunked-prefill-size", "4", env={"OMNISERVE_TEST_MOVE_EVERY": "1"}) as server:
         alone = {}
         for text in exact_texts:
