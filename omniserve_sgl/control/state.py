@@ -102,8 +102,9 @@ class ServerView:
         max_prefill_tokens: the largest prefill chunk, tokens (SGLang's ``--chunked-prefill-size``).
         since_decode_s: how long the running LS decodes have waited since their last token, s
             (the oldest wait among them).
-        decoded_last_step: the previous step was a decode step (then an LS prefill may take at
-            least the minimum chunk, so LS prefill always progresses).
+        decoded_last_step: the previous step was a decode step without a prefill chunk (then an
+            LS prefill may take at least the minimum chunk, so LS prefill always progresses; a
+            forced chunk in every mixed step would leave the decodes no step without one).
         cpu_overlap: the CPU worker's attention overlaps the GPU pass (asynchronous piggybacking:
             a BE row on the CPU costs the pass only its dense work); False when the GPU waits for
             the worker in each layer (the synchronous path).

@@ -503,10 +503,9 @@ def merge_deferred(_result, self, *args, **kwargs) -> None:
         now = time.perf_counter()
         for r in batch.decoding_reqs or ():
             r.omniserve_token_s = now
-        _decoded_last_step = True
         if _metrics is not None:
             _metrics.mixed_steps.inc()
-    elif _plan is not None and _plan.is_prefill:
+    if _plan is not None and _plan.is_prefill:  # a mixed step too: the next forced LS chunk waits a decode step
         _decoded_last_step = False
     _plan = None
     piggyback.emit(self)

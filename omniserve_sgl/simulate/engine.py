@@ -401,7 +401,10 @@ class Simulation:
         self._finish_chunks(chunks)
 
     def _finish_chunks(self, chunks: list[tuple[_Req, int]]) -> None:
-        """The prefill chunks of a mixed step ran (see :meth:`_finish_prefill`)."""
+        """The prefill chunks of a mixed step ran (see :meth:`_finish_prefill`); as a prefill step it
+        does not count as a decode step for the forced minimum LS chunk."""
+        if chunks:
+            self.decoded_last_step = False
         extra = 0.0
         for r, c in chunks:
             r.prefilled += c
