@@ -21,7 +21,7 @@ class BEMetrics:
     ``omniserve_be_rows_deferred_total`` (BE decode rows that sat out a step: no slack),
     ``omniserve_be_prefill_yields_total`` (BE prompts being prefilled in chunks that yielded to an
     LS prompt; each resumes from the chunks it had), ``omniserve_mixed_steps_total`` (prefill steps
-    that also decoded the running rows: sync mode's mixed chunked prefill),
+    that also decoded the running rows: mixed chunked prefill under the SLO controller),
     ``omniserve_be_moves_total{direction="to_cpu"|"to_gpu"}`` (BE KV moves between the GPU KV cache
     and the BE KV pool) and ``omniserve_be_requests{placement="gpu"|"cpu"}`` (running BE requests
     by where their KV lives); ``omniserve_mode_switches_total{to="be"|"ls"}`` (the scheduler's

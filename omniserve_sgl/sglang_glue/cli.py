@@ -82,7 +82,7 @@ _REFUSED = (
     (lambda a: getattr(a, "dp_size", 1) > 1, "data parallelism / DP attention (--dp-size > 1)"),
     (lambda a: getattr(a, "speculative_algorithm", None), "speculative decoding"),
     (lambda a: getattr(a, "enable_mixed_chunk", False),
-     "--enable-mixed-chunk (sync mode runs mixed steps itself, step by step under the SLO controller)"),
+     "--enable-mixed-chunk (omniserve runs mixed steps itself, step by step under the SLO controller)"),
     (lambda a: getattr(a, "disaggregation_mode", "null") not in (None, "null"), "PD disaggregation"),
 )
 

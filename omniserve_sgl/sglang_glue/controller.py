@@ -7,8 +7,8 @@ plans the step, and the hooks here apply the plan:
   prefilled in chunks yields to a waiting LS prompt; BE KV moves; a decode step is forced when the
   plan says the LS decodes come first.
 - ``Scheduler._get_new_batch_prefill_raw`` (``scheduler.admit_prefill``): the plan's chunk size;
-  BE requests sit out unless the plan prefills one; a mixed step (sync mode: the prefill chunk and
-  the decode rows in one step, SGLang's mixed chunked prefill) with the BE rows the plan keeps.
+  BE requests sit out unless the plan prefills one; a mixed step (the prefill chunk and the decode
+  rows in one step, SGLang's mixed chunked prefill) with the BE rows the plan keeps.
 - ``Scheduler.update_running_batch`` (AROUND): BE rows beyond the plan's budget sit out this decode
   step (filtered out of the batch with their KV and state untouched) ...
 - ``Scheduler.process_batch_result`` (AFTER): ... and are merged back, as a decode-ready batch,
