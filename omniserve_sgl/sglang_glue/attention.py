@@ -96,8 +96,9 @@ class _MixedStep:
 
 
 class _Step:
-    """A decode step with BE rows: its plan, its LS view, the row index tensors, and the host buffer
-    the worker's output lands in (made at the first layer, reused by the others)."""
+    """A decode step with BE rows: its plan, the BE row indices, ``parts`` (the LS rows' indices
+    and ForwardBatch view, for SGLang's backend), and the host buffer the worker's output lands in
+    (made at the first layer, reused by the others)."""
 
     def __init__(self, fb, plan):
         self.fb, self.plan = fb, plan
@@ -105,8 +106,8 @@ class _Step:
         ls_rows = [i for i in range(fb.batch_size) if i not in be]
         device = fb.seq_lens.device
         self.be_idx = torch.tensor(plan.rows, dtype=torch.int64, device=device)
-        self.ls_idx = torch.tensor(ls_rows, dtype=torch.int64, device=device)
-        self.ls_fb = _ls_view(fb, ls_rows) if ls_rows else None
+        ls_idx = torch.tensor(ls_rows, dtype=torch.int64, device=device)
+        self.parts = [(ls_idx, _ls_view(fb, ls_rows))] if ls_rows else []
         self.be_out: torch.Tensor | None = None
         self.be_failed = False  # the worker failed for good: BE rows get zeros, their requests end
 
@@ -151,11 +152,14 @@ def install(backend) -> None:
             state["step"] = None
             return inner_init(forward_batch)
         step = state["step"] = _Step(forward_batch, plan)
-        if step.ls_fb is not None:
-            inner_init(step.ls_fb)
+        for _, view in step.parts:
+            inner_init(view)
         return None
 
-    def forward_mixed(step: _MixedStep, q, k, v, layer, save_kv_cache, **kwargs):
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        step = state["step"]
+        if step is None or step.fb is not forward_batch:
+            return inner_forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         rt = scheduler.runtime()
         n, hq, hkv, d = q.shape[0], layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q3, k3, v3 = q.reshape(n, hq, d), k.reshape(n, hkv, d), v.reshape(n, hkv, layer.v_head_dim)
@@ -167,34 +171,8 @@ def install(backend) -> None:
         for idx, view in step.parts:
             out[idx] = inner_forward(q3[idx].reshape(len(idx), -1), k3[idx], v3[idx], layer, view,
                                      save_kv_cache, **kwargs).reshape(len(idx), -1)
-        if step.plan is None:
+        if step.plan is None:  # a mixed step without offloaded rows
             return out
-        if step.be_out is None:
-            step.be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
-        if job is not None:
-            _be_call(step, rt.wait, job, step.be_out)
-        if step.be_failed:
-            step.be_out.zero_()
-        out[be] = step.be_out.reshape(len(be), -1)
-        return out
-
-    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        step = state["step"]
-        if step is None or step.fb is not forward_batch:
-            return inner_forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        if isinstance(step, _MixedStep):
-            return forward_mixed(step, q, k, v, layer, save_kv_cache, **kwargs)
-        rt = scheduler.runtime()
-        bs, hq, hkv, d = forward_batch.batch_size, layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-        q3, k3, v3 = q.reshape(bs, hq, d), k.reshape(bs, hkv, d), v.reshape(bs, hkv, layer.v_head_dim)
-        be = step.be_idx
-        job = None if step.be_failed else _be_call(step, rt.submit, step.plan, layer.layer_id, q3[be], k3[be],
-                                                      v3[be], layer.scaling)
-        out = q.new_empty(bs, hq * layer.v_head_dim)
-        if step.ls_fb is not None:
-            ls = step.ls_idx
-            out[ls] = inner_forward(q3[ls].reshape(len(ls), -1), k3[ls], v3[ls], layer, step.ls_fb,
-                                    save_kv_cache, **kwargs).reshape(len(ls), -1)
         if step.be_out is None:  # on q's device: the result is copied there straight from the pinned slot
             step.be_out = torch.empty(len(be), hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
         if job is not None:

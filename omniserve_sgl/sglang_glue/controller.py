@@ -363,7 +363,6 @@ def mix_decodes(scheduler, running_batch) -> bool:
     out sit out, as in a decode step (:func:`defer_be_rows`: with asynchronous piggybacking the
     offloaded ones go to the executor, up to the plan's rows per layer), and those that run are
     stamped."""
-    global _deferred
     if _plan is None or not _plan.mixed or running_batch.is_empty():
         return False
     chosen = set(_plan.be_decode)
@@ -374,16 +373,24 @@ def mix_decodes(scheduler, running_batch) -> bool:
         piggyback.set_budget(sum(r.rid in chosen for r in taken))
     keep = [i for i, r in enumerate(running_batch.reqs)
             if id(r) not in gone and (r.rid in chosen or not deferrable(r))]
-    if len(keep) < len(running_batch.reqs):
+    _sit_out(running_batch, keep, gone)
+    return True
+
+
+def _sit_out(batch, keep: list[int], gone: set) -> None:
+    """Rows of ``batch`` outside ``keep`` sit this step out (:data:`_deferred`, merged back after
+    it; those in ``gone``, the executor's, are not counted as deferred); the BE rows that run are
+    stamped with this step (oldest-first order)."""
+    global _deferred
+    if len(keep) < len(batch.reqs):
         kept = set(keep)
-        _deferred = [r for i, r in enumerate(running_batch.reqs) if i not in kept and not r.finished()]
+        _deferred = [r for i, r in enumerate(batch.reqs) if i not in kept and not r.finished()]
         if _metrics is not None:
             _metrics.be_rows_deferred.inc(sum(id(r) not in gone for r in _deferred))
-        running_batch.filter_batch(keep_indices=keep)
-    for r in running_batch.reqs:
+        batch.filter_batch(keep_indices=keep)
+    for r in batch.reqs:
         if is_be(r):
             r.omniserve_last_step = _step
-    return True
 
 
 def unmix(scheduler, running_batch):
@@ -424,7 +431,7 @@ def defer_be_rows(original, self, batch):
     asynchronous piggybacking, offloaded BE rows always leave the batch (the executor drives them:
     :mod:`omniserve_sgl.sglang_glue.piggyback`), up to the plan's BE rows per layer join its passes,
     and when nothing else would run, a pass over them alone runs here."""
-    global _deferred, _decoded_last_step, _plan
+    global _decoded_last_step, _plan
     _decoded_last_step = True
     taken = piggyback.take(self, batch.reqs) if piggyback.enabled() and mode.be_mode() else []
     gone = {id(r) for r in taken} | {id(r) for r in batch.reqs if r.finished()} if piggyback.enabled() else set()
@@ -447,15 +454,7 @@ def defer_be_rows(original, self, batch):
             piggyback.be_only_pass(self)
         merge_deferred(None, self)
         return None
-    if len(keep) < len(batch.reqs):
-        kept = set(keep)
-        _deferred = [r for i, r in enumerate(batch.reqs) if i not in kept and not r.finished()]
-        if _metrics is not None:
-            _metrics.be_rows_deferred.inc(sum(id(r) not in gone for r in _deferred))
-        batch.filter_batch(keep_indices=keep)
-    for r in batch.reqs:
-        if is_be(r):
-            r.omniserve_last_step = _step
+    _sit_out(batch, keep, gone)
     out = original(self, batch)
     if out is None or out.is_empty():
         merge_deferred(None, self)

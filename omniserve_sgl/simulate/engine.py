@@ -358,16 +358,10 @@ class Simulation:
         self._advance(seconds)
         self.step += 1
         self.stats.steps += 1
-        self.decoded_last_step = False
         for r in sampled:
             r.last_run_step = self.step
             self._emit(r, self.t)
-        extra = 0.0
-        for r, c in batch:
-            r.prefilled += c
-            if r.prefilled >= r.target:
-                extra += self._finish_prefill(r, self.t)
-        self._advance(extra)
+        self._finish_chunks(batch)
 
     def _decode(self, gpu_rows: list[_Req], cpu_rows: list[_Req], chunks: list[tuple[_Req, int]] = ()) -> None:
         """One synchronous decode step: the GPU rows, and CPU rows whose attention the GPU waits for
@@ -401,8 +395,8 @@ class Simulation:
         self._finish_chunks(chunks)
 
     def _finish_chunks(self, chunks: list[tuple[_Req, int]]) -> None:
-        """The prefill chunks of a mixed step ran (see :meth:`_finish_prefill`); as a prefill step it
-        does not count as a decode step for the forced minimum LS chunk."""
+        """Prefill chunks ran (see :meth:`_finish_prefill`); a step with chunks, mixed or not, does
+        not count as a decode step for the forced minimum LS chunk."""
         if chunks:
             self.decoded_last_step = False
         extra = 0.0
