@@ -78,7 +78,8 @@ class _MixedStep:
         device = fb.seq_lens.device
         cpu = list(plan.rows) if plan is not None else []
         self.be_idx = torch.tensor([ext_tokens + j for j in cpu], dtype=torch.int64, device=device)
-        ls = [j for j in range(tail) if j not in set(cpu)]
+        offloaded = set(cpu)
+        ls = [j for j in range(tail) if j not in offloaded]
 
         def part(rows: list[int], tokens: list[int], mode=None):
             idx = torch.tensor(tokens, dtype=torch.int64, device=device)
