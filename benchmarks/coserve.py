@@ -23,7 +23,10 @@ reused with its radix cache flushed between runs):
 
 The ``omniserve`` rows also give the latency model's accuracy while serving (the server's
 ``omniserve_step_time_prediction_error`` over the runs' steps): top-level JSON fields
-``latency_model_accuracy`` (mean) and ``latency_model_accuracy_p90``.
+``latency_model_accuracy`` (mean) and ``latency_model_accuracy_p90``. Every controlled row gives
+``served_over_profiled``: per step kind, the run's measured step time over the profile's prediction
+of the same steps (``omniserve_step_seconds_total`` / ``omniserve_step_profiled_seconds_total``),
+i.e. how much slower steps ran while serving than the idle profile measured them.
 
 Writes benchmarks/results/coserve-<profile>.{json,md} and coserve-<profile>-*.png.
 """
@@ -45,10 +48,11 @@ from pathlib import Path
 import orjson
 from tqdm import tqdm
 
-from omniserve_sgl.bench.launch import SGLangServer, histogram
+from omniserve_sgl.bench.launch import SGLangServer, histogram, metric_sum
 from omniserve_sgl.bench.loadgen import RequestStyle, poisson_arrivals, run_mix
 from omniserve_sgl.bench.report import format_row, row, rows_table, write_plots
 from omniserve_sgl.bench.slo import SLO, accuracy_from_error_buckets, derive_slo, tpot
+from omniserve_sgl.control import STEP_KINDS
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.service_class import BE, LS
 
@@ -155,6 +159,18 @@ def versions() -> dict:
     return {p: version(p) for p in ("sglang", "torch", "omniserve-sgl")} | {"python": platform.python_version()}
 
 
+def step_seconds(url: str) -> dict[str, tuple[float, float]]:
+    """``{step kind: (measured s, profiled s)}`` summed over the server's controlled steps so far
+    (``omniserve_step_seconds_total`` and ``omniserve_step_profiled_seconds_total``; empty on a server
+    without them)."""
+    out = {}
+    for kind in STEP_KINDS:
+        measured = metric_sum(url, "omniserve_step_seconds_total", kind=kind)
+        if measured is not None:
+            out[kind] = (measured, metric_sum(url, "omniserve_step_profiled_seconds_total", kind=kind) or 0.0)
+    return out
+
+
 def run_one(server: SGLangServer, system: str, rate: float, profile: Profile, prompts: dict, seed: int):
     """One (system, LS rate) run; returns its records and the measurement window."""
     arrivals = poisson_arrivals(rate, profile.duration_s, seed)
@@ -248,15 +264,21 @@ def main(argv=None) -> int:
             for system in group:
                 for i, rate in enumerate(profile.ls_rates):
                     before = histogram(server.url, ERROR_HISTOGRAM) if system == "omniserve" else {}
+                    steps_before = step_seconds(server.url)
                     records = run_one(server, system, rate, profile, prompts, args.seed + i)
                     for edge, count in (histogram(server.url, ERROR_HISTOGRAM) if before else {}).items():
                         errors_seen[edge] = errors_seen.get(edge, 0.0) + count - before.get(edge, 0.0)
+                    steps = {k: (m - steps_before[k][0], p - steps_before[k][1])
+                             for k, (m, p) in step_seconds(server.url).items()}
                     if slo is None:
                         slo = derive_slo(records, profile.ttft_factor, profile.tpot_factor)
                         print(f"SLOs from ls-only at {rate:g} LS/s: TTFT {slo.ttft_s * 1e3:.0f} ms "
                               f"({profile.ttft_factor:g} x median), TPOT {slo.tpot_s * 1e3:.1f} ms "
                               f"({profile.tpot_factor:g} x median)", flush=True)
                     rows.append(row(system, rate, records, slo, profile.duration_s))
+                    if served := {k: m / p for k, (m, p) in steps.items() if p > 0}:
+                        rows[-1]["served_over_profiled"] = served
+                        rows[-1]["served_step_s"] = {k: m for k, (m, _) in steps.items() if m > 0}
                     tpot_samples.setdefault(system, {})[f"{rate:g}"] = sorted(
                         tpot(r) for r in records if r.service_class == LS and r.success)
                     print(format_row(rows[-1]), flush=True)

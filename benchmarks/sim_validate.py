@@ -9,6 +9,8 @@
 3. simulates the same systems, rates, workload and SLOs with ``python -m omniserve_sgl.simulate``'s
    code on the profile (coserve's ``omniserve`` runs ``--omniserve-mode async``, the simulator's
    ``omniserve``; its ``omniserve-sync`` the synchronous path, the simulator's ``omniserve-sync``);
+   a controlled system's steps are priced as the real server measured them while serving
+   (``served_factors``: per step kind, measured over profiled time, from coserve's rows);
 4. compares them: LS SLO attainment within 5 points, BE tokens/s within 20%, p50 TPOT within 15%.
 
 Writes benchmarks/results/sim-validate.{json,md}.
@@ -52,6 +54,22 @@ def be_lengths(workload: dict) -> str:
     return f"{lo}-{hi}:{out}"
 
 
+def served_factors(real: dict) -> dict[str, dict[str, float]]:
+    """``{system: {step kind: factor}}``: for each system whose real rows measured their steps
+    (coserve's ``served_over_profiled``, the controlled systems), measured over profiled step time
+    per kind, summed over its rates. The simulator prices that system's steps with them, so it
+    replays the machine as it ran while serving (beside the tokenizer, the HTTP server and the
+    load generator, on the same cores) rather than as the idle profile measured it."""
+    sums: dict[str, dict[str, list[float]]] = {}
+    for r in real["rows"]:
+        for kind, ratio in (r.get("served_over_profiled") or {}).items():
+            measured = r["served_step_s"][kind]
+            acc = sums.setdefault(r["system"], {}).setdefault(kind, [0.0, 0.0])
+            acc[0] += measured
+            acc[1] += measured / ratio
+    return {system: {kind: m / p for kind, (m, p) in kinds.items()} for system, kinds in sums.items()}
+
+
 def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
     """The simulator's rows for the systems, rates, workload and SLOs of the coserve result ``real``."""
     w, info = real["workload"], real.get("server_info", {})
@@ -59,7 +77,11 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
     lm = LatencyModel.load(profile)
     if "float32" in str((lm.meta.get("key") or {}).get("dtype", "")):
         model = ModelSpec(**{**model.__dict__, "dtype_bytes": 4})
-    timing = ProfileTiming(lm, model.kv_bytes_per_token, model.layers, qo_bytes_per_row_layer=model.qo_bytes_per_row_layer)
+    served = served_factors(real)
+
+    def timing(system: str) -> ProfileTiming:
+        return ProfileTiming(lm, model.kv_bytes_per_token, model.layers, qo_bytes_per_row_layer=model.qo_bytes_per_row_layer,
+                             served=served.get(system))
     slo = SLO(real["slo"]["ttft_s"], real["slo"]["tpot_s"])
     systems = tuple(real["systems"])  # coserve's system names are the simulator's
     gb = float(w["omniserve_args"][w["omniserve_args"].index("--omniserve-cpu-kv-gb") + 1])
@@ -72,7 +94,7 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
 
     def config(system: str) -> SimConfig:
         real_info = info.get(system, one)
-        return SimConfig(system, timing, slo, kv, int(gb * GB // model.kv_bytes_per_token),
+        return SimConfig(system, timing(system), slo, kv, int(gb * GB // model.kv_bytes_per_token),
                          chunk_tokens=int(real_info.get("chunked_prefill_size") or 8192),
                          max_running=int(real_info.get("max_running_requests") or 256), noise=noise, seed=seed,
                          priority_preemption=int(real_info.get("priority_scheduling_preemption_threshold") or 10) < 1)
@@ -109,6 +131,11 @@ def report(result: dict) -> str:
              (f"- simulated: the same systems, rates, workload and SLOs on the latency profile "
              f"`{result['latency_profile']}` (profiled accuracy {result['profile_accuracy']:.1%}), step-time "
              f"noise {result['noise']:.0%}"),
+             *([("- the controlled systems' steps priced as they ran while serving, measured over profiled "
+                 "time per step kind: " + "; ".join(
+                     f"{system} " + ", ".join(f"{kind} {f:.2f}" for kind, f in sorted(kinds.items()))
+                     for system, kinds in sorted(result["served_factors"].items())))]
+               if result.get("served_factors") else []),
              (f"- bounds: attainment within {BOUNDS['attainment_points']:g} points, BE tokens/s within "
              f"{BOUNDS['be_tokens_ratio']:.0%}, p50 TPOT within {BOUNDS['p50_tpot_ratio']:.0%}; "
              f"{result['within']} of {result['checks']} checks within"),
@@ -166,6 +193,7 @@ def main(argv=None) -> int:
     checks = [c[k] for c in comparison for k in ("attainment_ok", "be_ok", "tpot_ok")]
     result = {"real_source": str(real_path.relative_to(args.out) if real_path.is_relative_to(args.out) else real_path),
               "latency_profile": profile.name, "profile_accuracy": acc, "noise": noise, "slo": real["slo"],
+              "served_factors": served_factors(real),
               "bounds": BOUNDS, "comparison": comparison, "within": sum(checks), "checks": len(checks),
               "wall_s": round(time.time() - started, 1), "sim": sim, "real_rows": real["rows"]}
     args.out.mkdir(parents=True, exist_ok=True)

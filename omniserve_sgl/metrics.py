@@ -7,6 +7,8 @@ histograms with the custom label ``omniserve_class`` (set by the tokenizer hook)
 
 from __future__ import annotations
 
+from omniserve_sgl.control.online import STEP_KINDS
+
 
 class BEMetrics:
     """``omniserve_cpu_attention_tokens_total`` (counter: token-layer attentions computed by the CPU
@@ -16,7 +18,11 @@ class BEMetrics:
     or another BE request takes this prefill batch's one BE slot), ``omniserve_be_parked_requests``
     (BE requests held in LS mode until the SLO controller has slack for them), and, with a latency model
     loaded (``--omniserve-profile``), ``omniserve_step_time_prediction_error`` (histogram of
-    ``|predicted - measured| / measured`` per prefill or decode step); with the SLO controller,
+    ``|predicted - measured| / measured`` per prefill or decode step) and
+    ``omniserve_step_seconds_total{kind}`` / ``omniserve_step_profiled_seconds_total{kind}`` (the
+    steps' measured time and the profile's prediction of it, before the online correction, per step
+    kind ``prefill``, ``decode`` or ``decode+cpu``: their ratio is how much slower steps run while
+    serving than the idle profile measured); with the SLO controller,
     ``omniserve_ls_rejected_total`` (LS requests refused by ``--omniserve-ls-admission reject``),
     ``omniserve_be_rows_deferred_total`` (BE decode rows that sat out a step: no slack),
     ``omniserve_be_prefill_yields_total`` (BE prompts being prefilled in chunks that yielded to an
@@ -55,6 +61,13 @@ class BEMetrics:
             "omniserve_step_time_prediction_error",
             "Relative error of the latency model's step time prediction, |predicted - measured| / measured",
             buckets=self.ERROR_BUCKETS)
+        # Their ratio per kind is how much slower the served steps ran than the profile measured them
+        # idle (benchmarks/sim_validate.py prices the simulated steps with it).
+        self.step_seconds = Counter("omniserve_step_seconds", "Measured wall time of the controlled steps, by "
+                                    "step kind (prefill, decode, decode+cpu)", ["kind"])
+        self.step_profiled_seconds = Counter(
+            "omniserve_step_profiled_seconds", "The latency profile's prediction of the same steps, before the "
+            "online correction, by step kind", ["kind"])
         self.ls_rejected = Counter("omniserve_ls_rejected",
                                    "LS requests rejected at admission: predicted TTFT over the TTFT SLO")
         self.be_rows_deferred = Counter("omniserve_be_rows_deferred",
@@ -83,6 +96,9 @@ class BEMetrics:
         self.parked.set(0)
         for placement in ("gpu", "cpu"):
             self.be_requests.labels(placement=placement).set(0)
+        for kind in STEP_KINDS:
+            self.step_seconds.labels(kind=kind).inc(0)
+            self.step_profiled_seconds.labels(kind=kind).inc(0)
         for direction in ("to_cpu", "to_gpu"):
             self.be_moves.labels(direction=direction).inc(0)
         self._counted = self._restarts = 0

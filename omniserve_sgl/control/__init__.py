@@ -12,7 +12,7 @@ from omniserve_sgl.control.latency import (
     fit_and_check,
 )
 from omniserve_sgl.control.lengths import OutputLengths
-from omniserve_sgl.control.online import OnlineCorrection, step_kind
+from omniserve_sgl.control.online import STEP_KINDS, OnlineCorrection, step_kind
 from omniserve_sgl.control.policy import Controller, ControllerConfig, largest_fitting
 from omniserve_sgl.control.state import (
     CPU,
@@ -27,7 +27,7 @@ from omniserve_sgl.control.state import (
 )
 
 __all__ = [
-    "CPU", "GPU", "SLO", "WAITING", "Accuracy", "BERequest", "CPUJobSample", "Controller", "ControllerConfig", "LSDecode",
+    "CPU", "GPU", "SLO", "STEP_KINDS", "WAITING", "Accuracy", "BERequest", "CPUJobSample", "Controller", "ControllerConfig", "LSDecode",
     "LSWaiting", "LatencyModel", "OnlineCorrection", "OutputLengths", "ServerView", "StepPlan", "StepSample", "StepShape", "fit", "fit_and_check",
     "largest_fitting", "step_kind",
 ]

@@ -18,6 +18,7 @@ import dataclasses
 from omniserve_sgl.control.latency import LatencyModel, StepShape
 
 PREFILL, DECODE, DECODE_CPU = "prefill", "decode", "decode+cpu"
+STEP_KINDS = (PREFILL, DECODE, DECODE_CPU)
 
 
 def step_kind(shape: StepShape) -> str:

@@ -20,7 +20,7 @@ from sglang.srt.managers.scheduler_components.new_token_ratio_tracker import New
 from omniserve_sgl import config
 from omniserve_sgl.admission import admission_round
 from omniserve_sgl.be_runtime import BERuntime, BEUnavailableError, DecodePlan
-from omniserve_sgl.control import OnlineCorrection
+from omniserve_sgl.control import OnlineCorrection, step_kind
 from omniserve_sgl.service_class import BE, class_of_custom_params
 from omniserve_sgl.sglang_glue import controller, mode, piggyback, placement, profiler, view
 from omniserve_sgl.sglang_glue.placement import is_be, is_offloaded
@@ -151,6 +151,9 @@ def time_step(original, self, batch, *args, **kwargs):
     _latency_model.observe(shape, measured)
     if _metrics is not None:
         _metrics.prediction_error.observe(abs(predicted - measured) / measured)
+        kind = step_kind(shape)
+        _metrics.step_seconds.labels(kind=kind).inc(measured)
+        _metrics.step_profiled_seconds.labels(kind=kind).inc(_latency_model.model.predict(shape))
     plan = controller.current_plan()
     logger.debug("omniserve step: %s; %s; predicted %.1f ms, measured %.1f ms", plan.why if plan else "no plan",
                  shape, 1e3 * predicted, 1e3 * measured)

@@ -17,9 +17,11 @@ import dataclasses
 import json
 import math
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 
-from omniserve_sgl.control import LatencyModel, StepShape
+from omniserve_sgl.control import LatencyModel, StepShape, step_kind
+from omniserve_sgl.control.online import DECODE_CPU
 
 GB = 1e9
 REPO_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -218,28 +220,40 @@ class ProfileTiming:
 
     The profile's CPU terms time the worker of that machine; remote CPU servers are assumed to be
     that machine's equals.
+
+    Args:
+        served: ``{step kind: factor}`` (kinds of :func:`~omniserve_sgl.control.step_kind`): each
+            step of that kind takes ``factor`` times the profile's prediction, and a CPU job the
+            ``decode+cpu`` factor times its profiled time. For a machine whose served steps ran
+            slower than the idle profile measured them (the server's
+            ``omniserve_step_seconds_total`` over ``omniserve_step_profiled_seconds_total``); a
+            kind not given keeps the profile's time.
     """
 
     def __init__(self, model: LatencyModel, kv_bytes_per_token: int, num_layers: int,
-                 pcie_bytes_per_s: float = 5 * GB, qo_bytes_per_row_layer: int = 0):
+                 pcie_bytes_per_s: float = 5 * GB, qo_bytes_per_row_layer: int = 0,
+                 served: Mapping[str, float] | None = None):
         self.model, self.kv_bytes_per_token, self.num_layers = model, kv_bytes_per_token, num_layers
         self.pcie_bytes_per_s, self.qo_bytes_per_row_layer = pcie_bytes_per_s, qo_bytes_per_row_layer
+        self.served = dict(served or {})
 
     def gpu_step_s(self, shape: StepShape) -> float:
         """A pass's GPU time, s: the profile's prediction without its CPU terms."""
-        return self.model.predict(dataclasses.replace(shape, cpu_kv_bytes=0.0, cpu_jobs=0))
+        gpu = dataclasses.replace(shape, cpu_kv_bytes=0.0, cpu_jobs=0)
+        return self.model.predict(gpu) * self.served.get(step_kind(gpu), 1.0)
 
     def cpu_job_s(self, kv_bytes: float) -> float:
         """One CPU attention job (one layer of some BE rows) reading ``kv_bytes``, s."""
-        return self.model.c_cpu_job + self.model.c_cpu_bytes * kv_bytes
+        return (self.model.c_cpu_job + self.model.c_cpu_bytes * kv_bytes) * self.served.get(DECODE_CPU, 1.0)
 
     def move_s(self, kv_bytes: float) -> float:
         """Moving ``kv_bytes`` of KV between the GPU cache and the BE pool, s."""
         return kv_bytes / self.pcie_bytes_per_s
 
     def predict(self, shape: StepShape) -> float:
-        """The synchronous step (the GPU waits for the CPU in each layer): the profile itself."""
-        return self.model.predict(shape)
+        """The synchronous step (the GPU waits for the CPU in each layer): the profile itself (times
+        its kind's ``served`` factor)."""
+        return self.model.predict(shape) * self.served.get(step_kind(shape), 1.0)
 
 
 class RooflineTiming:

@@ -18,7 +18,7 @@ import requests
 
 from omniserve_sgl.bench.launch import SGLangServer
 from omniserve_sgl.bench.workload import sharegpt_json
-from omniserve_sgl.control import LatencyModel, StepShape
+from omniserve_sgl.control import STEP_KINDS, LatencyModel, StepShape
 from tests.serving.conftest import flush_cache, generate, metric, stream_generate, worker_processes
 
 CPU_TOKENS = "omniserve_cpu_attention_tokens_total"
@@ -280,3 +280,8 @@ def test_server_checks_its_step_time_predictions(omni_server):
     steps = metric(omni_server, "omniserve_step_time_prediction_error_count")
     assert steps >= 50
     assert metric(omni_server, "omniserve_step_time_prediction_error_sum") / steps < 0.5
+    # The same steps' measured and profiled seconds, per kind (what benchmarks/sim_validate.py reads).
+    measured = {k: metric(omni_server, "omniserve_step_seconds_total", kind=k) for k in STEP_KINDS}
+    profiled = {k: metric(omni_server, "omniserve_step_profiled_seconds_total", kind=k) for k in STEP_KINDS}
+    assert measured["prefill"] > 0 and sum(measured.values()) > 0.5 * sum(profiled.values()) > 0
+    assert all((m > 0) == (profiled[k] > 0) for k, m in measured.items())

@@ -269,6 +269,33 @@ def test_a_cpu_result_joins_the_same_pass_only_within_one_layers_ls_attention():
     assert joined == 16 * (TIMING.num_layers + 1) and len(sampled) == 16  # back in time at every layer
 
 
+def test_served_factors_price_each_step_kind_as_the_server_measured_it():
+    served = ProfileTiming(MODEL, kv_bytes_per_token=4096, num_layers=4,
+                           served={"prefill": 1.5, "decode": 1.2, "decode+cpu": 2.0})
+    prefill = StepShape(tokens=64, prefill_attn_work=64 * 64, prefill_context=64)
+    decode = StepShape(tokens=8, decode_context=800, decode_rows=8)
+    sync = StepShape(tokens=8, decode_context=800, decode_rows=8, cpu_kv_bytes=1e6, cpu_jobs=4)
+    assert served.gpu_step_s(prefill) == pytest.approx(1.5 * TIMING.gpu_step_s(prefill))
+    assert served.gpu_step_s(decode) == pytest.approx(1.2 * TIMING.gpu_step_s(decode))
+    assert served.gpu_step_s(sync) == pytest.approx(1.2 * TIMING.gpu_step_s(sync))  # its GPU part
+    assert served.predict(sync) == pytest.approx(2.0 * TIMING.predict(sync))
+    assert served.cpu_job_s(1e6) == pytest.approx(2.0 * TIMING.cpu_job_s(1e6))
+
+
+def test_sim_validate_sums_each_systems_served_factors_over_its_rates():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from sim_validate import served_factors
+
+    rows = [{"system": "omniserve-sync", "served_over_profiled": {"decode": 1.0}, "served_step_s": {"decode": 10.0}},
+            {"system": "omniserve-sync", "served_over_profiled": {"decode": 2.0}, "served_step_s": {"decode": 30.0}},
+            {"system": "ls-only"}]
+    # 40 s measured over 10 + 15 s profiled
+    assert served_factors({"rows": rows}) == {"omniserve-sync": {"decode": pytest.approx(40 / 25)}}
+
+
 def test_a_prompt_longer_than_the_kv_cache_fails_with_a_reason():
     config = SimConfig("ls-only", TIMING, SLOS, gpu_kv_tokens=100, be_pool_tokens=0)
     records, _ = simulate(config, ls_requests([0.5], lambda rng: (200, 4), 0), 10.0)
