@@ -9,8 +9,9 @@
 3. simulates the same systems, rates, workload and SLOs with ``python -m omniserve_sgl.simulate``'s
    code on the profile (coserve's ``omniserve`` runs ``--omniserve-mode async``, the simulator's
    ``omniserve``; its ``omniserve-sync`` the synchronous path, the simulator's ``omniserve-sync``);
-   a controlled system's steps are priced as the real server measured them while serving
-   (``served_factors``: per step kind, measured over profiled time, from coserve's rows);
+   steps are priced as the real servers ran them while serving (``served_factors``: per step kind,
+   measured over profiled time, from coserve's rows; the run's pace for the systems that measured
+   none);
 4. compares them: LS SLO attainment within 5 points, BE tokens/s within 20%, p50 TPOT within 15%.
 
 Writes benchmarks/results/sim-validate.{json,md}.
@@ -28,13 +29,14 @@ from pathlib import Path
 import orjson
 
 from omniserve_sgl.bench.report import rows_table
-from omniserve_sgl.control import SLO, LatencyModel
+from omniserve_sgl.control import SLO, STEP_KINDS, LatencyModel
 from omniserve_sgl.default_model import ensure_default_model
 from omniserve_sgl.simulate import ModelSpec, ProfileTiming, Scenario, SimConfig, run
 from omniserve_sgl.simulate.hardware import GB
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
+OTHERS = "others"  # served_factors' entry for the systems that measured no steps of their own
 BOUNDS = {"attainment_points": 5.0, "be_tokens_ratio": 0.20, "p50_tpot_ratio": 0.15}
 
 
@@ -57,9 +59,12 @@ def be_lengths(workload: dict) -> str:
 def served_factors(real: dict) -> dict[str, dict[str, float]]:
     """``{system: {step kind: factor}}``: for each system whose real rows measured their steps
     (coserve's ``served_over_profiled``, the controlled systems), measured over profiled step time
-    per kind, summed over its rates. The simulator prices that system's steps with them, so it
-    replays the machine as it ran while serving (beside the tokenizer, the HTTP server and the
-    load generator, on the same cores) rather than as the idle profile measured it."""
+    per kind, summed over its rates; under :data:`OTHERS`, for the systems that measured none (plain
+    SGLang, ``omniserve-nocontrol``), the run's pace: all measured steps' time over their profiled
+    time, for every kind (their steps ran in the same serving environment). The simulator prices
+    each system's steps with them, so it replays the machine as it ran while serving (beside the
+    tokenizer, the HTTP server and the load generator, on the same cores) rather than as the idle
+    profile measured it. Empty for a run that measured no steps."""
     sums: dict[str, dict[str, list[float]]] = {}
     for r in real["rows"]:
         for kind, ratio in (r.get("served_over_profiled") or {}).items():
@@ -67,7 +72,12 @@ def served_factors(real: dict) -> dict[str, dict[str, float]]:
             acc = sums.setdefault(r["system"], {}).setdefault(kind, [0.0, 0.0])
             acc[0] += measured
             acc[1] += measured / ratio
-    return {system: {kind: m / p for kind, (m, p) in kinds.items()} for system, kinds in sums.items()}
+    out = {system: {kind: m / p for kind, (m, p) in kinds.items()} for system, kinds in sums.items()}
+    if sums:
+        m = sum(a[0] for kinds in sums.values() for a in kinds.values())
+        p = sum(a[1] for kinds in sums.values() for a in kinds.values())
+        out[OTHERS] = dict.fromkeys(STEP_KINDS, m / p)
+    return out
 
 
 def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
@@ -81,7 +91,7 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
 
     def timing(system: str) -> ProfileTiming:
         return ProfileTiming(lm, model.kv_bytes_per_token, model.layers, qo_bytes_per_row_layer=model.qo_bytes_per_row_layer,
-                             served=served.get(system))
+                             served=served.get(system, served.get(OTHERS)))
     slo = SLO(real["slo"]["ttft_s"], real["slo"]["tpot_s"])
     systems = tuple(real["systems"])  # coserve's system names are the simulator's
     gb = float(w["omniserve_args"][w["omniserve_args"].index("--omniserve-cpu-kv-gb") + 1])
@@ -131,15 +141,17 @@ def report(result: dict) -> str:
              (f"- simulated: the same systems, rates, workload and SLOs on the latency profile "
              f"`{result['latency_profile']}` (profiled accuracy {result['profile_accuracy']:.1%}), step-time "
              f"noise {result['noise']:.0%}"),
-             *([("- the controlled systems' steps priced as they ran while serving, measured over profiled "
-                 "time per step kind: " + "; ".join(
+             *([("- steps priced as they ran while serving, measured over profiled time per step kind (the "
+                 "controlled systems' own; `others`: every measured step's, for the systems that measured "
+                 "none): " + "; ".join(
                      f"{system} " + ", ".join(f"{kind} {f:.2f}" for kind, f in sorted(kinds.items()))
                      for system, kinds in sorted(result["served_factors"].items())))]
                if result.get("served_factors") else []),
              (f"- bounds: attainment within {BOUNDS['attainment_points']:g} points, BE tokens/s within "
              f"{BOUNDS['be_tokens_ratio']:.0%}, p50 TPOT within {BOUNDS['p50_tpot_ratio']:.0%}; "
              f"{result['within']} of {result['checks']} checks within"),
-             f"- wall time {result['wall_s']:.0f} s", "",
+             f"- wall time {result['wall_s']:.0f} s"
+             + (f" (the real run's: {result['real_wall_s']:.0f} s)" if result.get("real_wall_s") else ""), "",
              "| system | LS/s | attainment real / sim | BE tok/s real / sim | p50 TPOT ms real / sim |",
              "|---|---|---|---|---|"]
     mark = {True: "", False: " **x**"}
@@ -193,7 +205,7 @@ def main(argv=None) -> int:
     checks = [c[k] for c in comparison for k in ("attainment_ok", "be_ok", "tpot_ok")]
     result = {"real_source": str(real_path.relative_to(args.out) if real_path.is_relative_to(args.out) else real_path),
               "latency_profile": profile.name, "profile_accuracy": acc, "noise": noise, "slo": real["slo"],
-              "served_factors": served_factors(real),
+              "served_factors": served_factors(real), "real_wall_s": real.get("wall_s"),
               "bounds": BOUNDS, "comparison": comparison, "within": sum(checks), "checks": len(checks),
               "wall_s": round(time.time() - started, 1), "sim": sim, "real_rows": real["rows"]}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import pytest
 
 from omniserve_sgl.bench.slo import SLO as BenchSLO
 from omniserve_sgl.bench.slo import be_tokens_per_s, ls_summary
-from omniserve_sgl.control import SLO, LatencyModel, StepShape
+from omniserve_sgl.control import SLO, STEP_KINDS, LatencyModel, StepShape
 from omniserve_sgl.simulate import (
     CPUS,
     GPUS,
@@ -292,8 +292,10 @@ def test_sim_validate_sums_each_systems_served_factors_over_its_rates():
     rows = [{"system": "omniserve-sync", "served_over_profiled": {"decode": 1.0}, "served_step_s": {"decode": 10.0}},
             {"system": "omniserve-sync", "served_over_profiled": {"decode": 2.0}, "served_step_s": {"decode": 30.0}},
             {"system": "ls-only"}]
-    # 40 s measured over 10 + 15 s profiled
-    assert served_factors({"rows": rows}) == {"omniserve-sync": {"decode": pytest.approx(40 / 25)}}
+    # 40 s measured over 10 + 15 s profiled; the systems without measured steps get the run's pace, every kind
+    assert served_factors({"rows": rows}) == {"omniserve-sync": {"decode": pytest.approx(40 / 25)},
+                                              "others": dict.fromkeys(STEP_KINDS, pytest.approx(40 / 25))}
+    assert served_factors({"rows": rows[2:]}) == {}
 
 
 def test_a_prompt_longer_than_the_kv_cache_fails_with_a_reason():
