@@ -96,6 +96,9 @@ class ServerView:
         now_s: the clock of ``LSWaiting.arrival_s``, s.
         step: a counter that grows by one per scheduler step.
         gpu_kv_free_tokens: free token slots in the GPU KV cache (SGLang's allocator).
+        gpu_kv_reserved_tokens: of those, what SGLang keeps for the running requests' future tokens
+            when it admits a new prompt (``PrefillAdder``: per running request, its remaining
+            ``max_new_tokens``, clipped, times the new-token ratio).
         be_pool_free_tokens: free tokens in the BE KV pool (host memory).
         kv_bytes_per_token: K and V bytes of one token over all layers (what the CPU worker reads).
         num_layers: decoder layers (one CPU job per layer per step with BE rows on the CPU).
@@ -121,6 +124,7 @@ class ServerView:
     ls_waiting: tuple[LSWaiting, ...] = ()
     be: tuple[BERequest, ...] = ()
     gpu_kv_free_tokens: int = 0
+    gpu_kv_reserved_tokens: int = 0
     be_pool_free_tokens: int = 0
     kv_bytes_per_token: int = 0
     num_layers: int = 1
@@ -132,9 +136,11 @@ class ServerView:
 
     @property
     def ls_kv_need(self) -> int:
-        """GPU KV slots the LS requests need next, tokens: their queued prompts' rest and one per
-        running decode."""
-        return sum(w.remaining for w in self.ls_waiting) + len(self.ls_decodes)
+        """GPU KV slots the LS requests need free next, tokens: one per running decode and, while
+        LS prompts are queued, their rest beside what SGLang reserves for the running requests
+        (it admits a prompt only into the slots left after that reserve)."""
+        queued = sum(w.remaining for w in self.ls_waiting)
+        return len(self.ls_decodes) + (queued + self.gpu_kv_reserved_tokens if queued else 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from http import HTTPStatus
 
 import torch
+from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
 from omniserve_sgl import config
 from omniserve_sgl.control import (
@@ -210,6 +212,7 @@ def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:
     return ServerView(
         now_s=now, step=_step, slo=_slo, ls_decodes=tuple(ls_decodes), ls_waiting=tuple(ls_waiting), be=tuple(be),
         gpu_kv_free_tokens=scheduler.token_to_kv_pool_allocator.available_size() + tree.evictable_size(),
+        gpu_kv_reserved_tokens=_decode_reserve(scheduler, running_batch),
         be_pool_free_tokens=runtime.pages.free_pages * spec.page_size,
         kv_bytes_per_token=runtime.kv_bytes_per_token_layer * spec.num_layers, num_layers=spec.num_layers,
         max_prefill_tokens=scheduler.omniserve_chunk_limit,
@@ -218,6 +221,18 @@ def server_view(scheduler, running_batch, runtime, parked=()) -> ServerView:
 
 
 # planning ---------------------------------------------------------------------------------------
+def _decode_reserve(scheduler, running_batch) -> int:
+    """GPU KV slots SGLang's ``PrefillAdder`` keeps for the running requests' future tokens before it
+    admits a prompt (``_get_running_request_total_token_offset``: remaining ``max_new_tokens``,
+    clipped at ``CLIP_MAX_NEW_TOKENS``, times the new-token ratio; 1 for ``ignore_eos``)."""
+    ratio = scheduler.new_token_ratio_tracker.current
+    total = 0.0
+    for r in running_batch.reqs:
+        p = r.sampling_params
+        total += min(p.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW_TOKENS) * (1.0 if p.ignore_eos else ratio)
+    return math.ceil(total)
+
+
 def _reject(scheduler, rid: str, why: str) -> None:
     """Answers a queued LS request with HTTP 503 and ``why`` (SGLang's own path for a request the
     full queue refuses, ``Scheduler._abort_on_queued_limit``)."""

@@ -532,7 +532,7 @@ class Simulation:
                     r.rid, r.target, r.arrival, prefilled=r.prefilled)))
         return ServerView(
             now_s=self.t, step=self.step, slo=slo, ls_decodes=tuple(ls_decodes), ls_waiting=tuple(ls_waiting),
-            be=tuple(be + be_waiting), gpu_kv_free_tokens=self.gpu_free,
+            be=tuple(be + be_waiting), gpu_kv_free_tokens=self.gpu_free, gpu_kv_reserved_tokens=math.ceil(self._reserved()),
             be_pool_free_tokens=max(n.pool_free for n in self.nodes),
             kv_bytes_per_token=self.kv_bytes, num_layers=self.L, max_prefill_tokens=self.cfg.chunk_tokens,
             since_decode_s=self.t - min(last) if last else 0.0, decoded_last_step=self.decoded_last_step,

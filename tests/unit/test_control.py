@@ -580,6 +580,22 @@ def test_gpu_kv_pressure_moves_the_largest_gpu_be_requests_to_the_pool():
     assert plan.to_cpu == ("big", "mid")
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_ls_prompt_that_fits_only_without_sglangs_decode_reserve_moves_be_kv_to_the_pool(overlap):
+    """SGLang admits a prompt only into the free slots left after its reserve for the running
+    requests' future tokens: an LS prompt that fits the free slots but not beside that reserve
+    waits until BE KV leaves the GPU (seen on the CPU device in async mode: LS prompts waited 1-2 s
+    while three BE requests held the GPU KV)."""
+    be = (BERequest("b0", GPU, context_len=1000), BERequest("b1", GPU, context_len=1024))
+    view = _view(ls_decodes=LS_DECODES[:1], ls_waiting=(LSWaiting("w", 25, arrival_s=9.9),), be=be,
+                 gpu_kv_free_tokens=100, gpu_kv_reserved_tokens=0, cpu_overlap=overlap)
+    assert Controller(TRUE).plan(view).to_cpu == ()
+    plan = Controller(TRUE).plan(dataclasses.replace(view, gpu_kv_reserved_tokens=150))
+    assert plan.to_cpu == ("b1",) and plan.ls_prefill_tokens == 25
+    # Without a queued LS prompt the reserve asks for nothing (SGLang reserves against admissions only).
+    assert Controller(TRUE).plan(dataclasses.replace(view, ls_waiting=(), gpu_kv_reserved_tokens=150)).to_cpu == ()
+
+
 def test_slack_brings_a_be_request_back_to_the_gpu_unless_placement_is_cpu():
     be = (BERequest("old", CPU, context_len=2000, last_run_step=50), BERequest("new", CPU, context_len=2000,
                                                                              last_run_step=99))
