@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     server_info: dict[str, dict] = {}
     for group in by_server.values():
         extra = server_args(group[0], profile, slo)
+        metrics = "--enable-metrics" in extra  # only these servers answer /metrics
         print(f"starting SGLang {' '.join(extra)} for {', '.join(group)} ...", flush=True)
         with SGLangServer(model, *extra) as server:
             warm_up(server, profile, prompts)
@@ -264,13 +265,12 @@ def main(argv=None) -> int:
             for system in group:
                 for i, rate in enumerate(profile.ls_rates):
                     before = histogram(server.url, ERROR_HISTOGRAM) if system == "omniserve" else {}
-                    controlled = system in ("omniserve", "omniserve-sync")  # their servers export metrics
-                    steps_before = step_seconds(server.url) if controlled else {}
+                    steps_before = step_seconds(server.url) if metrics else {}
                     records = run_one(server, system, rate, profile, prompts, args.seed + i)
                     for edge, count in (histogram(server.url, ERROR_HISTOGRAM) if before else {}).items():
                         errors_seen[edge] = errors_seen.get(edge, 0.0) + count - before.get(edge, 0.0)
                     steps = {k: (m - steps_before[k][0], p - steps_before[k][1])
-                             for k, (m, p) in (step_seconds(server.url) if controlled else {}).items()}
+                             for k, (m, p) in (step_seconds(server.url) if metrics else {}).items()}
                     if slo is None:
                         slo = derive_slo(records, profile.ttft_factor, profile.tpot_factor)
                         print(f"SLOs from ls-only at {rate:g} LS/s: TTFT {slo.ttft_s * 1e3:.0f} ms "

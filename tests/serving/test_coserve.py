@@ -38,6 +38,9 @@ def test_short_run_writes_rows_report_and_plots(tmp_path, latency_profile):
     # The controller ran with the derived SLOs and its predictions were checked step by step.
     assert 0.0 < result["latency_model_accuracy_p90"] < result["latency_model_accuracy"] <= 1.0
     assert result["latency_model_steps"] >= 10
+    # The controlled row measured its steps against the profile (the plain servers export no metrics).
+    assert omniserve["served_over_profiled"] and all(f > 0 for f in omniserve["served_over_profiled"].values())
+    assert "served_over_profiled" not in ls_only and "served_over_profiled" not in fcfs
     assert ls_only["ls_slo_attainment"] == 1.0  # the SLOs are 5x / 3x its own medians
     assert result["slo"]["ttft_s"] > 0 and result["versions"]["sglang"]
     report = (tmp_path / "coserve-quick.md").read_text()
