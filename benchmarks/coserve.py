@@ -26,7 +26,9 @@ The ``omniserve`` rows also give the latency model's accuracy while serving (the
 ``latency_model_accuracy`` (mean) and ``latency_model_accuracy_p90``. Every controlled row gives
 ``served_over_profiled``: per step kind, the run's measured step time over the profile's prediction
 of the same steps (``omniserve_step_seconds_total`` / ``omniserve_step_profiled_seconds_total``),
-i.e. how much slower steps ran while serving than the idle profile measured them.
+i.e. how much slower steps ran while serving than the idle profile measured them. Every row gives
+SGLang's own account of its forward passes (every server runs with ``--enable-metrics``):
+``forward_s``, seconds in ``run_batch``, and ``forward_passes``, prefill and decode passes.
 
 Writes benchmarks/results/coserve-<profile>.{json,md} and coserve-<profile>-*.png.
 """
@@ -62,7 +64,8 @@ SYSTEMS = ("ls-only", "fcfs", "priority", "headroom", "omniserve-nocontrol", "om
 ERROR_HISTOGRAM = "omniserve_step_time_prediction_error"
 # What the simulator needs to replay a system (benchmarks/sim_validate.py), from /server_info.
 SERVER_INFO = ("chunked_prefill_size", "max_running_requests", "max_total_num_tokens", "max_prefill_tokens",
-               "priority_scheduling_preemption_threshold", "enable_mixed_chunk", "page_size")
+               "priority_scheduling_preemption_threshold", "enable_mixed_chunk", "page_size", "device",
+               "disable_overlap_schedule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +109,8 @@ PROFILES = {
 def server_args(system: str, profile: Profile, slo: SLO | None = None) -> tuple[str, ...]:
     """The extra ``launch_server`` arguments of ``system`` (systems with equal ones share a server);
     omniserve's controller is given ``slo`` (None: left out, for grouping before the SLOs are known)."""
-    base = ("--schedule-policy", "fcfs", *profile.server_args)
+    # --enable-metrics: SGLang's own step counters (forward_time), on every server alike.
+    base = ("--schedule-policy", "fcfs", "--enable-metrics", *profile.server_args)
     if system == "priority":
         return (*base, "--enable-priority-scheduling", "--default-priority-value", "0",
                 "--retraction-policy", "priority")
@@ -116,7 +120,7 @@ def server_args(system: str, profile: Profile, slo: SLO | None = None) -> tuple[
         slos = () if slo is None else ("--omniserve-ttft-slo", f"{slo.ttft_s:.4f}", "--omniserve-tpot-slo",
                                        f"{slo.tpot_s:.4f}")
         mode = ("--omniserve-mode", "async" if system == "omniserve" else "sync")
-        return (*base, "--omniserve", *mode, *profile.omniserve_args, *slos, "--enable-metrics")
+        return (*base, "--omniserve", *mode, *profile.omniserve_args, *slos)
     return base
 
 
@@ -169,6 +173,17 @@ def step_seconds(url: str) -> dict[str, tuple[float, float]]:
         if measured is not None:
             out[kind] = (measured, metric_sum(url, "omniserve_step_profiled_seconds_total", kind=kind) or 0.0)
     return out
+
+
+def forward_time(url: str) -> tuple[float, dict[str, float]]:
+    """SGLang's own account of a server's forward passes so far (``--enable-metrics``): seconds in
+    ``run_batch`` (``sglang:scheduler_stage_seconds_total{category="run_batch"}``: on SGLang's CPU
+    device the forward runs inside it; on a GPU only its launch does) and passes per kind
+    (``sglang:cuda_graph_passes_total``; ``prefill`` counts extend and mixed passes)."""
+    seconds = metric_sum(url, "sglang:scheduler_stage_seconds_total", category="run_batch") or 0.0
+    passes = {kind: sum(metric_sum(url, "sglang:cuda_graph_passes_total", mode=f"{kind}_{graph}") or 0.0
+                        for graph in ("none", "cuda_graph")) for kind in ("prefill", "decode")}
+    return seconds, passes
 
 
 def run_one(server: SGLangServer, system: str, rate: float, profile: Profile, prompts: dict, seed: int):
@@ -255,7 +270,6 @@ def main(argv=None) -> int:
     server_info: dict[str, dict] = {}
     for group in by_server.values():
         extra = server_args(group[0], profile, slo)
-        metrics = "--enable-metrics" in extra  # only these servers answer /metrics
         print(f"starting SGLang {' '.join(extra)} for {', '.join(group)} ...", flush=True)
         with SGLangServer(model, *extra) as server:
             warm_up(server, profile, prompts)
@@ -265,18 +279,21 @@ def main(argv=None) -> int:
             for system in group:
                 for i, rate in enumerate(profile.ls_rates):
                     before = histogram(server.url, ERROR_HISTOGRAM) if system == "omniserve" else {}
-                    steps_before = step_seconds(server.url) if metrics else {}
+                    steps_before, forward_before = step_seconds(server.url), forward_time(server.url)
                     records = run_one(server, system, rate, profile, prompts, args.seed + i)
+                    forward_s, passes = forward_time(server.url)
                     for edge, count in (histogram(server.url, ERROR_HISTOGRAM) if before else {}).items():
                         errors_seen[edge] = errors_seen.get(edge, 0.0) + count - before.get(edge, 0.0)
                     steps = {k: (m - steps_before[k][0], p - steps_before[k][1])
-                             for k, (m, p) in (step_seconds(server.url) if metrics else {}).items()}
+                             for k, (m, p) in step_seconds(server.url).items()}
                     if slo is None:
                         slo = derive_slo(records, profile.ttft_factor, profile.tpot_factor)
                         print(f"SLOs from ls-only at {rate:g} LS/s: TTFT {slo.ttft_s * 1e3:.0f} ms "
                               f"({profile.ttft_factor:g} x median), TPOT {slo.tpot_s * 1e3:.1f} ms "
                               f"({profile.tpot_factor:g} x median)", flush=True)
                     rows.append(row(system, rate, records, slo, profile.duration_s))
+                    rows[-1]["forward_s"] = forward_s - forward_before[0]
+                    rows[-1]["forward_passes"] = {k: n - forward_before[1][k] for k, n in passes.items()}
                     if served := {k: m / p for k, (m, p) in steps.items() if p > 0}:
                         rows[-1]["served_over_profiled"] = served
                         rows[-1]["served_step_s"] = {k: m for k, (m, _) in steps.items() if m > 0}

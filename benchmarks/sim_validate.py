@@ -10,8 +10,10 @@
    code on the profile (coserve's ``omniserve`` runs ``--omniserve-mode async``, the simulator's
    ``omniserve``; its ``omniserve-sync`` the synchronous path, the simulator's ``omniserve-sync``);
    steps are priced as the real servers ran them while serving (``served_factors``: per step kind,
-   measured over profiled time, from coserve's rows; the run's pace for the systems that measured
-   none);
+   measured over profiled time, from coserve's rows of the controlled systems; ``forward_factors``:
+   for the others, SGLang's own forward seconds over the same passes simulated at the profile's
+   pace); a plain server's tokens reach the client a step late, as under SGLang's overlap schedule
+   on its CPU device (``results_lag``);
 4. compares them: LS SLO attainment within 5 points, BE tokens/s within 20%, p50 TPOT within 15%.
 
 Writes benchmarks/results/sim-validate.{json,md}.
@@ -36,7 +38,7 @@ from omniserve_sgl.simulate.hardware import GB
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-OTHERS = "others"  # served_factors' entry for the systems that measured no steps of their own
+SGLANG_PASS = {"prefill": "prefill", "decode": "decode", "decode+cpu": "decode"}  # step kind -> SGLang's pass kind
 BOUNDS = {"attainment_points": 5.0, "be_tokens_ratio": 0.20, "p50_tpot_ratio": 0.15}
 
 
@@ -57,14 +59,11 @@ def be_lengths(workload: dict) -> str:
 
 
 def served_factors(real: dict) -> dict[str, dict[str, float]]:
-    """``{system: {step kind: factor}}``: for each system whose real rows measured their steps
-    (coserve's ``served_over_profiled``, the controlled systems), measured over profiled step time
-    per kind, summed over its rates; under :data:`OTHERS`, for the systems that measured none (plain
-    SGLang, ``omniserve-nocontrol``), the run's pace: all measured steps' time over their profiled
-    time, for every kind (their steps ran in the same serving environment). The simulator prices
-    each system's steps with them, so it replays the machine as it ran while serving (beside the
-    tokenizer, the HTTP server and the load generator, on the same cores) rather than as the idle
-    profile measured it. Empty for a run that measured no steps."""
+    """``{system: {step kind: factor}}`` for each system whose real rows measured their steps against
+    the profile (coserve's ``served_over_profiled``: the controlled systems): measured over profiled
+    step time per kind, summed over its rates. The simulator prices each system's steps with them,
+    so it replays the machine as it ran while serving (beside the tokenizer, the HTTP server and the
+    load generator, on the same cores) rather than as the idle profile measured it."""
     sums: dict[str, dict[str, list[float]]] = {}
     for r in real["rows"]:
         for kind, ratio in (r.get("served_over_profiled") or {}).items():
@@ -72,26 +71,55 @@ def served_factors(real: dict) -> dict[str, dict[str, float]]:
             acc = sums.setdefault(r["system"], {}).setdefault(kind, [0.0, 0.0])
             acc[0] += measured
             acc[1] += measured / ratio
-    out = {system: {kind: m / p for kind, (m, p) in kinds.items()} for system, kinds in sums.items()}
-    if sums:
-        m = sum(a[0] for kinds in sums.values() for a in kinds.values())
-        p = sum(a[1] for kinds in sums.values() for a in kinds.values())
-        out[OTHERS] = dict.fromkeys(STEP_KINDS, m / p)
-    return out
+    return {system: {kind: m / p for kind, (m, p) in kinds.items()} for system, kinds in sums.items()}
 
 
-def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
-    """The simulator's rows for the systems, rates, workload and SLOs of the coserve result ``real``."""
+def forward_factors(real: dict, sim: dict, served: dict) -> dict[str, dict[str, float]]:
+    """``{system: {every step kind: factor}}`` for the systems without ``served`` factors (plain SGLang,
+    ``omniserve-nocontrol``) whose real rows carry SGLang's own forward counters (coserve's
+    ``forward_s`` and ``forward_passes``): per system, its real forward seconds over what the same
+    passes take in ``sim`` (a simulation that priced it at the profile's pace): each kind's real
+    passes times the simulated mean step of that kind, summed over its rates. One factor for all
+    kinds, as SGLang times its passes together."""
+    sim_rows = {(r["system"], r["ls_rate"]): r for r in sim["rows"]}
+    sums: dict[str, list[float]] = {}
+    for r in real["rows"]:
+        s = sim_rows.get((r["system"], r["ls_rate"]))
+        if r["system"] in served or s is None or not r.get("forward_passes"):
+            continue
+        mean: dict[str, list[float]] = {}
+        for kind, (n, seconds) in s["step_s"].items():
+            acc = mean.setdefault(SGLANG_PASS[kind], [0, 0.0])
+            acc[0] += n
+            acc[1] += seconds
+        acc = sums.setdefault(r["system"], [0.0, 0.0])
+        acc[0] += r["forward_s"]
+        acc[1] += sum(n * mean[k][1] / mean[k][0] for k, n in r["forward_passes"].items() if mean.get(k, [0])[0])
+    return {system: dict.fromkeys(STEP_KINDS, m / p) for system, (m, p) in sums.items() if p > 0}
+
+
+def results_lag(real: dict, system: str) -> bool:
+    """Whether ``system``'s real server streamed each step's tokens only after the next step ran:
+    SGLang's overlap schedule (on unless ``--disable-overlap-schedule``) on its CPU device, whose
+    forward runs inside the launch. omniserve's servers leave the overlap loop while BE requests
+    are in the server (``sglang_glue.mode``), which is all of the quick profile's window."""
+    info = real.get("server_info", {}).get(system, {})
+    device = info.get("device") or ("cpu" if str(real.get("device", "")).startswith("CPU") else "cuda")
+    return device == "cpu" and not info.get("disable_overlap_schedule", False) and not system.startswith("omniserve")
+
+
+def simulate_like(real: dict, profile: Path, noise: float, seed: int, served: dict) -> dict:
+    """The simulator's rows for the systems, rates, workload and SLOs of the coserve result ``real``,
+    each system's steps priced with its ``served`` factors (the profile's pace without)."""
     w, info = real["workload"], real.get("server_info", {})
     model = ModelSpec.from_config(real["model"])
     lm = LatencyModel.load(profile)
     if "float32" in str((lm.meta.get("key") or {}).get("dtype", "")):
         model = ModelSpec(**{**model.__dict__, "dtype_bytes": 4})
-    served = served_factors(real)
 
     def timing(system: str) -> ProfileTiming:
         return ProfileTiming(lm, model.kv_bytes_per_token, model.layers, qo_bytes_per_row_layer=model.qo_bytes_per_row_layer,
-                             served=served.get(system, served.get(OTHERS)))
+                             served=served.get(system))
     slo = SLO(real["slo"]["ttft_s"], real["slo"]["tpot_s"])
     systems = tuple(real["systems"])  # coserve's system names are the simulator's
     gb = float(w["omniserve_args"][w["omniserve_args"].index("--omniserve-cpu-kv-gb") + 1])
@@ -107,7 +135,8 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int) -> dict:
         return SimConfig(system, timing(system), slo, kv, int(gb * GB // model.kv_bytes_per_token),
                          chunk_tokens=int(real_info.get("chunked_prefill_size") or 8192),
                          max_running=int(real_info.get("max_running_requests") or 256), noise=noise, seed=seed,
-                         priority_preemption=int(real_info.get("priority_scheduling_preemption_threshold") or 10) < 1)
+                         priority_preemption=int(real_info.get("priority_scheduling_preemption_threshold") or 10) < 1,
+                         results_lag=results_lag(real, system))
     return run(scenario, config, f"latency profile {profile.name}", seed=seed, progress=None)
 
 
@@ -141,9 +170,9 @@ def report(result: dict) -> str:
              (f"- simulated: the same systems, rates, workload and SLOs on the latency profile "
              f"`{result['latency_profile']}` (profiled accuracy {result['profile_accuracy']:.1%}), step-time "
              f"noise {result['noise']:.0%}"),
-             *([("- steps priced as they ran while serving, measured over profiled time per step kind (the "
-                 "controlled systems' own; `others`: every measured step's, for the systems that measured "
-                 "none): " + "; ".join(
+             *([("- steps priced as they ran while serving (the controlled systems: their measured over "
+                 "profiled time per step kind; the others: SGLang's forward seconds over the same passes "
+                 "simulated at the profile's pace): " + "; ".join(
                      f"{system} " + ", ".join(f"{kind} {f:.2f}" for kind, f in sorted(kinds.items()))
                      for system, kinds in sorted(result["served_factors"].items())))]
                if result.get("served_factors") else []),
@@ -200,12 +229,16 @@ def main(argv=None) -> int:
     # The profile's held-out error stands for the step-to-step noise (bounded: a profile made on a
     # busy machine fits badly, and the noise would then swamp every step).
     noise = args.noise if args.noise is not None else min(max(1.0 - acc, 0.0), 0.3)
-    sim = simulate_like(real, profile, noise, args.seed)
+    served = served_factors(real)
+    sim = simulate_like(real, profile, noise, args.seed, served)
+    if more := forward_factors(real, sim, served):  # the other systems' pace, from the first pass's steps
+        served |= more
+        sim = simulate_like(real, profile, noise, args.seed, served)
     comparison = compare(real, sim)
     checks = [c[k] for c in comparison for k in ("attainment_ok", "be_ok", "tpot_ok")]
     result = {"real_source": str(real_path.relative_to(args.out) if real_path.is_relative_to(args.out) else real_path),
               "latency_profile": profile.name, "profile_accuracy": acc, "noise": noise, "slo": real["slo"],
-              "served_factors": served_factors(real), "real_wall_s": real.get("wall_s"),
+              "served_factors": served, "real_wall_s": real.get("wall_s"),
               "bounds": BOUNDS, "comparison": comparison, "within": sum(checks), "checks": len(checks),
               "wall_s": round(time.time() - started, 1), "sim": sim, "real_rows": real["rows"]}
     args.out.mkdir(parents=True, exist_ok=True)

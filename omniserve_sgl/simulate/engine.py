@@ -16,7 +16,9 @@ Systems:
                        ``--retraction-policy priority``); preemption of BE only with ``priority_preemption``
   headroom             ``fcfs`` with the BE backlog capped by the client (Llumnix-like reservation)
   omniserve-nocontrol  every BE request offloaded after prefill, every BE row in every decode step,
-                       the GPU waiting for the CPU in each layer (``--omniserve-disable-control``)
+                       the GPU waiting for the CPU in each layer (``--omniserve-disable-control``);
+                       the server's admission round (:func:`omniserve_sgl.admission.admission_round`:
+                       LS first, one BE prompt per prefill batch)
   omniserve-sync       the controller, the GPU waiting for the CPU in each layer (NEO-like; the
                        server's ``--omniserve`` today)
   omniserve            the controller with asynchronous piggybacking: a BE row's layer-l attention
@@ -31,6 +33,7 @@ import math
 import random
 from collections.abc import Callable
 
+from omniserve_sgl.admission import admission_round
 from omniserve_sgl.bench.loadgen import RequestRecord
 from omniserve_sgl.control import (
     CPU,
@@ -46,6 +49,7 @@ from omniserve_sgl.control import (
     OutputLengths,
     ServerView,
     StepShape,
+    step_kind,
 )
 from omniserve_sgl.simulate.hardware import LinkSpec
 from omniserve_sgl.simulate.workload import SimRequest
@@ -75,6 +79,12 @@ class SimConfig:
             than ``--priority-scheduling-preemption-threshold`` (default 10; coserve sends LS 1 and
             BE 0), so by default it does not.
         drain_timeout_s: after the window, requests in flight get this long to finish.
+        results_lag: a step's tokens reach the clients only once the next step has run, as under
+            SGLang's overlap schedule (``Scheduler.event_loop_overlap`` processes step N's results
+            after launching step N+1) on a device whose forward runs inside the launch (SGLang's
+            CPU device). With no next step, they go out at once. Off for a GPU, whose launch
+            returns before the forward ends, and for omniserve, whose scheduler leaves the overlap
+            loop while BE requests are in the server.
     """
 
     system: str
@@ -91,6 +101,7 @@ class SimConfig:
     priority_preemption: bool = False
     seed: int = 0
     drain_timeout_s: float = 600.0
+    results_lag: bool = False
 
     def __post_init__(self):
         if self.system not in SYSTEMS:
@@ -151,7 +162,8 @@ class _Node:
 class SimStats:
     """What a run measured besides the requests: GPU busy time (passes), CPU attention time per
     node, s, the BE tokens whose attention ran on a CPU, and the longest decode step that had LS
-    rows and BE work (BE rows, or a BE chunk in a mixed step), s."""
+    rows and BE work (BE rows, or a BE chunk in a mixed step), s; ``step_s``: per step kind
+    (:func:`~omniserve_sgl.control.step_kind`), ``[steps, s]``."""
 
     wall_s: float = 0.0
     gpu_busy_s: float = 0.0
@@ -159,6 +171,7 @@ class SimStats:
     be_cpu_tokens: int = 0
     steps: int = 0
     longest_ls_decode_s: float = 0.0
+    step_s: dict = dataclasses.field(default_factory=dict)
 
     @property
     def gpu_utilisation(self) -> float:
@@ -206,6 +219,7 @@ class Simulation:
         self.stats = SimStats(cpu_busy_s=[0.0] * len(self.nodes))
         self.async_cpu = cfg.system == "omniserve"
         self.lengths = OutputLengths()  # the LS requests' that finished, as the server's glue keeps them
+        self.unsent: list[tuple[_Req, int]] = []  # results_lag: the last step's tokens, (request, index)
         if cfg.system in CONTROLLED:
             self.model = OnlineCorrection(self.timing)
             self.controller = Controller(self.model, cfg.controller)
@@ -251,13 +265,16 @@ class Simulation:
             self._admit_arrivals()
             if not (self.waiting or self.running or self.arrivals):
                 break
+            unsent, self.unsent = self.unsent, []
             progressed = self._step_controlled() if self.cfg.system in CONTROLLED else self._step_sglang()
+            self._send(unsent, self.t if progressed else None)
             if not progressed:  # nothing runnable: wait for the next arrival or CPU result
                 nxt = [self.arrivals[0][0]] if self.arrivals else []
                 nxt += [r.ready_at for r in self.running if r.cls == "be" and r.ready_at > self.t]
                 if not nxt:
                     break
                 self._advance(max(min(nxt) - self.t, 1e-6), busy=False)
+        self._send(self.unsent, None)
         self.stats.wall_s = self.t
         self.stats.cpu_busy_s = [n.busy_s for n in self.nodes]
         return [self._record(r) for r in self.all if r.arrival <= self.duration_s]
@@ -277,13 +294,31 @@ class Simulation:
         r.token_times.append(at)
         if r.placement == CPU and r.cls == "be":
             self.stats.be_cpu_tokens += 1
+        if self.cfg.results_lag:
+            self.unsent.append((r, len(r.token_times) - 1))
         if r.done:
-            self._release(r)
-            self.running.remove(r)
-            if r.cls == "be":
-                self._send_be()
-            elif not r.error:
-                self.lengths.add(r.generated)
+            self.running.remove(r)  # the next step leaves it out (SGLang's _reqs_finishing_inflight)
+            if not self.cfg.results_lag:
+                self._finished(r)
+
+    def _finished(self, r: _Req) -> None:
+        """A finished request's result was processed: its KV is freed, and a BE client sends its
+        next request."""
+        self._release(r)
+        if r.cls == "be":
+            self._send_be()
+        elif not r.error:
+            self.lengths.add(r.generated)
+
+    def _send(self, unsent: list[tuple[_Req, int]], at: float | None) -> None:
+        """``results_lag``: the previous step's results are processed, after the step that followed
+        it (its tokens reach their clients at ``at``, the end of that step; None: at once, no step
+        ran); the requests they finished free their KV only now, so that step could not use it."""
+        for r, i in unsent:
+            if at is not None:
+                r.token_times[i] = at
+            if r.done and i == len(r.token_times) - 1:
+                self._finished(r)
 
     def _release(self, r: _Req) -> None:
         self.gpu_free += r.gpu_kv
@@ -419,6 +454,9 @@ class Simulation:
             self._emit(r, self.t)
 
     def _observe(self, shape: StepShape, seconds: float) -> None:
+        acc = self.stats.step_s.setdefault(step_kind(shape), [0, 0.0])
+        acc[0] += 1
+        acc[1] += seconds
         if self.cfg.system in CONTROLLED:
             self.model.observe(shape, seconds)
 
@@ -436,7 +474,18 @@ class Simulation:
     def _queue(self) -> list[_Req]:
         if self.cfg.system == "priority":
             return sorted(self.waiting, key=lambda r: (r.cls != "ls", r.arrival))
+        if self.cfg.system == "omniserve-nocontrol":  # the server's admission round (sglang_glue.scheduler)
+            return admission_round(self.waiting, lambda r: r.cls == "be",
+                                   lambda r: r.target + r.output_len if r.cls == "be" and not r.prefilled else None,
+                                   max(n.pool_free for n in self.nodes))[0]
         return self.waiting
+
+    def _output_reserve(self, r: _Req) -> float:
+        """KV slots SGLang's PrefillAdder sets aside for ``r``'s output when it admits it; under
+        ``--omniserve`` a BE request counts only the token its prefill samples (it leaves the GPU
+        after its prefill: sglang_glue.scheduler)."""
+        left = 1 if self.cfg.system == "omniserve-nocontrol" and r.cls == "be" else r.output_len - r.generated
+        return left * self.new_token_ratio
 
     def _reserved(self) -> float:
         return sum((r.output_len - r.generated) * self.new_token_ratio for r in self.running
@@ -450,7 +499,7 @@ class Simulation:
                 break
             need = r.target - r.prefilled
             if r.prefilled == 0:
-                want = need + (r.output_len - r.generated) * self.new_token_ratio
+                want = need + self._output_reserve(r)
                 if want > free and self.cfg.system == "priority" and r.cls == "ls" and self.cfg.priority_preemption:
                     while want > free and (be := [x for x in self.running if x.cls == "be" and x.placement != CPU]):
                         self._retract(be[-1])

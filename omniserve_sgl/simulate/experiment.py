@@ -80,7 +80,7 @@ def run(scenario: Scenario, config: Callable[[str], SimConfig], hardware: str, s
             records, stats = simulate(cfg, ls, scenario.duration_s, **be)
             r = row(system, rate, records, BenchSLO(scenario.slo.ttft_s, scenario.slo.tpot_s), scenario.duration_s)
             r |= {"gpu_utilisation": stats.gpu_utilisation, "cpu_utilisation": stats.cpu_utilisation,
-                  "be_cpu_tokens": stats.be_cpu_tokens, "steps": stats.steps}
+                  "be_cpu_tokens": stats.be_cpu_tokens, "steps": stats.steps, "step_s": stats.step_s}
             rows.append(r)
             samples.setdefault(system, {})[f"{rate:g}"] = sorted(
                 tpot(x) for x in records if x.service_class == "ls" and x.success)

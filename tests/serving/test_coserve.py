@@ -33,14 +33,17 @@ def test_short_run_writes_rows_report_and_plots(tmp_path, latency_profile):
     assert ls_only["be_tokens_per_s"] == 0 and fcfs["be_requests_finished"] > 0 and omniserve["lost"] == 0
     # What the simulator needs to replay each system was recorded from the server itself.
     assert all(result["server_info"][s]["chunked_prefill_size"] for s in ("ls-only", "fcfs", "omniserve"))
+    assert result["server_info"]["fcfs"]["device"] == "cpu" and "disable_overlap_schedule" in result["server_info"]["fcfs"]
     lo, hi = result["workload"]["be_prompt_tokens"]
     assert all(lo <= n <= hi + 4 for n in result["workload"]["be_prompt_lengths"])  # re-tokenizing adds a few
     # The controller ran with the derived SLOs and its predictions were checked step by step.
     assert 0.0 < result["latency_model_accuracy_p90"] < result["latency_model_accuracy"] <= 1.0
     assert result["latency_model_steps"] >= 10
-    # The controlled row measured its steps against the profile (the plain servers export no metrics).
+    # The controlled row measured its steps against the profile; every row has SGLang's own forward time.
     assert omniserve["served_over_profiled"] and all(f > 0 for f in omniserve["served_over_profiled"].values())
     assert "served_over_profiled" not in ls_only and "served_over_profiled" not in fcfs
+    for r in result["rows"]:
+        assert r["forward_s"] > 0 and r["forward_passes"]["prefill"] >= 1 and r["forward_passes"]["decode"] > 0
     assert ls_only["ls_slo_attainment"] == 1.0  # the SLOs are 5x / 3x its own medians
     assert result["slo"]["ttft_s"] > 0 and result["versions"]["sglang"]
     report = (tmp_path / "coserve-quick.md").read_text()

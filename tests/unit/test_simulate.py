@@ -121,6 +121,32 @@ def test_one_ls_request_alone_gets_the_models_own_ttft_and_tpot(system):
                                   for k in (1, 2, 3)])
 
 
+def test_results_lag_streams_each_steps_tokens_after_the_next_step_and_frees_kv_then():
+    """SGLang's overlap schedule on its CPU device: step N's results are processed after step N+1
+    ran, so each token reaches the client one step late (the last one at once: no step follows),
+    and a finished request's KV is free only for the step after next."""
+    config = SimConfig("fcfs", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=0, results_lag=True)
+    (rec,), _ = simulate(config, ls_requests([0.5], lambda rng: (100, 4), 0), 10.0)
+    prefill = MODEL.predict(StepShape(tokens=100, prefill_attn_work=100 * 100, prefill_context=100))
+    d1, d2, d3 = (MODEL.predict(StepShape(tokens=1, decode_context=100 + k, decode_rows=1)) for k in (1, 2, 3))
+    assert [t - 0.5 for t in rec.token_times] == pytest.approx(
+        [prefill + d1, prefill + d1 + d2, prefill + d1 + d2 + d3, prefill + d1 + d2 + d3])
+    assert rec.ttft == pytest.approx(prefill + d1)
+    # A finishes with B still decoding; C needs A's KV. Without the lag C's prefill follows A's last
+    # step; with it, B decodes alone once more first, and C's first token waits for the step after.
+    def c_ttft(lag: bool) -> float:
+        config = SimConfig("fcfs", TIMING, SLOS, gpu_kv_tokens=164, be_pool_tokens=0, results_lag=lag)
+        sim = Simulation(config, ls_requests([0.0], lambda rng: (100, 2), 0) + ls_requests([0.0], lambda rng: (20, 8), 0)
+                         + ls_requests([0.001], lambda rng: (100, 2), 0), 10.0)
+        records = sim.run()
+        assert all(r.success for r in records) and sim.gpu_free == 164
+        return records[2].ttft
+
+    b_alone = MODEL.predict(StepShape(tokens=1, decode_context=22, decode_rows=1))
+    b_and_c = MODEL.predict(StepShape(tokens=2, decode_context=23 + 101, decode_rows=2))
+    assert c_ttft(True) - c_ttft(False) == pytest.approx(b_alone + b_and_c)
+
+
 def test_be_work_never_stretches_an_ls_decode_step_past_the_tpot_slo_under_omniserve():
     """With no lead lent (``ahead_cap=0``) no step with LS decodes and BE work (BE rows, or a BE
     chunk in a mixed step) is longer than the TPOT SLO; with the default policy the LS decodes
@@ -203,6 +229,25 @@ def test_baselines_order_as_sglang_schedules_them():
     # BE documents ahead in one FCFS queue delay LS first tokens; priority puts LS first.
     assert fcfs["ls_p50_ttft_s"] > 2 * alone["ls_p50_ttft_s"]
     assert prio["ls_p50_ttft_s"] < fcfs["ls_p50_ttft_s"]
+
+
+def test_omniserve_without_control_admits_as_the_server_does_ls_first_and_one_be_prompt_per_prefill():
+    config = SimConfig("omniserve-nocontrol", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=200_000,
+                       chunk_tokens=4096)
+    sim = Simulation(config, ls_stream(2.0), DURATION, be_backlog=document_lengths("768-1024:96"), be_concurrency=4)
+    batches = []
+    prefill = sim._prefill
+
+    def spy(batch):
+        batches.append([(r.cls, r.prefilled) for r, _ in batch])
+        prefill(batch)
+
+    sim._prefill = spy
+    records = sim.run()
+    assert all(r.success for r in records)
+    starting = [[cls for cls, done in batch if done == 0] for batch in batches]
+    assert max(b.count("be") for b in starting) == 1  # four BE requests arrive at once; one starts per batch
+    assert all(b == sorted(b, key=lambda c: c == "be") for b in starting)  # LS prompts before the BE one
 
 
 def test_the_controller_holds_ls_slos_where_every_be_row_in_every_step_does_not():
@@ -292,10 +337,47 @@ def test_sim_validate_sums_each_systems_served_factors_over_its_rates():
     rows = [{"system": "omniserve-sync", "served_over_profiled": {"decode": 1.0}, "served_step_s": {"decode": 10.0}},
             {"system": "omniserve-sync", "served_over_profiled": {"decode": 2.0}, "served_step_s": {"decode": 30.0}},
             {"system": "ls-only"}]
-    # 40 s measured over 10 + 15 s profiled; the systems without measured steps get the run's pace, every kind
-    assert served_factors({"rows": rows}) == {"omniserve-sync": {"decode": pytest.approx(40 / 25)},
-                                              "others": dict.fromkeys(STEP_KINDS, pytest.approx(40 / 25))}
+    # 40 s measured over 10 + 15 s profiled; a system that measured nothing gets no factors
+    assert served_factors({"rows": rows}) == {"omniserve-sync": {"decode": pytest.approx(40 / 25)}}
     assert served_factors({"rows": rows[2:]}) == {}
+
+
+def test_sim_validate_prices_the_other_systems_by_sglangs_forward_seconds_over_the_same_passes_simulated():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from sim_validate import forward_factors
+
+    real = {"rows": [
+        {"system": "fcfs", "ls_rate": 1.0, "forward_s": 33.0, "forward_passes": {"prefill": 10, "decode": 100}},
+        {"system": "fcfs", "ls_rate": 2.0, "forward_s": 11.0, "forward_passes": {"prefill": 0, "decode": 50}},
+        {"system": "omniserve-sync", "ls_rate": 1.0, "forward_s": 5.0, "forward_passes": {"prefill": 1, "decode": 1}},
+        {"system": "ls-only", "ls_rate": 1.0}]}  # a run without SGLang's counters
+    sim = {"rows": [
+        # simulated mean steps: prefill 1 s, decode (with or without CPU rows) 0.2 s; then 0.2 s
+        {"system": "fcfs", "ls_rate": 1.0, "step_s": {"prefill": [4, 4.0], "decode": [5, 0.5], "decode+cpu": [5, 1.5]}},
+        {"system": "fcfs", "ls_rate": 2.0, "step_s": {"prefill": [2, 2.0], "decode": [10, 2.0]}},
+        {"system": "omniserve-sync", "ls_rate": 1.0, "step_s": {"decode": [1, 1.0]}},
+        {"system": "ls-only", "ls_rate": 1.0, "step_s": {"decode": [1, 1.0]}}]}
+    factors = forward_factors(real, sim, served={"omniserve-sync": {"decode": 1.1}})
+    # (33 + 11) s over (10 x 1 + 100 x 0.2) + (50 x 0.2) s, for every step kind
+    assert factors == {"fcfs": dict.fromkeys(STEP_KINDS, pytest.approx(44 / 40))}
+
+
+def test_sim_validate_lags_results_only_where_sglang_ran_its_overlap_loop_on_the_cpu_device():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from sim_validate import results_lag
+
+    real = {"device": "CPU only: 2 cores", "server_info": {"fcfs": {"device": "cpu", "disable_overlap_schedule": False},
+                                                           "ls-only": {"device": "cpu", "disable_overlap_schedule": True},
+                                                           "priority": {"device": "cuda"}}}
+    assert results_lag(real, "fcfs") and not results_lag(real, "omniserve-sync")
+    assert not results_lag(real, "ls-only") and not results_lag(real, "priority")
+    assert results_lag({"device": "CPU only: 2 cores"}, "headroom")  # a run that recorded neither key
 
 
 def test_a_prompt_longer_than_the_kv_cache_fails_with_a_reason():
