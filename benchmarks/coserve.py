@@ -27,8 +27,9 @@ The ``omniserve`` rows also give the latency model's accuracy while serving (the
 ``served_over_profiled``: per step kind, the run's measured step time over the profile's prediction
 of the same steps (``omniserve_step_seconds_total`` / ``omniserve_step_profiled_seconds_total``),
 i.e. how much slower steps ran while serving than the idle profile measured them. Every row gives
-SGLang's own account of its forward passes (every server runs with ``--enable-metrics``):
-``forward_s``, seconds in ``run_batch``, and ``forward_passes``, prefill and decode passes.
+SGLang's own account of its steps (every server runs with ``--enable-metrics``): ``forward_s``,
+seconds in ``run_batch``; ``scheduler_s``, the scheduler loop's other busy seconds; and
+``forward_passes``, prefill and decode passes.
 
 Writes benchmarks/results/coserve-<profile>.{json,md} and coserve-<profile>-*.png.
 """
@@ -48,6 +49,7 @@ import time
 from pathlib import Path
 
 import orjson
+import requests
 from tqdm import tqdm
 
 from omniserve_sgl.bench.launch import SGLangServer, histogram, metric_sum
@@ -175,15 +177,26 @@ def step_seconds(url: str) -> dict[str, tuple[float, float]]:
     return out
 
 
-def forward_time(url: str) -> tuple[float, dict[str, float]]:
-    """SGLang's own account of a server's forward passes so far (``--enable-metrics``): seconds in
-    ``run_batch`` (``sglang:scheduler_stage_seconds_total{category="run_batch"}``: on SGLang's CPU
-    device the forward runs inside it; on a GPU only its launch does) and passes per kind
+def forward_time(url: str) -> dict:
+    """SGLang's own account of a server's steps so far (``--enable-metrics``): ``forward_s``, seconds
+    in ``run_batch`` (``sglang:scheduler_stage_seconds_total{category="run_batch"}``: on SGLang's CPU
+    device the forward runs inside it; on a GPU only its launch does); ``scheduler_s``, the
+    scheduler loop's other busy seconds (every other category but ``idle``: receiving requests,
+    forming batches, processing results); ``forward_passes``, passes per kind
     (``sglang:cuda_graph_passes_total``; ``prefill`` counts extend and mixed passes)."""
-    seconds = metric_sum(url, "sglang:scheduler_stage_seconds_total", category="run_batch") or 0.0
-    passes = {kind: sum(metric_sum(url, "sglang:cuda_graph_passes_total", mode=f"{kind}_{graph}") or 0.0
-                        for graph in ("none", "cuda_graph")) for kind in ("prefill", "decode")}
-    return seconds, passes
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stages: dict[str, float] = {}
+    passes = {"prefill": 0.0, "decode": 0.0}
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "sglang:scheduler_stage_seconds_total":
+                stages[sample.labels["category"]] = stages.get(sample.labels["category"], 0.0) + sample.value
+            elif sample.name == "sglang:cuda_graph_passes_total":
+                passes[sample.labels["mode"].split("_")[0]] += sample.value
+    forward = stages.pop("run_batch", 0.0)
+    stages.pop("idle", None)
+    return {"forward_s": forward, "scheduler_s": sum(stages.values()), "forward_passes": passes}
 
 
 def run_one(server: SGLangServer, system: str, rate: float, profile: Profile, prompts: dict, seed: int):
@@ -281,7 +294,7 @@ def main(argv=None) -> int:
                     before = histogram(server.url, ERROR_HISTOGRAM) if system == "omniserve" else {}
                     steps_before, forward_before = step_seconds(server.url), forward_time(server.url)
                     records = run_one(server, system, rate, profile, prompts, args.seed + i)
-                    forward_s, passes = forward_time(server.url)
+                    forward = forward_time(server.url)
                     for edge, count in (histogram(server.url, ERROR_HISTOGRAM) if before else {}).items():
                         errors_seen[edge] = errors_seen.get(edge, 0.0) + count - before.get(edge, 0.0)
                     steps = {k: (m - steps_before[k][0], p - steps_before[k][1])
@@ -292,8 +305,10 @@ def main(argv=None) -> int:
                               f"({profile.ttft_factor:g} x median), TPOT {slo.tpot_s * 1e3:.1f} ms "
                               f"({profile.tpot_factor:g} x median)", flush=True)
                     rows.append(row(system, rate, records, slo, profile.duration_s))
-                    rows[-1]["forward_s"] = forward_s - forward_before[0]
-                    rows[-1]["forward_passes"] = {k: n - forward_before[1][k] for k, n in passes.items()}
+                    rows[-1] |= {"forward_s": forward["forward_s"] - forward_before["forward_s"],
+                                 "scheduler_s": forward["scheduler_s"] - forward_before["scheduler_s"],
+                                 "forward_passes": {k: n - forward_before["forward_passes"][k]
+                                                    for k, n in forward["forward_passes"].items()}}
                     if served := {k: m / p for k, (m, p) in steps.items() if p > 0}:
                         rows[-1]["served_over_profiled"] = served
                         rows[-1]["served_step_s"] = {k: m for k, (m, _) in steps.items() if m > 0}

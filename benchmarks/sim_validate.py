@@ -12,7 +12,9 @@
    steps are priced as the real servers ran them while serving (``served_factors``: per step kind,
    measured over profiled time, from coserve's rows of the controlled systems; ``forward_factors``:
    for the others, SGLang's own forward seconds over the same passes simulated at the profile's
-   pace); a plain server's tokens reach the client a step late, as under SGLang's overlap schedule
+   pace), plus the scheduler's own time per pass (``step_overheads``); requests reserve KV as
+   SGLang's PrefillAdder reserves it for ``ignore_eos`` requests; a plain server's tokens reach the
+   client a step late, as under SGLang's overlap schedule
    on its CPU device (``results_lag``);
 4. compares them: LS SLO attainment within 5 points, BE tokens/s within 20%, p50 TPOT within 15%.
 
@@ -98,6 +100,19 @@ def forward_factors(real: dict, sim: dict, served: dict) -> dict[str, dict[str, 
     return {system: dict.fromkeys(STEP_KINDS, m / p) for system, (m, p) in sums.items() if p > 0}
 
 
+def step_overheads(real: dict) -> dict[str, float]:
+    """``{system: s}``: the scheduler loop's busy time outside the forward per pass (coserve's
+    ``scheduler_s`` over its ``forward_passes``, summed over its rates), for the systems whose rows
+    carry them. On SGLang's CPU device the forward waits through it."""
+    sums: dict[str, list[float]] = {}
+    for r in real["rows"]:
+        if r.get("forward_passes"):
+            acc = sums.setdefault(r["system"], [0.0, 0.0])
+            acc[0] += r["scheduler_s"]
+            acc[1] += sum(r["forward_passes"].values())
+    return {system: s / n for system, (s, n) in sums.items() if n > 0}
+
+
 def results_lag(real: dict, system: str) -> bool:
     """Whether ``system``'s real server streamed each step's tokens only after the next step ran:
     SGLang's overlap schedule (on unless ``--disable-overlap-schedule``) on its CPU device, whose
@@ -121,6 +136,7 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int, served: di
         return ProfileTiming(lm, model.kv_bytes_per_token, model.layers, qo_bytes_per_row_layer=model.qo_bytes_per_row_layer,
                              served=served.get(system))
     slo = SLO(real["slo"]["ttft_s"], real["slo"]["tpot_s"])
+    overheads = step_overheads(real)
     systems = tuple(real["systems"])  # coserve's system names are the simulator's
     gb = float(w["omniserve_args"][w["omniserve_args"].index("--omniserve-cpu-kv-gb") + 1])
     one = next(iter(info.values()), {})
@@ -136,7 +152,8 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int, served: di
                          chunk_tokens=int(real_info.get("chunked_prefill_size") or 8192),
                          max_running=int(real_info.get("max_running_requests") or 256), noise=noise, seed=seed,
                          priority_preemption=int(real_info.get("priority_scheduling_preemption_threshold") or 10) < 1,
-                         results_lag=results_lag(real, system))
+                         results_lag=results_lag(real, system), step_overhead_s=overheads.get(system, 0.0),
+                         ignore_eos=True)  # coserve's requests
     return run(scenario, config, f"latency profile {profile.name}", seed=seed, progress=None)
 
 
@@ -176,6 +193,10 @@ def report(result: dict) -> str:
                      f"{system} " + ", ".join(f"{kind} {f:.2f}" for kind, f in sorted(kinds.items()))
                      for system, kinds in sorted(result["served_factors"].items())))]
                if result.get("served_factors") else []),
+             *([("- the scheduler's own time per pass outside the forward (SGLang's stage counters), added "
+                 "to every simulated step: " + ", ".join(f"{system} {s * 1e3:.1f} ms" for system, s
+                                                         in sorted(result["step_overheads"].items())))]
+               if result.get("step_overheads") else []),
              (f"- bounds: attainment within {BOUNDS['attainment_points']:g} points, BE tokens/s within "
              f"{BOUNDS['be_tokens_ratio']:.0%}, p50 TPOT within {BOUNDS['p50_tpot_ratio']:.0%}; "
              f"{result['within']} of {result['checks']} checks within"),
@@ -238,7 +259,7 @@ def main(argv=None) -> int:
     checks = [c[k] for c in comparison for k in ("attainment_ok", "be_ok", "tpot_ok")]
     result = {"real_source": str(real_path.relative_to(args.out) if real_path.is_relative_to(args.out) else real_path),
               "latency_profile": profile.name, "profile_accuracy": acc, "noise": noise, "slo": real["slo"],
-              "served_factors": served, "real_wall_s": real.get("wall_s"),
+              "served_factors": served, "step_overheads": step_overheads(real), "real_wall_s": real.get("wall_s"),
               "bounds": BOUNDS, "comparison": comparison, "within": sum(checks), "checks": len(checks),
               "wall_s": round(time.time() - started, 1), "sim": sim, "real_rows": real["rows"]}
     args.out.mkdir(parents=True, exist_ok=True)

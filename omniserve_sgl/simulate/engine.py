@@ -79,6 +79,12 @@ class SimConfig:
             than ``--priority-scheduling-preemption-threshold`` (default 10; coserve sends LS 1 and
             BE 0), so by default it does not.
         drain_timeout_s: after the window, requests in flight get this long to finish.
+        ignore_eos: the requests carry SGLang's ``ignore_eos`` (fixed output lengths, as
+            ``benchmarks/coserve.py`` sends them): SGLang's PrefillAdder then keeps a running
+            request's whole remaining output free, not the new-token ratio of it.
+        step_overhead_s: the scheduler's own time per step outside the forward (forming the batch,
+            processing results), s; the device idles through it where nothing overlaps the
+            forward (SGLang's CPU device).
         results_lag: a step's tokens reach the clients only once the next step has run, as under
             SGLang's overlap schedule (``Scheduler.event_loop_overlap`` processes step N's results
             after launching step N+1) on a device whose forward runs inside the launch (SGLang's
@@ -101,6 +107,8 @@ class SimConfig:
     priority_preemption: bool = False
     seed: int = 0
     drain_timeout_s: float = 600.0
+    ignore_eos: bool = False
+    step_overhead_s: float = 0.0
     results_lag: bool = False
 
     def __post_init__(self):
@@ -108,6 +116,8 @@ class SimConfig:
             raise ValueError(f"unknown system {self.system!r}; choose from {', '.join(SYSTEMS)}")
         if self.gpu_kv_tokens < 1 or self.chunk_tokens < 1 or self.max_running < 1:
             raise ValueError("gpu_kv_tokens, chunk_tokens and max_running must be >= 1")
+        if self.step_overhead_s < 0:
+            raise ValueError(f"step_overhead_s must be >= 0, got {self.step_overhead_s}")
         if self.remote_cpus and self.link is None:
             raise ValueError("remote CPU servers need a link")
 
@@ -268,7 +278,9 @@ class Simulation:
             unsent, self.unsent = self.unsent, []
             progressed = self._step_controlled() if self.cfg.system in CONTROLLED else self._step_sglang()
             self._send(unsent, self.t if progressed else None)
-            if not progressed:  # nothing runnable: wait for the next arrival or CPU result
+            if progressed:
+                self._advance(self.cfg.step_overhead_s, busy=False)
+            else:  # nothing runnable: wait for the next arrival or CPU result
                 nxt = [self.arrivals[0][0]] if self.arrivals else []
                 nxt += [r.ready_at for r in self.running if r.cls == "be" and r.ready_at > self.t]
                 if not nxt:
@@ -480,16 +492,18 @@ class Simulation:
                                    max(n.pool_free for n in self.nodes))[0]
         return self.waiting
 
-    def _output_reserve(self, r: _Req) -> float:
-        """KV slots SGLang's PrefillAdder sets aside for ``r``'s output when it admits it; under
-        ``--omniserve`` a BE request counts only the token its prefill samples (it leaves the GPU
-        after its prefill: sglang_glue.scheduler)."""
-        left = 1 if self.cfg.system == "omniserve-nocontrol" and r.cls == "be" else r.output_len - r.generated
-        return left * self.new_token_ratio
+    def _output_reserve(self, r: _Req) -> int:
+        """KV slots SGLang's PrefillAdder sets aside for ``r``'s output when it admits it: all of
+        what is left (``add_one_req``); under ``--omniserve`` a BE request counts only the token its
+        prefill samples (it leaves the GPU after its prefill: sglang_glue.scheduler)."""
+        return 1 if self.cfg.system == "omniserve-nocontrol" and r.cls == "be" else r.output_len - r.generated
 
     def _reserved(self) -> float:
-        return sum((r.output_len - r.generated) * self.new_token_ratio for r in self.running
-                   if r.placement != CPU)
+        """GPU KV slots SGLang's PrefillAdder keeps for the running requests' future tokens
+        (``_get_running_request_total_token_offset``: the new-token ratio of what is left, all of
+        it for ``ignore_eos`` requests)."""
+        ratio = 1.0 if self.cfg.ignore_eos else self.new_token_ratio
+        return sum((r.output_len - r.generated) * ratio for r in self.running if r.placement != CPU)
 
     def _step_sglang(self) -> bool:
         batch, budget = [], self.cfg.chunk_tokens

@@ -43,7 +43,7 @@ def test_short_run_writes_rows_report_and_plots(tmp_path, latency_profile):
     assert omniserve["served_over_profiled"] and all(f > 0 for f in omniserve["served_over_profiled"].values())
     assert "served_over_profiled" not in ls_only and "served_over_profiled" not in fcfs
     for r in result["rows"]:
-        assert r["forward_s"] > 0 and r["forward_passes"]["prefill"] >= 1 and r["forward_passes"]["decode"] > 0
+        assert r["forward_s"] > 0 and r["scheduler_s"] > 0 and r["forward_passes"]["prefill"] >= 1 and r["forward_passes"]["decode"] > 0
     assert ls_only["ls_slo_attainment"] == 1.0  # the SLOs are 5x / 3x its own medians
     assert result["slo"]["ttft_s"] > 0 and result["versions"]["sglang"]
     report = (tmp_path / "coserve-quick.md").read_text()

@@ -147,6 +147,16 @@ def test_results_lag_streams_each_steps_tokens_after_the_next_step_and_frees_kv_
     assert c_ttft(True) - c_ttft(False) == pytest.approx(b_alone + b_and_c)
 
 
+def test_the_schedulers_own_time_between_steps_delays_each_next_step():
+    config = SimConfig("ls-only", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=0, step_overhead_s=0.01)
+    (rec,), _ = simulate(config, ls_requests([0.5], lambda rng: (100, 4), 0), 10.0)
+    assert rec.ttft == pytest.approx(MODEL.predict(StepShape(tokens=100, prefill_attn_work=100 * 100,
+                                                             prefill_context=100)))
+    gaps = [b - a for a, b in zip(rec.token_times, rec.token_times[1:], strict=False)]
+    assert gaps == pytest.approx([0.01 + MODEL.predict(StepShape(tokens=1, decode_context=100 + k, decode_rows=1))
+                                  for k in (1, 2, 3)])
+
+
 def test_be_work_never_stretches_an_ls_decode_step_past_the_tpot_slo_under_omniserve():
     """With no lead lent (``ahead_cap=0``) no step with LS decodes and BE work (BE rows, or a BE
     chunk in a mixed step) is longer than the TPOT SLO; with the default policy the LS decodes
@@ -365,6 +375,19 @@ def test_sim_validate_prices_the_other_systems_by_sglangs_forward_seconds_over_t
     assert factors == {"fcfs": dict.fromkeys(STEP_KINDS, pytest.approx(44 / 40))}
 
 
+def test_sim_validate_adds_each_systems_scheduler_time_per_pass():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from sim_validate import step_overheads
+
+    rows = [{"system": "fcfs", "scheduler_s": 1.0, "forward_passes": {"prefill": 10, "decode": 90}},
+            {"system": "fcfs", "scheduler_s": 2.0, "forward_passes": {"prefill": 0, "decode": 100}},
+            {"system": "ls-only"}]
+    assert step_overheads({"rows": rows}) == {"fcfs": pytest.approx(3.0 / 200)}
+
+
 def test_sim_validate_lags_results_only_where_sglang_ran_its_overlap_loop_on_the_cpu_device():
     import sys
     from pathlib import Path
@@ -391,6 +414,8 @@ def test_invalid_configurations_are_refused():
         SimConfig("vllm", TIMING, SLOS, 100, 100)
     with pytest.raises(ValueError, match="link"):
         SimConfig("omniserve", TIMING, SLOS, 100, 100, remote_cpus=2)
+    with pytest.raises(ValueError, match="step_overhead_s"):
+        SimConfig("fcfs", TIMING, SLOS, 100, 100, step_overhead_s=-0.001)
 
 
 # the command line ----------------------------------------------------------------------------
