@@ -4,7 +4,7 @@ ways of mixing the two classes, side by side in one run, each system a real serv
     .venv/bin/python benchmarks/coserve.py --profile quick      # CPU, default model, <= 25 min
     python benchmarks/coserve.py --profile gpu                  # Llama-3-8B shape, dummy weights
 
-Systems (every server runs ``--schedule-policy fcfs``; one server per distinct command line,
+Systems (every server runs ``--schedule-policy fcfs --enable-metrics``; one server per distinct command line,
 reused with its radix cache flushed between runs):
   ls-only    plain SGLang, the LS stream alone (the upper bound; its first run sets the SLOs)
   fcfs       plain SGLang, LS stream and BE backlog together
@@ -355,7 +355,7 @@ def report(result: dict, plots: list[Path]) -> str:
         (f"- BE: {w['be_concurrency']} in flight (headroom: {w['headroom_be_concurrency']}), ShareGPT documents "
         f"of {w['be_prompt_tokens'][0]}-{w['be_prompt_tokens'][1]} tokens, {w['be_max_new_tokens']} output "
         "tokens; BE tokens/s counts tokens received inside the window"),
-        (f"- every server: `--schedule-policy fcfs {' '.join(w['server_args'])}`; omniserve adds "
+        (f"- every server: `--schedule-policy fcfs --enable-metrics {' '.join(w['server_args'])}`; omniserve adds "
         f"`--omniserve {' '.join(w['omniserve_args'])}` and the SLOs (`--omniserve-ttft-slo`, "
         "`--omniserve-tpot-slo`); omniserve-nocontrol adds `--omniserve-disable-control` instead"),
         *([(f"- latency model while serving (omniserve rows, {result['latency_model_steps']:.0f} steps): "

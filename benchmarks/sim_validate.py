@@ -14,8 +14,7 @@
    for the others, SGLang's own forward seconds over the same passes simulated at the profile's
    pace), plus the scheduler's own time per pass (``step_overheads``); requests reserve KV as
    SGLang's PrefillAdder reserves it for ``ignore_eos`` requests; a plain server's tokens reach the
-   client a step late, as under SGLang's overlap schedule
-   on its CPU device (``results_lag``);
+   client a step late, as under SGLang's overlap schedule on its CPU device (``results_lag``);
 4. compares them: LS SLO attainment within 5 points, BE tokens/s within 20%, p50 TPOT within 15%.
 
 Writes benchmarks/results/sim-validate.{json,md}.
@@ -77,8 +76,8 @@ def served_factors(real: dict) -> dict[str, dict[str, float]]:
 
 
 def forward_factors(real: dict, sim: dict, served: dict) -> dict[str, dict[str, float]]:
-    """``{system: {every step kind: factor}}`` for the systems without ``served`` factors (plain SGLang,
-    ``omniserve-nocontrol``) whose real rows carry SGLang's own forward counters (coserve's
+    """``{system: {every step kind: factor}}`` for the systems without ``served`` factors (plain
+    SGLang) whose real rows carry SGLang's own forward counters (coserve's
     ``forward_s`` and ``forward_passes``): per system, its real forward seconds over what the same
     passes take in ``sim`` (a simulation that priced it at the profile's pace): each kind's real
     passes times the simulated mean step of that kind, summed over its rates. One factor for all
@@ -106,7 +105,7 @@ def step_overheads(real: dict) -> dict[str, float]:
     carry them. On SGLang's CPU device the forward waits through it."""
     sums: dict[str, list[float]] = {}
     for r in real["rows"]:
-        if r.get("forward_passes"):
+        if r.get("forward_passes") and "scheduler_s" in r:
             acc = sums.setdefault(r["system"], [0.0, 0.0])
             acc[0] += r["scheduler_s"]
             acc[1] += sum(r["forward_passes"].values())
