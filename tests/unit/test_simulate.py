@@ -147,6 +147,22 @@ def test_results_lag_streams_each_steps_tokens_after_the_next_step_and_frees_kv_
     assert c_ttft(True) - c_ttft(False) == pytest.approx(b_alone + b_and_c)
 
 
+def test_ignore_eos_requests_keep_their_whole_remaining_output_free_as_sglangs_prefill_adder_does():
+    """A (100-token prompt, 40 output tokens) runs; B (50 + 10) fits beside the new-token ratio of
+    A's remaining output but not beside all of it, which an ``ignore_eos`` request keeps free."""
+    def first_tokens(ignore_eos: bool) -> tuple[list[float], float]:
+        config = SimConfig("fcfs", TIMING, SLOS, gpu_kv_tokens=190, be_pool_tokens=0, ignore_eos=ignore_eos)
+        a, b = simulate(config, ls_requests([0.0], lambda rng: (100, 40), 0)
+                        + ls_requests([0.001], lambda rng: (50, 10), 0), 10.0)[0]
+        assert a.success and b.success
+        return a.token_times, b.token_times[0]
+
+    a_times, b_first = first_tokens(ignore_eos=False)
+    assert b_first < a_times[2]  # admitted beside A at once
+    a_times, b_first = first_tokens(ignore_eos=True)
+    assert b_first > a_times[-1]  # only once A has finished
+
+
 def test_the_schedulers_own_time_between_steps_delays_each_next_step():
     config = SimConfig("ls-only", TIMING, SLOS, gpu_kv_tokens=4096, be_pool_tokens=0, step_overhead_s=0.01)
     (rec,), _ = simulate(config, ls_requests([0.5], lambda rng: (100, 4), 0), 10.0)
