@@ -98,7 +98,8 @@ class ServerView:
         gpu_kv_free_tokens: free token slots in the GPU KV cache (SGLang's allocator).
         gpu_kv_reserved_tokens: of those, what SGLang keeps for the running requests' future tokens
             when it admits a new prompt (``PrefillAdder``: per running request, its remaining
-            ``max_new_tokens``, clipped, times the new-token ratio).
+            ``max_new_tokens``, clipped, times the new-token ratio, or all of it for an
+            ``ignore_eos`` request), tokens.
         be_pool_free_tokens: free tokens in the BE KV pool (host memory).
         kv_bytes_per_token: K and V bytes of one token over all layers (what the CPU worker reads).
         num_layers: decoder layers (one CPU job per layer per step with BE rows on the CPU).
