@@ -417,11 +417,13 @@ class Simulation:
         for r in gpu_rows:
             r.gpu_kv += 1
             self.gpu_free -= 1
-        shape = StepShape(tokens=len(gpu_rows) + len(cpu_rows) + sum(c for _, c in chunks),
-                          prefill_attn_work=sum(c * (r.prefilled + c) for r, c in chunks),
-                          prefill_context=sum(r.prefilled + c for r, c in chunks),
-                          decode_context=sum(r.context for r in gpu_rows), decode_rows=len(gpu_rows) + len(cpu_rows))
-        gpu_s = self.timing.gpu_step_s(shape)
+        full = StepShape(tokens=len(gpu_rows) + len(cpu_rows) + sum(c for _, c in chunks),
+                         prefill_attn_work=sum(c * (r.prefilled + c) for r, c in chunks),
+                         prefill_context=sum(r.prefilled + c for r, c in chunks),
+                         decode_context=sum(r.context for r in gpu_rows), decode_rows=len(gpu_rows) + len(cpu_rows),
+                         cpu_kv_bytes=sum(r.context for r in cpu_rows) * self.kv_bytes,
+                         cpu_jobs=self.L if cpu_rows else 0)
+        gpu_s = self.timing.gpu_step_s(full)
         cpu_s = 0.0
         for layer in range(self.L if cpu_rows else 0):  # each layer waits for its jobs on every node
             at = self.t + gpu_s * layer / self.L + cpu_s
@@ -433,8 +435,6 @@ class Simulation:
             cpu_s += back - at
         for r in cpu_rows:
             self.nodes[r.node].pool_free -= 1
-        full = dataclasses.replace(shape, cpu_kv_bytes=sum(r.context for r in cpu_rows) * self.kv_bytes,
-                                   cpu_jobs=self.L if cpu_rows else 0)
         seconds = self._measured(gpu_s + cpu_s)
         self._observe(full, seconds)
         self._advance(seconds)

@@ -238,9 +238,11 @@ class ProfileTiming:
         self.served = dict(served or {})
 
     def gpu_step_s(self, shape: StepShape) -> float:
-        """A pass's GPU time, s: the profile's prediction without its CPU terms."""
+        """A pass's GPU time, s: the profile's prediction without its CPU terms, times the
+        ``served`` factor of ``shape``'s own kind (a synchronous step with CPU rows: ``decode+cpu``,
+        whose factor the server measured over the whole step)."""
         gpu = dataclasses.replace(shape, cpu_kv_bytes=0.0, cpu_jobs=0)
-        return self.model.predict(gpu) * self.served.get(step_kind(gpu), 1.0)
+        return self.model.predict(gpu) * self.served.get(step_kind(shape), 1.0)
 
     def cpu_job_s(self, kv_bytes: float) -> float:
         """One CPU attention job (one layer of some BE rows) reading ``kv_bytes``, s."""

@@ -348,7 +348,8 @@ def test_served_factors_price_each_step_kind_as_the_server_measured_it():
     sync = StepShape(tokens=8, decode_context=800, decode_rows=8, cpu_kv_bytes=1e6, cpu_jobs=4)
     assert served.gpu_step_s(prefill) == pytest.approx(1.5 * TIMING.gpu_step_s(prefill))
     assert served.gpu_step_s(decode) == pytest.approx(1.2 * TIMING.gpu_step_s(decode))
-    assert served.gpu_step_s(sync) == pytest.approx(1.2 * TIMING.gpu_step_s(sync))  # its GPU part
+    # its GPU part: the server measured decode+cpu over the whole step
+    assert served.gpu_step_s(sync) == pytest.approx(2.0 * TIMING.gpu_step_s(sync))
     assert served.predict(sync) == pytest.approx(2.0 * TIMING.predict(sync))
     assert served.cpu_job_s(1e6) == pytest.approx(2.0 * TIMING.cpu_job_s(1e6))
 
@@ -455,3 +456,18 @@ def test_the_command_line_refuses_bad_input_with_a_message(capsys):
     assert e.value.code == 2 and "unknown systems ['vllm']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--profile", "/nonexistent.json", "--rates", "1"])
+
+
+def test_a_synchronous_step_with_cpu_rows_takes_its_served_decode_cpu_factor_as_a_whole():
+    """The server measures a ``decode+cpu`` step whole (its GPU part and the CPU waits): a served
+    factor for that kind stretches both, and the ``decode`` kind's factor neither."""
+
+    def decode_cpu_seconds(served):
+        timing = ProfileTiming(MODEL, kv_bytes_per_token=4096, num_layers=4, served=served)
+        config = SimConfig("omniserve-nocontrol", timing, SLOS, gpu_kv_tokens=4096, be_pool_tokens=200_000)
+        sim = Simulation(config, [], 0.01, be_backlog=lambda rng: (500, 20), be_concurrency=1)  # one request
+        sim.run()
+        return sim.stats.step_s["decode+cpu"]
+
+    (n, plain), (n2, served) = decode_cpu_seconds(None), decode_cpu_seconds({"decode+cpu": 2.0, "decode": 3.0})
+    assert n == n2 >= 19 and served == pytest.approx(2.0 * plain)
