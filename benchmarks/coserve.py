@@ -323,7 +323,9 @@ def main(argv=None) -> int:
                 f"{profile.tpot_factor:g} x median TPOT"},
         "workload": {**dataclasses.asdict(profile), "seed": args.seed,
                      # what the server prefills per BE request (the documents are cut at the top of the range)
-                     "be_prompt_lengths": [len(tok.encode(d)) for d in prompts[BE]]},
+                     "be_prompt_lengths": [len(tok.encode(d)) for d in prompts[BE]],
+                     # the i-th LS request's prompt is prompt i (run_mix): a simulation can replay them
+                     "ls_prompt_lengths": [len(tok.encode(p)) for p in prompts[LS]]},
         "systems": systems,
         "wall_s": round(time.time() - started, 1), "rows": rows, "ls_tpot_samples_s": tpot_samples,
         "server_info": server_info,

@@ -143,7 +143,8 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int, served: di
     scenario = Scenario("quick (simulated)", systems, tuple(w["ls_rates"]), w["duration_s"], slo,
                         ls_max_prompt_tokens=w["ls_max_prompt_tokens"], ls_output_tokens=w["ls_max_new_tokens"],
                         be_lengths=be_lengths(w),
-                        be_concurrency=w["be_concurrency"], headroom_be_concurrency=w["headroom_be_concurrency"])
+                        be_concurrency=w["be_concurrency"], headroom_be_concurrency=w["headroom_be_concurrency"],
+                        ls_prompt_lengths=tuple(w.get("ls_prompt_lengths", ())))
 
     def config(system: str) -> SimConfig:
         real_info = info.get(system, one)
@@ -185,7 +186,10 @@ def report(result: dict) -> str:
              f"{result['slo']['ttft_s'] * 1e3:.0f} ms, TPOT {result['slo']['tpot_s'] * 1e3:.0f} ms"),
              (f"- simulated: the same systems, rates, workload and SLOs on the latency profile "
              f"`{result['latency_profile']}` (profiled accuracy {result['profile_accuracy']:.1%}), step-time "
-             f"noise {result['noise']:.0%}"),
+             f"noise {result['noise']:.0%}; "
+             + ("the LS requests replayed as sent (arrival times and prompt lengths)"
+                if result["sim"]["workload"].get("ls_prompt_lengths") else
+                "LS arrival times as sent, prompt lengths drawn from ShareGPT's")),
              *([("- steps priced as they ran while serving (the controlled systems: their measured over "
                  "profiled time per step kind; the others: SGLang's forward seconds over the same passes "
                  "simulated at the profile's pace): " + "; ".join(

@@ -22,6 +22,7 @@ from omniserve_sgl.simulate.workload import (
     document_lengths,
     fixed_or_sharegpt,
     ls_requests,
+    replay_lengths,
 )
 
 SIM_COLUMNS = (("GPU util", "{gpu_utilisation:.0%}"), ("CPU util", "{cpu_utilisation:.0%}"),
@@ -39,6 +40,9 @@ class Scenario:
         be_concurrency: BE backlog in flight (0 with ``be_rate``).
         be_rate: BE arrivals/s of a Poisson stream instead of a backlog (0: backlog).
         headroom_be_concurrency: the ``headroom`` system's backlog cap.
+        ls_prompt_lengths: replay these LS prompt lengths (a real run's, in the order it sent them:
+            see :func:`~omniserve_sgl.simulate.workload.replay_lengths`; needs ``ls_output_tokens``);
+            empty: ShareGPT lengths drawn.
     """
 
     name: str
@@ -53,6 +57,7 @@ class Scenario:
     be_concurrency: int = 64
     be_rate: float = 0.0
     headroom_be_concurrency: int = 8
+    ls_prompt_lengths: tuple[int, ...] = ()
 
 
 def run(scenario: Scenario, config: Callable[[str], SimConfig], hardware: str, seed: int = 0,
@@ -62,15 +67,18 @@ def run(scenario: Scenario, config: Callable[[str], SimConfig], hardware: str, s
     ``ls_tpot_samples_s``, ``slo``, ``systems``, ...) with the simulator's columns in each row.
 
     Raises:
-        ValueError: an invalid scenario (unknown system, arrival kind or BE lengths).
+        ValueError: an invalid scenario (unknown system, arrival kind or BE lengths; LS prompt
+            lengths to replay without a fixed output length).
     """
     started = time.time()
-    ls_lengths = fixed_or_sharegpt(scenario.ls_max_prompt_tokens, scenario.ls_output_tokens)
+    drawn = fixed_or_sharegpt(scenario.ls_max_prompt_tokens, scenario.ls_output_tokens)
     be_draw = document_lengths(scenario.be_lengths)
     rows, samples = [], {}
     for system in scenario.systems:
         for i, rate in enumerate(scenario.ls_rates):
             cfg = config(system)
+            ls_lengths = (replay_lengths(scenario.ls_prompt_lengths, scenario.ls_output_tokens)
+                          if scenario.ls_prompt_lengths else drawn)
             ls = ls_requests(arrivals(scenario.ls_arrivals, rate, scenario.duration_s, seed + i), ls_lengths, seed + i)
             if scenario.be_rate > 0:
                 be = {"be": be_stream(scenario.be_rate, scenario.duration_s, be_draw, seed + 100 + i)}

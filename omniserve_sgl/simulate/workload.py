@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import orjson
 
@@ -105,6 +106,24 @@ def ls_requests(arrival_times: list[float], lengths: Callable[[random.Random], t
     """LS requests at ``arrival_times`` with (prompt, output) lengths drawn by ``lengths(rng)``."""
     rng = random.Random(seed + 1)
     return [SimRequest("ls", t, *lengths(rng)) for t in arrival_times]
+
+
+def replay_lengths(prompt_lengths: Sequence[int], output_tokens: int | None) -> Callable[[random.Random], tuple[int, int]]:
+    """LS lengths that replay a real run's prompts: the i-th call returns
+    ``(prompt_lengths[i % n], output_tokens)``, as ``benchmarks/coserve.py``'s client sends prompt
+    ``i % n`` to its i-th LS request (:func:`omniserve_sgl.bench.loadgen.run_mix`). It keeps its
+    place between calls: make one per run.
+
+    Raises:
+        ValueError: no prompt lengths, a length < 1, or ``output_tokens`` None or < 1 (a replay
+            needs the fixed output length the real run asked for).
+    """
+    lengths = [int(x) for x in prompt_lengths]
+    if not lengths or min(lengths) < 1 or output_tokens is None or output_tokens < 1:
+        raise ValueError(f"a replay needs prompt lengths >= 1 and a fixed output length >= 1, got "
+                         f"{len(lengths)} lengths and output {output_tokens!r}")
+    it = itertools.cycle(lengths)
+    return lambda rng: (next(it), output_tokens)
 
 
 def be_stream(rate: float, duration_s: float, lengths: Callable[[random.Random], tuple[int, int]],

@@ -458,6 +458,26 @@ def test_the_command_line_refuses_bad_input_with_a_message(capsys):
         main(["--profile", "/nonexistent.json", "--rates", "1"])
 
 
+def test_a_replay_gives_every_runs_ith_ls_request_the_real_runs_ith_prompt(monkeypatch):
+    """``benchmarks/coserve.py`` sends prompt i to LS request i at every rate; a replay of its
+    recorded prompt lengths does the same, from the first prompt again in each run."""
+    import dataclasses
+
+    from omniserve_sgl.simulate import experiment
+
+    seen, simulate_one = [], experiment.simulate
+    monkeypatch.setattr(experiment, "simulate", lambda cfg, ls, d, **be: (
+        seen.append([r.prompt_len for r in ls]), simulate_one(cfg, ls, d, **be))[1])
+    scenario = experiment.Scenario("t", ("ls-only",), (2.0, 3.0), 10.0, SLOS, ls_output_tokens=4,
+                                   ls_prompt_lengths=(100, 7, 50))
+    result = experiment.run(scenario, lambda s: SimConfig(s, TIMING, SLOS, 4096, 1000), "t", progress=None)
+    assert len(seen) == 2 and all(len(lens) > 3 for lens in seen)
+    assert all(lens == [(100, 7, 50)[i % 3] for i in range(len(lens))] for lens in seen)
+    assert all(r["ls_requests"] == len(lens) for r, lens in zip(result["rows"], seen, strict=True))
+    with pytest.raises(ValueError, match="fixed output length"):
+        experiment.run(dataclasses.replace(scenario, ls_output_tokens=None), lambda s: None, "t", progress=None)
+
+
 def test_a_synchronous_step_with_cpu_rows_takes_its_served_decode_cpu_factor_as_a_whole():
     """The server measures a ``decode+cpu`` step whole (its GPU part and the CPU waits): a served
     factor for that kind stretches both, and the ``decode`` kind's factor neither."""
