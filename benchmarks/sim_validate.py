@@ -40,6 +40,9 @@ from omniserve_sgl.simulate.hardware import GB
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 SGLANG_PASS = {"prefill": "prefill", "decode": "decode", "decode+cpu": "decode"}  # step kind -> SGLang's pass kind
+# How far the pace is moved for pace_band: the served factors of one system moved by 2-3% between
+# two full runs of the same day (benchmarks/results/NOTES.md).
+PACE_SPREAD = 0.02
 BOUNDS = {"attainment_points": 5.0, "be_tokens_ratio": 0.20, "p50_tpot_ratio": 0.15}
 
 
@@ -157,9 +160,25 @@ def simulate_like(real: dict, profile: Path, noise: float, seed: int, served: di
     return run(scenario, config, f"latency profile {profile.name}", seed=seed, progress=None)
 
 
-def compare(real: dict, sim: dict) -> list[dict]:
+def pace_band(real: dict, profile: Path, noise: float, seed: int, served: dict,
+              spread: float = PACE_SPREAD) -> dict[tuple[str, float], tuple[float, float]]:
+    """``{(system, LS rate): (lowest, highest) simulated SLO attainment}`` with every system's
+    ``served`` pace times ``1 - spread``, 1 and ``1 + spread``: how far a row's attainment moves
+    with a few percent of step time, which is how much the real server's pace moves between runs
+    of the same workload. A wide band marks a row on a knife's edge, for the real server as for
+    the simulator."""
+    rows: dict[tuple[str, float], list[float]] = {}
+    for k in (1 - spread, 1.0, 1 + spread):
+        scaled = {system: {kind: f * k for kind, f in kinds.items()} for system, kinds in served.items()}
+        for r in simulate_like(real, profile, noise, seed, scaled)["rows"]:
+            rows.setdefault((r["system"], r["ls_rate"]), []).append(r["ls_slo_attainment"])
+    return {key: (min(v), max(v)) for key, v in rows.items()}
+
+
+def compare(real: dict, sim: dict, band: dict | None = None) -> list[dict]:
     """One line per (system, rate): real and simulated attainment, BE tokens/s, p50 TPOT, and
-    whether each is within :data:`BOUNDS`."""
+    whether each is within :data:`BOUNDS`; with ``band`` (:func:`pace_band`), the simulated
+    attainment's range over the pace spread too."""
     by = {(r["system"], r["ls_rate"]): r for r in sim["rows"]}
     out = []
     for r in real["rows"]:
@@ -177,6 +196,8 @@ def compare(real: dict, sim: dict) -> list[dict]:
                     "be_ratio_error": be, "be_ok": r["system"] == "ls-only" or be <= BOUNDS["be_tokens_ratio"],
                     "real_p50_tpot_s": r["ls_p50_tpot_s"], "sim_p50_tpot_s": s["ls_p50_tpot_s"],
                     "p50_tpot_error": tp, "tpot_ok": tp <= BOUNDS["p50_tpot_ratio"]})
+        if band and (key := (r["system"], r["ls_rate"])) in band:
+            out[-1]["sim_attainment_band"] = list(band[key])
     return out
 
 
@@ -203,17 +224,22 @@ def report(result: dict) -> str:
              (f"- bounds: attainment within {BOUNDS['attainment_points']:g} points, BE tokens/s within "
              f"{BOUNDS['be_tokens_ratio']:.0%}, p50 TPOT within {BOUNDS['p50_tpot_ratio']:.0%}; "
              f"{result['within']} of {result['checks']} checks within"),
+             (f"- the simulated attainment's range with every pace {PACE_SPREAD:.0%} slower or faster (a wide "
+              "one: a row on a knife's edge, where a few percent of step time moves attainment by more than "
+              "the bound)"),
              f"- wall time {result['wall_s']:.0f} s"
              + (f" (the real run's: {result['real_wall_s']:.0f} s)" if result.get("real_wall_s") else ""), "",
-             "| system | LS/s | attainment real / sim | BE tok/s real / sim | p50 TPOT ms real / sim |",
-             "|---|---|---|---|---|"]
+             (f"| system | LS/s | attainment real / sim | sim attainment, pace ±{PACE_SPREAD:.0%} "
+              "| BE tok/s real / sim | p50 TPOT ms real / sim |"),
+             "|---|---|---|---|---|---|"]
     mark = {True: "", False: " **x**"}
     for c in result["comparison"]:
+        lo, hi = c.get("sim_attainment_band", (c["sim_attainment"], c["sim_attainment"]))
         lines.append(
             f"| {c['system']} | {c['ls_rate']:g} | {c['real_attainment']:.1%} / {c['sim_attainment']:.1%}"
-            f"{mark[c['attainment_ok']]} | {c['real_be_tokens_per_s']:.1f} / {c['sim_be_tokens_per_s']:.1f}"
-            f"{mark[c['be_ok']]} | {c['real_p50_tpot_s'] * 1e3:.0f} / {c['sim_p50_tpot_s'] * 1e3:.0f}"
-            f"{mark[c['tpot_ok']]} |")
+            f"{mark[c['attainment_ok']]} | {lo:.1%} - {hi:.1%} | {c['real_be_tokens_per_s']:.1f} / "
+            f"{c['sim_be_tokens_per_s']:.1f}{mark[c['be_ok']]} | {c['real_p50_tpot_s'] * 1e3:.0f} / "
+            f"{c['sim_p50_tpot_s'] * 1e3:.0f}{mark[c['tpot_ok']]} |")
     lines += ["", "Simulated rows:", "", *rows_table(result["sim"]["rows"]), ""]
     return "\n".join(lines)
 
@@ -258,7 +284,7 @@ def main(argv=None) -> int:
     if more := forward_factors(real, sim, served):  # the other systems' pace, from the first pass's steps
         served |= more
         sim = simulate_like(real, profile, noise, args.seed, served)
-    comparison = compare(real, sim)
+    comparison = compare(real, sim, pace_band(real, profile, noise, args.seed, served))
     checks = [c[k] for c in comparison for k in ("attainment_ok", "be_ok", "tpot_ok")]
     result = {"real_source": str(real_path.relative_to(args.out) if real_path.is_relative_to(args.out) else real_path),
               "latency_profile": profile.name, "profile_accuracy": acc, "noise": noise, "slo": real["slo"],

@@ -491,3 +491,28 @@ def test_a_synchronous_step_with_cpu_rows_takes_its_served_decode_cpu_factor_as_
 
     (n, plain), (n2, served) = decode_cpu_seconds(None), decode_cpu_seconds({"decode+cpu": 2.0, "decode": 3.0})
     assert n == n2 >= 19 and served == pytest.approx(2.0 * plain)
+
+
+def test_sim_validate_reports_how_far_a_rows_attainment_moves_with_a_few_percent_of_pace():
+    """``pace_band`` simulates the row again with every served pace 2% slower and faster; the
+    report shows the range beside the checks (the landed real run, one row)."""
+    import sys
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    sys.path.insert(0, str(results.parent))
+    import sim_validate as sv
+
+    real = json.loads((results / "sim-validate-work" / "coserve-quick.json").read_text())
+    real = {**real, "systems": ["priority"], "rows": [r for r in real["rows"] if r["system"] == "priority"][:1],
+            "workload": {**real["workload"], "ls_rates": real["workload"]["ls_rates"][:1]}}
+    profile = results / "sim-validate-work" / "latency-profile.json"
+    served = {"priority": dict.fromkeys(STEP_KINDS, 1.0)}
+    band = sv.pace_band(real, profile, 0.04, 0, served)
+    ((system, rate), (lo, hi)), = band.items()
+    central = sv.simulate_like(real, profile, 0.04, 0, served)["rows"][0]["ls_slo_attainment"]
+    assert (system, rate) == ("priority", real["rows"][0]["ls_rate"]) and lo <= central <= hi
+    slower = sv.simulate_like(real, profile, 0.04, 0, {"priority": dict.fromkeys(STEP_KINDS, 1.02)})["rows"][0]
+    assert lo <= slower["ls_slo_attainment"] <= hi
+    (c,) = sv.compare(real, {"rows": [{**slower, "system": "priority"}]}, band)
+    assert c["sim_attainment_band"] == [lo, hi]
