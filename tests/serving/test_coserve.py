@@ -36,6 +36,9 @@ def test_short_run_writes_rows_report_and_plots(tmp_path, latency_profile):
     assert result["server_info"]["fcfs"]["device"] == "cpu" and "disable_overlap_schedule" in result["server_info"]["fcfs"]
     lo, hi = result["workload"]["be_prompt_tokens"]
     assert all(lo <= n <= hi + 4 for n in result["workload"]["be_prompt_lengths"])  # re-tokenizing adds a few
+    ls_lengths = result["workload"]["ls_prompt_lengths"]  # prompt i went to LS request i: a replay needs them all
+    assert len(ls_lengths) >= max(r["ls_requests"] for r in result["rows"])
+    assert all(4 <= n <= result["workload"]["ls_max_prompt_tokens"] for n in ls_lengths)
     # The controller ran with the derived SLOs and its predictions were checked step by step.
     assert 0.0 < result["latency_model_accuracy_p90"] < result["latency_model_accuracy"] <= 1.0
     assert result["latency_model_steps"] >= 10
