@@ -49,10 +49,9 @@ import time
 from pathlib import Path
 
 import orjson
-import requests
 from tqdm import tqdm
 
-from omniserve_sgl.bench.launch import SGLangServer, histogram, metric_sum
+from omniserve_sgl.bench.launch import SGLangServer, histogram, metric_samples, metric_sum
 from omniserve_sgl.bench.loadgen import RequestStyle, poisson_arrivals, run_mix
 from omniserve_sgl.bench.report import format_row, row, rows_table, write_plots
 from omniserve_sgl.bench.slo import SLO, accuracy_from_error_buckets, derive_slo, tpot
@@ -184,16 +183,13 @@ def forward_time(url: str) -> dict:
     scheduler loop's other busy seconds (every other category but ``idle``: receiving requests,
     forming batches, processing results); ``forward_passes``, passes per kind
     (``sglang:cuda_graph_passes_total``; ``prefill`` counts extend and mixed passes)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     stages: dict[str, float] = {}
     passes = {"prefill": 0.0, "decode": 0.0}
-    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=30).text):
-        for sample in family.samples:
-            if sample.name == "sglang:scheduler_stage_seconds_total":
-                stages[sample.labels["category"]] = stages.get(sample.labels["category"], 0.0) + sample.value
-            elif sample.name == "sglang:cuda_graph_passes_total":
-                passes[sample.labels["mode"].split("_")[0]] += sample.value
+    for sample in metric_samples(url, "sglang:scheduler_stage_seconds_total", "sglang:cuda_graph_passes_total"):
+        if sample.name == "sglang:scheduler_stage_seconds_total":
+            stages[sample.labels["category"]] = stages.get(sample.labels["category"], 0.0) + sample.value
+        else:
+            passes[sample.labels["mode"].split("_")[0]] += sample.value
     forward = stages.pop("run_batch", 0.0)
     stages.pop("idle", None)
     return {"forward_s": forward, "scheduler_s": sum(stages.values()), "forward_passes": passes}

@@ -16,10 +16,9 @@ from typing import Self
 import requests
 
 
-def metric_sum(url: str, name: str, **labels: str) -> float | None:
-    """Sum of every sample named ``name`` (e.g. ``omniserve_worker_restarts_total``, or a
-    histogram's ``..._count``) with these ``labels`` (``direction="to_cpu"``) on the server's
-    ``/metrics``, parsed with prometheus_client; ``None`` when there is none.
+def metric_samples(url: str, *names: str) -> list:
+    """Every sample named one of ``names`` on the server's ``/metrics`` (one fetch), parsed with
+    prometheus_client: ``Sample`` tuples with ``name``, ``labels`` and ``value``.
 
     Raises:
         requests.RequestException: the server did not answer.
@@ -27,8 +26,18 @@ def metric_sum(url: str, name: str, **labels: str) -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(f"{url}/metrics", timeout=30).text
-    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples
-              if s.name == name and labels.items() <= s.labels.items()]
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name in names]
+
+
+def metric_sum(url: str, name: str, **labels: str) -> float | None:
+    """Sum of every sample named ``name`` (e.g. ``omniserve_worker_restarts_total``, or a
+    histogram's ``..._count``) with these ``labels`` (``direction="to_cpu"``) on the server's
+    ``/metrics``; ``None`` when there is none.
+
+    Raises:
+        requests.RequestException: the server did not answer.
+    """
+    values = [s.value for s in metric_samples(url, name) if labels.items() <= s.labels.items()]
     return sum(values) if values else None
 
 
@@ -39,15 +48,10 @@ def histogram(url: str, name: str) -> dict[float, float]:
     Raises:
         requests.RequestException: the server did not answer.
     """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(f"{url}/metrics", timeout=30).text
     out: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == f"{name}_bucket":
-                le = float(s.labels["le"])
-                out[le] = out.get(le, 0.0) + s.value
+    for s in metric_samples(url, f"{name}_bucket"):
+        le = float(s.labels["le"])
+        out[le] = out.get(le, 0.0) + s.value
     return out
 
 
