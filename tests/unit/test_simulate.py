@@ -508,9 +508,10 @@ def test_sim_validate_reports_how_far_a_rows_attainment_moves_with_a_few_percent
             "workload": {**real["workload"], "ls_rates": real["workload"]["ls_rates"][:1]}}
     profile = results / "sim-validate-work" / "latency-profile.json"
     served = {"priority": dict.fromkeys(STEP_KINDS, 1.0)}
-    band = sv.pace_band(real, profile, 0.04, 0, served)
+    sim = sv.simulate_like(real, profile, 0.04, 0, served)
+    band = sv.pace_band(real, profile, 0.04, 0, served, sim)
     ((system, rate), (lo, hi)), = band.items()
-    central = sv.simulate_like(real, profile, 0.04, 0, served)["rows"][0]["ls_slo_attainment"]
+    central = sim["rows"][0]["ls_slo_attainment"]
     assert (system, rate) == ("priority", real["rows"][0]["ls_rate"]) and lo <= central <= hi
     slower = sv.simulate_like(real, profile, 0.04, 0, {"priority": dict.fromkeys(STEP_KINDS, 1.02)})["rows"][0]
     assert lo <= slower["ls_slo_attainment"] <= hi
