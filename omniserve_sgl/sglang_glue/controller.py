@@ -109,13 +109,11 @@ def _set_chunk_limit(scheduler) -> None:
 
 def be_prefill_slack(scheduler, parked) -> bool:
     """Whether the controller would start a BE prefill now (LS mode, with ``parked`` BE requests
-    queued after SGLang's waiting queue): the plan of a step from SGLang's current state.
-    True without a controller."""
+    queued after SGLang's waiting queue): the plan of a step from SGLang's current state. Only
+    called with a controller (BE requests are parked only then: :func:`can_park`)."""
     global _without_be_work
     from omniserve_sgl.sglang_glue import scheduler as glue
 
-    if _controller is None or glue.runtime() is None:
-        return True
     _set_chunk_limit(scheduler)
     plan = _controller.plan(server_view(scheduler, scheduler.running_batch, glue.runtime(), parked))
     if plan.be_prefill is None:
