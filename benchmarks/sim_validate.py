@@ -286,7 +286,8 @@ def main(argv=None) -> int:
         real_path = args.real
     else:
         subprocess.run([sys.executable, str(HERE / "coserve.py"), "--profile", "quick", "--out", str(work),
-                        "--seed", str(args.seed), "--duration", str(args.duration), "--omniserve-args", f"--omniserve-profile {profile}",
+                        "--seed", str(args.seed), "--duration", str(args.duration),
+                        "--omniserve-args", f"--omniserve-profile {profile}",
                         *shlex.split(args.coserve_args)], check=False)
         real_path = work / "coserve-quick.json"
     real = orjson.loads(real_path.read_bytes())
